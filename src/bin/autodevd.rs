@@ -1,0 +1,87 @@
+//! autodevd: parse flags, load the config, run the daemon in the foreground (systemd's way).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use autodev::config::{self, Config};
+use autodev::daemon::{self, DaemonOptions};
+use autodev::paths::Paths;
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "autodevd",
+    version,
+    about = "Supervise AI coding agents in named slots (runs in the foreground)"
+)]
+struct Args {
+    /// Config file [env: AUTODEV_CONFIG]; default: .autonomous/.autonomous-config.json or .autonomous-config.json
+    /// here or in the git root, then ~/.config/autodev/autonomous-config.json
+    #[arg(long, env = "AUTODEV_CONFIG")]
+    config: Option<PathBuf>,
+    /// Lockfiles, run logs and history [env: AUTODEV_STATE_DIR, then STATE_DIRECTORY]
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Where the control socket lives [env: AUTODEV_RUNTIME_DIR, then RUNTIME_DIRECTORY]
+    #[arg(long)]
+    runtime_dir: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+    let user_config =
+        directories::ProjectDirs::from("", "", "autodev").map(|d| d.config_dir().to_path_buf());
+    let config = match config::discover(args.config.as_deref(), &cwd, user_config.as_deref()) {
+        Some(path) => Config::load(&path),
+        None => Ok(Config::builtin()),
+    };
+    let config = match config {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("autodevd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(&config);
+    let paths = match Paths::resolve(args.state_dir.as_deref(), args.runtime_dir.as_deref()) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("autodevd: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("autodevd: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(daemon::run(DaemonOptions { config, paths })) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("autodevd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .or_else(|| config.raw.logging.level.clone())
+        .unwrap_or_else(|| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|e| {
+        eprintln!("autodevd: log filter {filter:?} is invalid ({e}); using info");
+        tracing_subscriber::EnvFilter::new("info")
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

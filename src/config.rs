@@ -1,0 +1,460 @@
+//! The `.autonomous-config.json` schema: discovery, defaults, unknown-key warnings and validation.
+//!
+//! The file users already have (../shared/reference/autonomous-config.md) loads as it is. Sections autodev does not
+//! act on yet are kept as opaque JSON so they never warn; keys nobody defines warn; a wrong type or value is an
+//! error that names the file and the JSON path.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_json::Value;
+
+/// The built-in providers, in the order `assign` tries them when no provider is named.
+pub const BUILTIN_PROVIDERS: [&str; 3] = ["claude", "gemini", "codex"];
+/// A safety cap on slots per provider; each slot costs a few KiB of daemon memory and a model subscription.
+pub const MAX_SLOTS_PER_PROVIDER: u32 = 256;
+
+/// Where the configuration came from, for messages and `status`.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file read, or `None` for built-in defaults.
+    pub path: Option<PathBuf>,
+    pub raw: RawConfig,
+    /// JSON paths of keys nobody defines, to warn about.
+    pub unknown_keys: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct RawConfig {
+    pub version: Option<String>,
+    /// The provider `assign` uses when `--llm` is not given.
+    pub default_llm: Option<String>,
+    /// `None` when the file has no `llms` section: then every built-in provider is enabled with one slot.
+    pub llms: Option<BTreeMap<String, LlmConfig>>,
+    pub supervisor: SupervisorConfig,
+    pub workspace: WorkspaceConfig,
+    pub logging: LoggingConfig,
+    // Sections that later issues act on, or that belong to the tool the format comes from. Kept opaque so
+    // that a user's existing file never warns about keys it is entitled to have.
+    pub github: Value,
+    pub worktree: Value,
+    pub project: Value,
+    pub requirements: Value,
+    pub push: Value,
+    pub notifications: Value,
+    pub merge_worker: Value,
+    pub review_worker: Value,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct LlmConfig {
+    /// Defaults to true for a provider that is listed.
+    pub enabled: Option<bool>,
+    pub max_concurrent_issues: Option<u32>,
+    pub cli_path: Option<String>,
+    /// Built-in providers: extra arguments, replacing autodev's default permission flags.
+    /// Custom providers: the whole argument template, with `{prompt}`, `{prompt_file}`, `{model}`,
+    /// `{session_id}`, `{issue}`, `{slot}` placeholders; without `{prompt}`/`{prompt_file}` the prompt is on stdin.
+    pub cli_args: Option<Vec<String>>,
+    pub model: Option<String>,
+    /// Passed to the child as the provider's API-key variable; never logged or shown.
+    pub api_key: Option<String>,
+    /// Extra environment for the child.
+    pub env: BTreeMap<String, String>,
+    /// Custom providers: which event format their stdout speaks (`claude`, `gemini`, `codex`, `text`).
+    pub output_format: Option<String>,
+    // Keys of the original tool that autodev accepts and does not act on.
+    pub hooks_enabled: Value,
+    pub user: Value,
+    pub custom_config: Value,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct SupervisorConfig {
+    /// Seconds between SIGTERM and SIGKILL when a run is stopped.
+    pub stop_grace_secs: f64,
+    /// Lines kept per slot as the console preview.
+    pub preview_lines: usize,
+    /// Characters kept per preview line.
+    pub preview_line_chars: usize,
+}
+
+impl Default for SupervisorConfig {
+    fn default() -> Self {
+        SupervisorConfig {
+            stop_grace_secs: 10.0,
+            preview_lines: 10,
+            preview_line_chars: 240,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct WorkspaceConfig {
+    /// Working directory of runs; relative paths are taken from the config file's directory.
+    pub dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct LoggingConfig {
+    /// A tracing filter such as `info` or `autodev=debug`; `RUST_LOG` wins.
+    pub level: Option<String>,
+    pub file: Value,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path}: at {json_path}: {message}")]
+    Invalid {
+        path: String,
+        json_path: String,
+        message: String,
+    },
+}
+
+impl Config {
+    /// Built-in defaults: every built-in provider enabled with one slot.
+    pub fn builtin() -> Config {
+        Config {
+            path: None,
+            raw: RawConfig::default(),
+            unknown_keys: Vec::new(),
+        }
+    }
+
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, Some(path.to_path_buf()))
+    }
+
+    /// Parses config text; `path` only names the source in messages.
+    pub fn parse(text: &str, path: Option<PathBuf>) -> Result<Config, ConfigError> {
+        let shown = path
+            .as_ref()
+            .map_or_else(|| "(inline)".to_string(), |p| p.display().to_string());
+        let mut unknown_keys = Vec::new();
+        let mut de = serde_json::Deserializer::from_str(text);
+        // serde_ignored writes `?` for an Option level, which is not part of the JSON path a user writes.
+        let mut note_unknown =
+            |p: serde_ignored::Path| unknown_keys.push(p.to_string().replace(".?", ""));
+        let ignoring = serde_ignored::Deserializer::new(&mut de, &mut note_unknown);
+        let raw: RawConfig =
+            serde_path_to_error::deserialize(ignoring).map_err(|e| ConfigError::Invalid {
+                path: shown.clone(),
+                json_path: display_path(&e.path().to_string()),
+                message: e.inner().to_string(),
+            })?;
+        de.end().map_err(|e| ConfigError::Invalid {
+            path: shown.clone(),
+            json_path: "(end)".into(),
+            message: e.to_string(),
+        })?;
+        let config = Config {
+            path,
+            raw,
+            unknown_keys,
+        };
+        config.validate(&shown)?;
+        Ok(config)
+    }
+
+    fn validate(&self, shown: &str) -> Result<(), ConfigError> {
+        let invalid = |json_path: String, message: String| ConfigError::Invalid {
+            path: shown.to_string(),
+            json_path,
+            message,
+        };
+        for (name, llm) in self.raw.llms.iter().flatten() {
+            if !is_valid_provider_name(name) {
+                return Err(invalid(
+                    format!("llms.{name}"),
+                    "a provider name is lowercase letters, digits and '_' and starts with a letter"
+                        .into(),
+                ));
+            }
+            if let Some(n) = llm.max_concurrent_issues
+                && n > MAX_SLOTS_PER_PROVIDER
+            {
+                return Err(invalid(
+                    format!("llms.{name}.maxConcurrentIssues"),
+                    format!("{n} is more than the limit of {MAX_SLOTS_PER_PROVIDER}"),
+                ));
+            }
+            if let Some(format) = &llm.output_format
+                && !["claude", "gemini", "codex", "text"].contains(&format.as_str())
+            {
+                return Err(invalid(
+                    format!("llms.{name}.outputFormat"),
+                    format!("unknown format {format:?}: use claude, gemini, codex or text"),
+                ));
+            }
+            if !BUILTIN_PROVIDERS.contains(&name.as_str()) && llm.cli_path.is_none() {
+                return Err(invalid(
+                    format!("llms.{name}.cliPath"),
+                    "a custom provider needs cliPath (the program to run)".into(),
+                ));
+            }
+            if let Some(path) = &llm.cli_path
+                && path.trim().is_empty()
+            {
+                return Err(invalid(format!("llms.{name}.cliPath"), "is empty".into()));
+            }
+        }
+        if let Some(default) = &self.raw.default_llm
+            && !self
+                .providers()
+                .iter()
+                .any(|p| &p.name == default && p.enabled)
+        {
+            return Err(invalid(
+                "defaultLlm".into(),
+                format!("{default:?} is not an enabled provider"),
+            ));
+        }
+        let sup = &self.raw.supervisor;
+        if !(0.0..=3600.0).contains(&sup.stop_grace_secs) {
+            return Err(invalid(
+                "supervisor.stopGraceSecs".into(),
+                "must be between 0 and 3600".into(),
+            ));
+        }
+        if !(1..=1000).contains(&sup.preview_lines) {
+            return Err(invalid(
+                "supervisor.previewLines".into(),
+                "must be between 1 and 1000".into(),
+            ));
+        }
+        if !(16..=10_000).contains(&sup.preview_line_chars) {
+            return Err(invalid(
+                "supervisor.previewLineChars".into(),
+                "must be between 16 and 10000".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Every provider with its slot count, built-ins first in their fixed order, then custom ones by name.
+    pub fn providers(&self) -> Vec<ProviderEntry> {
+        let mut out = Vec::new();
+        match &self.raw.llms {
+            None => {
+                for name in BUILTIN_PROVIDERS {
+                    out.push(ProviderEntry {
+                        name: name.into(),
+                        enabled: true,
+                        slots: 1,
+                        llm: LlmConfig::default(),
+                    });
+                }
+            }
+            Some(llms) => {
+                let builtins = BUILTIN_PROVIDERS
+                    .iter()
+                    .filter_map(|b| llms.get_key_value(*b));
+                let customs = llms
+                    .iter()
+                    .filter(|(k, _)| !BUILTIN_PROVIDERS.contains(&k.as_str()));
+                for (name, llm) in builtins.chain(customs) {
+                    out.push(ProviderEntry {
+                        name: name.clone(),
+                        enabled: llm.enabled.unwrap_or(true),
+                        slots: llm.max_concurrent_issues.unwrap_or(1) as usize,
+                        llm: llm.clone(),
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// The working directory of runs: `workspace.dir`, else the git root of the config file, else its directory,
+    /// else `fallback` (the daemon's working directory).
+    pub fn workspace_dir(&self, fallback: &Path) -> PathBuf {
+        let config_dir = self.path.as_ref().and_then(|p| p.parent()).map(|d| {
+            // `.autonomous/.autonomous-config.json` belongs to the directory above.
+            if d.file_name().is_some_and(|n| n == ".autonomous") {
+                d.parent().unwrap_or(d)
+            } else {
+                d
+            }
+        });
+        if let Some(dir) = &self.raw.workspace.dir {
+            return match config_dir {
+                Some(base) if dir.is_relative() => base.join(dir),
+                _ => dir.clone(),
+            };
+        }
+        match config_dir {
+            Some(d) => git_root(d).unwrap_or_else(|| d.to_path_buf()),
+            None => fallback.to_path_buf(),
+        }
+    }
+}
+
+/// A provider as the config defines it.
+#[derive(Debug, Clone)]
+pub struct ProviderEntry {
+    pub name: String,
+    pub enabled: bool,
+    pub slots: usize,
+    pub llm: LlmConfig,
+}
+
+fn is_valid_provider_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_lowercase())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+/// serde_path_to_error prints the root as "."; users read "(top level)" better.
+fn display_path(path: &str) -> String {
+    if path == "." || path.is_empty() {
+        "(top level)".into()
+    } else {
+        path.to_string()
+    }
+}
+
+/// The nearest directory at or above `dir` that holds `.git`.
+pub fn git_root(dir: &Path) -> Option<PathBuf> {
+    dir.ancestors()
+        .find(|d| d.join(".git").exists())
+        .map(Path::to_path_buf)
+}
+
+/// Finds the config file: `explicit` (from `--config` or `$AUTODEV_CONFIG`), then `.autonomous/` and the plain
+/// file in `cwd` and in its git root, then the user's config dir. `Ok(None)` means built-in defaults.
+pub fn discover(
+    explicit: Option<&Path>,
+    cwd: &Path,
+    user_config_dir: Option<&Path>,
+) -> Option<PathBuf> {
+    if let Some(p) = explicit {
+        return Some(p.to_path_buf());
+    }
+    let mut dirs = vec![cwd.to_path_buf()];
+    if let Some(root) = git_root(cwd)
+        && root != cwd
+    {
+        dirs.push(root);
+    }
+    for dir in &dirs {
+        for candidate in [
+            dir.join(".autonomous").join(".autonomous-config.json"),
+            dir.join(".autonomous-config.json"),
+        ] {
+            if candidate.is_file() {
+                return Some(candidate);
+            }
+        }
+    }
+    user_config_dir
+        .map(|d| d.join("autonomous-config.json"))
+        .filter(|p| p.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEED_EXAMPLE: &str = r#"{
+      "version": "1.0.0",
+      "llms": { "claude": { "enabled": true, "maxConcurrentIssues": 2, "cliPath": "claude" } },
+      "project": { "enabled": true, "projectNumber": 5, "organizationProject": true,
+        "fields": { "status": { "fieldName": "Status", "readyValues": ["Ready", "Todo"],
+          "inProgressValue": "In Progress", "reviewValue": "In Review", "doneValue": "Done",
+          "blockedValue": "Blocked" }, "assignedInstance": { "fieldName": "Assigned Instance" } } }
+    }"#;
+
+    #[test]
+    fn seed_example_loads_without_warnings() {
+        let c = Config::parse(SEED_EXAMPLE, None).unwrap();
+        assert!(c.unknown_keys.is_empty(), "{:?}", c.unknown_keys);
+        let p = c.providers();
+        assert_eq!(p.len(), 1);
+        assert_eq!(
+            (p[0].name.as_str(), p[0].slots, p[0].enabled),
+            ("claude", 2, true)
+        );
+    }
+
+    #[test]
+    fn unknown_keys_warn_with_their_path() {
+        let c = Config::parse(r#"{"llms":{"claude":{"colour":"red"}},"extra":1}"#, None).unwrap();
+        assert_eq!(
+            c.unknown_keys,
+            vec!["llms.claude.colour".to_string(), "extra".to_string()]
+        );
+    }
+
+    #[test]
+    fn wrong_type_names_the_json_path() {
+        let e = Config::parse(
+            r#"{"llms":{"claude":{"maxConcurrentIssues":"two"}}}"#,
+            Some("/x/c.json".into()),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("/x/c.json") && e.contains("llms.claude.maxConcurrentIssues"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn no_llms_section_enables_all_builtins() {
+        let c = Config::parse("{}", None).unwrap();
+        let names: Vec<_> = c.providers().into_iter().map(|p| p.name).collect();
+        assert_eq!(names, ["claude", "gemini", "codex"]);
+    }
+
+    #[test]
+    fn custom_provider_needs_cli_path_and_follows_builtins() {
+        assert!(
+            Config::parse(r#"{"llms":{"aider":{}}}"#, None)
+                .unwrap_err()
+                .to_string()
+                .contains("llms.aider.cliPath")
+        );
+        let c =
+            Config::parse(r#"{"llms":{"aider":{"cliPath":"aider"},"codex":{}}}"#, None).unwrap();
+        let names: Vec<_> = c.providers().into_iter().map(|p| p.name).collect();
+        assert_eq!(names, ["codex", "aider"]);
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        for (text, needle) in [
+            (
+                r#"{"llms":{"claude":{"maxConcurrentIssues":100000}}}"#,
+                "maxConcurrentIssues",
+            ),
+            (
+                r#"{"defaultLlm":"gemini","llms":{"claude":{}}}"#,
+                "defaultLlm",
+            ),
+            (r#"{"supervisor":{"previewLines":0}}"#, "previewLines"),
+            (r#"{"llms":{"Bad-Name":{"cliPath":"x"}}}"#, "llms.Bad-Name"),
+            (r#"{"llms": 5}"#, "llms"),
+            ("{} trailing", "(end)"),
+        ] {
+            let e = Config::parse(text, None).unwrap_err().to_string();
+            assert!(e.contains(needle), "{text}: {e}");
+        }
+    }
+}

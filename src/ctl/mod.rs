@@ -1,0 +1,345 @@
+//! autodevctl: the command line, the blocking client of the control socket, and the exit codes. It knows only the
+//! protocol and how to render replies; it never reads the daemon's state files.
+
+mod render;
+
+use std::io::{self, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::paths::Paths;
+use crate::protocol::{
+    self, Envelope, ErrorReply, Frame, FrameError, MAX_REPLY_FRAME, PROTOCOL_VERSION, Reply,
+    Request,
+};
+
+/// Exit codes scripts can rely on.
+pub mod exit {
+    pub const OK: u8 = 0;
+    /// The daemon refused or failed the request.
+    pub const FAILED: u8 = 1;
+    /// Bad usage (clap's own code).
+    pub const USAGE: u8 = 2;
+    /// The daemon is not running or not reachable.
+    pub const UNREACHABLE: u8 = 3;
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "autodevctl",
+    version,
+    about = "Drive autodevd: assign issues to agent slots, watch and stop them"
+)]
+pub struct Cli {
+    /// State directory of the daemon to talk to [env: AUTODEV_STATE_DIR]
+    #[arg(long, global = true)]
+    pub state_dir: Option<PathBuf>,
+    /// Runtime directory holding the socket [env: AUTODEV_RUNTIME_DIR]
+    #[arg(long, global = true)]
+    pub runtime_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start an agent on an issue in a free slot
+    Assign {
+        /// The GitHub issue number the task is about
+        issue: u64,
+        /// Which LLM to use (claude, gemini, codex or a custom one); default: the config's, else the first free
+        #[arg(long)]
+        llm: Option<String>,
+        /// Use this slot (e.g. claude-2) instead of the lowest free one
+        #[arg(long)]
+        slot: Option<String>,
+        /// The task, as text
+        #[arg(long, conflicts_with = "prompt_file")]
+        prompt: Option<String>,
+        /// The task, from a file ("-" for stdin)
+        #[arg(long)]
+        prompt_file: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One line per slot: who works on what, and how it goes
+    Status {
+        /// Show each busy slot's console preview
+        #[arg(long, short = 'p')]
+        preview: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Slot use per LLM: used/max and which issues
+    Instances {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a slot's output (its current or last run)
+    Logs {
+        slot: String,
+        /// Only the last N lines
+        #[arg(short = 'n', long = "lines")]
+        lines: Option<usize>,
+        /// Keep printing new output until the run ends
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// The bytes as the CLI wrote them, instead of readable lines
+        #[arg(long)]
+        raw: bool,
+        /// The run's stderr instead of its stdout
+        #[arg(long)]
+        stderr: bool,
+    },
+    /// Stop a slot's run (its whole process tree) and free the slot
+    Stop {
+        slot: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Why a command did not succeed, mapped to an exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    #[error("{0}")]
+    Unreachable(String),
+    #[error("{}", .0.message)]
+    Refused(ErrorReply),
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl CtlError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CtlError::Unreachable(_) => exit::UNREACHABLE,
+            _ => exit::FAILED,
+        }
+    }
+
+    /// The error as the user sees it: `✗ what`, then the hint.
+    pub fn render(&self) -> String {
+        match self {
+            CtlError::Refused(e) => match &e.hint {
+                Some(hint) => format!("✗ {}\n{hint}", e.message),
+                None => format!("✗ {}", e.message),
+            },
+            other => format!("✗ {other}"),
+        }
+    }
+}
+
+/// A connection to autodevd.
+pub struct Client {
+    stream: UnixStream,
+}
+
+impl Client {
+    pub fn connect(paths: &Paths) -> Result<Client, CtlError> {
+        let socket = paths.socket();
+        let stream = UnixStream::connect(&socket).map_err(|e| {
+            let why = match e.kind() {
+                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => "autodevd is not running".to_string(),
+                _ => format!("cannot reach autodevd: {e}"),
+            };
+            CtlError::Unreachable(format!(
+                "{why} (no answer on {}).\nStart it with `autodevd` (or `systemctl --user start autodevd`); \
+                 if it runs with another --runtime-dir, pass the same one here.",
+                socket.display()
+            ))
+        })?;
+        Ok(Client { stream })
+    }
+
+    pub fn send(&mut self, request: Request) -> Result<(), CtlError> {
+        protocol::write_json_sync(
+            &mut self.stream,
+            &Envelope {
+                v: PROTOCOL_VERSION,
+                request,
+            },
+        )
+        .map_err(|e| CtlError::Unreachable(format!("lost the connection to autodevd: {e}")))
+    }
+
+    pub fn set_timeout(&self, timeout: Option<Duration>) {
+        let _ = self.stream.set_read_timeout(timeout);
+    }
+
+    /// Reads the next frame: raw bytes (log chunks) or a reply.
+    pub fn next_frame(&mut self) -> Result<Frame, CtlError> {
+        protocol::read_frame_sync(&mut self.stream, MAX_REPLY_FRAME).map_err(|e| match e {
+            FrameError::Closed => CtlError::Unreachable("autodevd closed the connection".into()),
+            FrameError::Io(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                CtlError::Unreachable("autodevd did not answer in time".into())
+            }
+            other => CtlError::Unreachable(format!("bad reply from autodevd: {other}")),
+        })
+    }
+
+    /// Sends a request and reads its one reply; an error reply becomes `Err`.
+    pub fn call(&mut self, request: Request) -> Result<Reply, CtlError> {
+        self.send(request)?;
+        loop {
+            match self.next_frame()? {
+                Frame::Json(payload) => return decode_reply(&payload),
+                Frame::Bytes(_) => continue,
+            }
+        }
+    }
+}
+
+fn decode_reply(payload: &[u8]) -> Result<Reply, CtlError> {
+    match serde_json::from_slice::<Reply>(payload) {
+        Ok(Reply::Error(e)) => Err(CtlError::Refused(e)),
+        Ok(reply) => Ok(reply),
+        Err(e) => Err(CtlError::Failed(format!(
+            "cannot read autodevd's reply ({e}); is autodevctl the same version as autodevd?"
+        ))),
+    }
+}
+
+fn print_json<T: serde::Serialize>(value: &T) -> Result<(), CtlError> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| CtlError::Failed(e.to_string()))?;
+    println!("{text}");
+    Ok(())
+}
+
+fn unexpected(reply: Reply) -> CtlError {
+    CtlError::Failed(format!("unexpected reply from autodevd: {reply:?}"))
+}
+
+fn read_prompt(prompt: Option<String>, file: Option<PathBuf>) -> Result<String, CtlError> {
+    match (prompt, file) {
+        (Some(p), _) => Ok(p),
+        (None, Some(path)) if path.as_os_str() == "-" => {
+            let mut text = String::new();
+            io::Read::read_to_string(&mut io::stdin(), &mut text)
+                .map_err(|e| CtlError::Failed(format!("cannot read the prompt from stdin: {e}")))?;
+            Ok(text)
+        }
+        (None, Some(path)) => std::fs::read_to_string(&path)
+            .map_err(|e| CtlError::Failed(format!("cannot read prompt file {}: {e}", path.display()))),
+        (None, None) => Err(CtlError::Failed(
+            "no task given: pass --prompt \"…\" or --prompt-file FILE (taking the issue text from GitHub comes \
+             with GitHub sync)"
+                .into(),
+        )),
+    }
+}
+
+/// Runs one command; the binary maps the result to an exit code.
+pub fn run(cli: Cli) -> Result<(), CtlError> {
+    let paths = Paths::resolve(cli.state_dir.as_deref(), cli.runtime_dir.as_deref())
+        .map_err(|e| CtlError::Unreachable(e.to_string()))?;
+    // Read local input before talking to the daemon, so a bad file never half-does anything.
+    let prompt = match &cli.command {
+        Command::Assign {
+            prompt,
+            prompt_file,
+            ..
+        } => Some(read_prompt(prompt.clone(), prompt_file.clone())?),
+        _ => None,
+    };
+    let mut client = Client::connect(&paths)?;
+    client.set_timeout(Some(Duration::from_secs(30)));
+    match cli.command {
+        Command::Assign {
+            issue,
+            llm,
+            slot,
+            json,
+            ..
+        } => {
+            let prompt = prompt.unwrap_or_default();
+            match client.call(Request::Assign {
+                issue,
+                llm,
+                slot,
+                prompt,
+            })? {
+                Reply::Assigned(a) if json => print_json(&a),
+                Reply::Assigned(a) => {
+                    println!(
+                        "✓ Issue #{} → {} (pid {}, run {})",
+                        a.issue, a.slot, a.pid, a.run_id
+                    );
+                    Ok(())
+                }
+                other => Err(unexpected(other)),
+            }
+        }
+        Command::Status { preview, json } => match client.call(Request::Status)? {
+            Reply::Status(report) if json => print_json(&report),
+            Reply::Status(report) => {
+                print!("{}", render::status(&report, preview));
+                Ok(())
+            }
+            other => Err(unexpected(other)),
+        },
+        Command::Instances { json } => match client.call(Request::Instances)? {
+            Reply::Instances { providers } if json => print_json(&providers),
+            Reply::Instances { providers } => {
+                print!("{}", render::instances(&providers));
+                Ok(())
+            }
+            other => Err(unexpected(other)),
+        },
+        Command::Stop { slot, json } => {
+            // A stop waits out the run's grace period (config, default 10 s) before SIGKILL.
+            client.set_timeout(None);
+            match client.call(Request::Stop { slot })? {
+                reply @ Reply::Stopped { .. } if json => print_json(&reply),
+                Reply::Stopped { slot, issue, .. } => {
+                    println!("✓ Stopped {slot} (issue #{issue}); the slot is free");
+                    Ok(())
+                }
+                other => Err(unexpected(other)),
+            }
+        }
+        Command::Logs {
+            slot,
+            lines,
+            follow,
+            raw,
+            stderr,
+        } => {
+            if follow {
+                client.set_timeout(None);
+            }
+            client.send(Request::Logs {
+                slot,
+                lines,
+                follow,
+                raw,
+                stderr,
+            })?;
+            let mut out = io::stdout().lock();
+            loop {
+                match client.next_frame()? {
+                    Frame::Bytes(chunk) => {
+                        if out.write_all(&chunk).and_then(|_| out.flush()).is_err() {
+                            // The reader went away (`| head`): that is a normal end.
+                            return Ok(());
+                        }
+                    }
+                    Frame::Json(payload) => {
+                        return match decode_reply(&payload)? {
+                            Reply::LogEnd { .. } => Ok(()),
+                            other => Err(unexpected(other)),
+                        };
+                    }
+                }
+            }
+        }
+    }
+}

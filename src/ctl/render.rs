@@ -1,0 +1,133 @@
+//! Human-readable tables for `status` and `instances`.
+
+use std::fmt::Write;
+
+use crate::protocol::{ProviderUsage, SlotState, SlotStatus, StatusReport};
+use crate::timefmt::{age, parse_rfc3339, short_duration};
+
+/// Width of the ACTIVITY column's text.
+const ACTIVITY_CHARS: usize = 72;
+
+fn ago(stamp: Option<&str>) -> String {
+    stamp
+        .and_then(parse_rfc3339)
+        .map_or_else(|| "-".into(), |t| format!("{} ago", short_duration(age(t))))
+}
+
+fn cut(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &text[..i]),
+        None => text.to_string(),
+    }
+}
+
+/// What a row says the slot is doing: the failure or result for a finished task, else the last preview line.
+fn activity(row: &SlotStatus) -> String {
+    let text = match row.state {
+        SlotState::Completed | SlotState::Failed => row.reason.clone(),
+        _ => row.console_preview.last().cloned(),
+    };
+    cut(&text.unwrap_or_default(), ACTIVITY_CHARS)
+}
+
+pub fn status(report: &StatusReport, with_preview: bool) -> String {
+    let count = |state: SlotState| report.slots.iter().filter(|s| s.state == state).count();
+    let mut parts = vec![format!("{} slots", report.slots.len())];
+    for state in [
+        SlotState::InProgress,
+        SlotState::Starting,
+        SlotState::Failed,
+        SlotState::Completed,
+        SlotState::Ready,
+    ] {
+        let n = count(state);
+        if n > 0 {
+            parts.push(format!("{n} {}", state.as_str().replace('_', " ")));
+        }
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{}   (autodevd pid {})",
+        parts.join(" · "),
+        report.daemon_pid
+    );
+    let header = [
+        "SLOT", "STATE", "ISSUE", "PID", "RUNNING", "OUTPUT", "SESSION", "ACTIVITY",
+    ];
+    let rows: Vec<[String; 8]> = report
+        .slots
+        .iter()
+        .map(|r| {
+            let running = match (&r.started_at, r.state.is_busy()) {
+                (Some(s), true) => parse_rfc3339(s).map_or("-".into(), |t| short_duration(age(t))),
+                _ => "-".into(),
+            };
+            [
+                r.slot.clone(),
+                r.state.as_str().to_string(),
+                r.issue.map_or("-".into(), |i| format!("#{i}")),
+                r.pid.map_or("-".into(), |p| p.to_string()),
+                running,
+                if r.state.is_busy() {
+                    ago(r.last_output_at.as_deref())
+                } else {
+                    "-".into()
+                },
+                r.session_id
+                    .as_deref()
+                    .map_or("-".into(), |s| s.chars().take(8).collect()),
+                activity(r),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: &[String]| {
+        let mut l = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                l.push_str(cell);
+            } else {
+                let _ = write!(l, "{cell:<w$}  ", w = widths[i]);
+            }
+        }
+        l.trim_end().to_string()
+    };
+    let _ = writeln!(out, "{}", line(&header.map(String::from)));
+    for (row, slot) in rows.iter().zip(&report.slots) {
+        let _ = writeln!(out, "{}", line(row));
+        if with_preview && !slot.console_preview.is_empty() {
+            for p in &slot.console_preview {
+                let _ = writeln!(out, "    │ {p}");
+            }
+        }
+    }
+    out
+}
+
+pub fn instances(providers: &[ProviderUsage]) -> String {
+    let mut out = String::new();
+    for p in providers {
+        if !p.enabled {
+            let _ = writeln!(out, "{:<10} disabled", p.provider);
+            continue;
+        }
+        let held: Vec<String> = p
+            .slots
+            .iter()
+            .filter_map(|s| s.issue.map(|i| format!("#{i} ({})", s.slot)))
+            .collect();
+        let held = if held.is_empty() {
+            "-".to_string()
+        } else {
+            held.join(", ")
+        };
+        let _ = writeln!(out, "{:<10} {}/{}   {held}", p.provider, p.used, p.max);
+    }
+    out
+}

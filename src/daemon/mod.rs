@@ -1,0 +1,188 @@
+//! autodevd: start-up (config, directories, the one-daemon lock, the socket), the main loop (connections and
+//! signals), and shutdown. Callable from tests and benchmarks through [`run`].
+
+mod runs;
+mod server;
+mod slots;
+mod watch;
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use fs2::FileExt;
+use tokio::net::UnixListener;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::config::Config;
+use crate::paths::{Paths, ensure_private_dir};
+use crate::provider::Provider;
+use crate::supervisor;
+use slots::SlotTable;
+pub use slots::Task;
+
+/// Longest socket path the kernel accepts (sun_path is 108 bytes with its NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// What the daemon needs to start; the binary fills it from flags and the environment.
+#[derive(Debug, Clone)]
+pub struct DaemonOptions {
+    pub config: Config,
+    pub paths: Paths,
+}
+
+/// State shared by every connection and run.
+pub struct Shared {
+    pub config: Config,
+    pub paths: Paths,
+    /// Working directory of runs.
+    pub workspace: PathBuf,
+    pub daemon_pid: u32,
+    pub grace: Duration,
+    pub preview_lines: usize,
+    pub preview_chars: usize,
+    table: Mutex<SlotTable>,
+    watcher: watch::Watcher,
+}
+
+impl Shared {
+    /// The one lock over slot state. Held only for short, non-blocking work, never across an await.
+    fn lock_table(&self) -> MutexGuard<'_, SlotTable> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Holds `daemon.lock` for the daemon's lifetime: one daemon per state dir.
+struct DaemonLock {
+    _file: File,
+}
+
+fn take_daemon_lock(paths: &Paths) -> anyhow::Result<DaemonLock> {
+    let path = paths.daemon_lock();
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    if file.try_lock_exclusive().is_err() {
+        let mut holder = String::new();
+        let _ = file.read_to_string(&mut holder);
+        let holder = holder.trim();
+        let who = if holder.is_empty() {
+            "another autodevd".to_string()
+        } else {
+            format!("autodevd pid {holder}")
+        };
+        bail!(
+            "{who} is already running on state dir {} — stop it first, or use another --state-dir",
+            paths.state_dir.display()
+        );
+    }
+    file.set_len(0)?;
+    file.rewind()?;
+    writeln!(file, "{}", std::process::id())?;
+    file.sync_all()?;
+    Ok(DaemonLock { _file: file })
+}
+
+/// Runs the daemon until SIGTERM or SIGINT. Must be called inside a tokio runtime.
+pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
+    let DaemonOptions { config, paths } = options;
+    for key in &config.unknown_keys {
+        let file = config
+            .path
+            .as_ref()
+            .map_or_else(|| "config".into(), |p| p.display().to_string());
+        tracing::warn!("{file}: unknown key {key} is ignored");
+    }
+    ensure_private_dir(&paths.state_dir)?;
+    ensure_private_dir(&paths.runtime_dir)?;
+    ensure_private_dir(&paths.runs_dir())?;
+    let _lock = take_daemon_lock(&paths)?;
+    supervisor::become_subreaper();
+
+    let socket_path = paths.socket();
+    if socket_path.as_os_str().len() > MAX_SOCKET_PATH {
+        bail!(
+            "socket path {} is longer than {MAX_SOCKET_PATH} bytes — use a shorter --runtime-dir",
+            socket_path.display()
+        );
+    }
+    // We hold the daemon lock, so a socket file left here belongs to a dead daemon.
+    match std::fs::remove_file(&socket_path) {
+        Ok(()) => tracing::info!("removed stale socket {}", socket_path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => bail!("cannot remove stale socket {}: {e}", socket_path.display()),
+    }
+    let listener = UnixListener::bind(&socket_path)
+        .with_context(|| format!("cannot listen on {}", socket_path.display()))?;
+    std::fs::set_permissions(&socket_path, std::fs::Permissions::from_mode(0o600))?;
+
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+    let workspace = config.workspace_dir(&cwd);
+    let providers: Vec<Provider> = config
+        .providers()
+        .iter()
+        .map(Provider::from_entry)
+        .collect();
+    let config_name = config.path.as_ref().map_or_else(
+        || ".autonomous-config.json".into(),
+        |p| p.display().to_string(),
+    );
+    let table = SlotTable::new(providers, config.raw.default_llm.clone(), config_name);
+    let slot_count = table.slots.len();
+    let sup = &config.raw.supervisor;
+    let shared = Arc::new(Shared {
+        workspace,
+        daemon_pid: std::process::id(),
+        grace: Duration::from_secs_f64(sup.stop_grace_secs),
+        preview_lines: sup.preview_lines,
+        preview_chars: sup.preview_line_chars,
+        table: Mutex::new(table),
+        watcher: watch::Watcher::start().context("cannot start inotify")?,
+        paths: paths.clone(),
+        config,
+    });
+
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigchld = signal(SignalKind::child())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    tracing::info!(
+        socket = %socket_path.display(),
+        state = %paths.state_dir.display(),
+        workspace = %shared.workspace.display(),
+        slots = slot_count,
+        "autodevd ready"
+    );
+    let why = loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => { tokio::spawn(server::serve(shared.clone(), stream)); }
+                // Out of fds and the like: keep serving the connections we have, try again shortly.
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = sigchld.recv() => supervisor::reap_orphans(),
+            _ = sighup.recv() => tracing::info!("SIGHUP: reloading the config is not supported yet; restart autodevd"),
+            _ = sigterm.recv() => break "SIGTERM",
+            _ = sigint.recv() => break "SIGINT",
+        }
+    };
+    tracing::info!("{why}: stopping every run and exiting");
+    drop(listener);
+    let _ = std::fs::remove_file(&socket_path);
+    runs::stop_all(&shared, &format!("stopped: autodevd received {why}")).await;
+    supervisor::reap_orphans();
+    tracing::info!("autodevd stopped");
+    Ok(())
+}

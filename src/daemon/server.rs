@@ -1,0 +1,257 @@
+//! The control socket: accepts connections from the same user, decodes framed requests, answers them. A bad frame
+//! gets an error reply and never takes the daemon down.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::UnixStream;
+use tokio::sync::watch;
+
+use super::Shared;
+use super::runs;
+use super::slots::RunSignal;
+use crate::output::{LineAssembler, render_lines, render_tail, tail_offset};
+use crate::protocol::{
+    self, ErrorKind, ErrorReply, Frame, FrameError, MAX_REQUEST_FRAME, PROTOCOL_VERSION, Reply,
+    Request, SlotState, StatusReport,
+};
+use crate::provider::EventFormat;
+
+/// A connection that sends nothing for this long is closed (it holds a task and a socket).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Size of the chunks `logs` sends.
+const LOG_CHUNK: usize = 64 << 10;
+/// Characters per rendered line in `logs` (the preview keeps fewer).
+const LOG_LINE_CHARS: usize = 4000;
+
+/// Serves one client until it hangs up.
+pub async fn serve(shared: Arc<Shared>, mut stream: UnixStream) {
+    let me = nix::unistd::getuid().as_raw();
+    match stream.peer_cred() {
+        Ok(cred) if cred.uid() == me => {}
+        Ok(cred) => {
+            tracing::warn!(uid = cred.uid(), "refused a connection from another user");
+            let reply = error(
+                ErrorKind::BadRequest,
+                format!("autodevd serves uid {me} only"),
+            );
+            let _ = protocol::write_frame(&mut stream, &protocol::encode_json(&reply)).await;
+            return;
+        }
+        Err(e) => {
+            tracing::warn!("cannot read peer credentials: {e}");
+            return;
+        }
+    }
+    loop {
+        let frame = match tokio::time::timeout(
+            IDLE_TIMEOUT,
+            protocol::read_frame(&mut stream, MAX_REQUEST_FRAME),
+        )
+        .await
+        {
+            Err(_) | Ok(Err(FrameError::Closed)) => return,
+            Ok(Ok(frame)) => frame,
+            Ok(Err(e)) => {
+                // After a bad header the stream cannot be resynchronised: answer, then hang up.
+                let _ = send(
+                    &mut stream,
+                    &error(ErrorKind::BadRequest, format!("bad frame: {e}")),
+                )
+                .await;
+                return;
+            }
+        };
+        let request = match frame {
+            Frame::Json(payload) => protocol::decode_request(&payload),
+            Frame::Bytes(_) => Err(ErrorReply {
+                kind: ErrorKind::BadRequest,
+                message: "requests are JSON frames".into(),
+                hint: None,
+            }),
+        };
+        let outcome = match request {
+            Ok(request) => handle(&shared, request, &mut stream).await,
+            Err(e) => send(&mut stream, &Reply::Error(e)).await,
+        };
+        if outcome.is_err() {
+            return;
+        }
+    }
+}
+
+fn error(kind: ErrorKind, message: String) -> Reply {
+    Reply::Error(ErrorReply {
+        kind,
+        message,
+        hint: None,
+    })
+}
+
+async fn send(stream: &mut UnixStream, reply: &Reply) -> std::io::Result<()> {
+    protocol::write_frame(stream, &protocol::encode_json(reply)).await
+}
+
+async fn handle(
+    shared: &Arc<Shared>,
+    request: Request,
+    stream: &mut UnixStream,
+) -> std::io::Result<()> {
+    let reply = match request {
+        Request::Ping => Reply::Pong {
+            version: PROTOCOL_VERSION,
+            daemon_pid: shared.daemon_pid,
+        },
+        Request::Status => Reply::Status(StatusReport {
+            daemon_pid: shared.daemon_pid,
+            state_dir: shared.paths.state_dir.display().to_string(),
+            config_path: shared.config.path.as_ref().map(|p| p.display().to_string()),
+            slots: shared.lock_table().status_rows(),
+        }),
+        Request::Instances => Reply::Instances {
+            providers: shared.lock_table().usage(),
+        },
+        Request::Assign {
+            issue,
+            llm,
+            slot,
+            prompt,
+        } => runs::assign(shared, issue, llm.as_deref(), slot.as_deref(), &prompt)
+            .await
+            .unwrap_or_else(Reply::Error),
+        Request::Stop { slot } => runs::stop(shared, &slot, "stopped by autodevctl stop")
+            .await
+            .unwrap_or_else(Reply::Error),
+        Request::Logs {
+            slot,
+            lines,
+            follow,
+            raw,
+            stderr,
+        } => {
+            return stream_logs(shared, stream, &slot, lines, follow, raw, stderr).await;
+        }
+    };
+    send(stream, &reply).await
+}
+
+/// Streams a slot's current (or last) run log: the tail or the whole file, then, with `follow`, what is added until
+/// the run ends.
+async fn stream_logs(
+    shared: &Shared,
+    stream: &mut UnixStream,
+    slot: &str,
+    lines: Option<usize>,
+    follow: bool,
+    raw: bool,
+    stderr: bool,
+) -> std::io::Result<()> {
+    let found = {
+        let table = shared.lock_table();
+        match table.get(slot) {
+            None => Err(format!("unknown slot {slot:?}")),
+            Some(s) => match &s.task {
+                None => Err(format!("slot {slot} has not run anything yet")),
+                Some(t) => Ok((
+                    runs::log_path(&t.run_dir, stderr),
+                    if stderr {
+                        EventFormat::Text
+                    } else {
+                        table.providers[s.provider].format
+                    },
+                    t.run_id.clone(),
+                    t.signal.subscribe(),
+                )),
+            },
+        }
+    };
+    let (path, format, run_id, mut signal) = match found {
+        Ok(found) => found,
+        Err(message) => return send(stream, &error(ErrorKind::NotFound, message)).await,
+    };
+    let unreadable = |e: std::io::Error| {
+        error(
+            ErrorKind::Failed,
+            format!("cannot read {}: {e}", path.display()),
+        )
+    };
+    let mut offset = match (raw, lines) {
+        (_, None) => 0,
+        (true, Some(n)) => match tail_offset(&path, n) {
+            Ok(o) => o,
+            Err(e) => return send(stream, &unreadable(e)).await,
+        },
+        (false, Some(n)) => match render_tail(&path, format, n, LOG_LINE_CHARS) {
+            Ok((tail, resume)) => {
+                send_text(stream, &tail).await?;
+                resume
+            }
+            Err(e) => return send(stream, &unreadable(e)).await,
+        },
+    };
+    let mut file = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) => return send(stream, &unreadable(e)).await,
+    };
+    let mut assembler = LineAssembler::default();
+    let mut buf = vec![0u8; LOG_CHUNK];
+    loop {
+        // Seen before reading, so output written just before the end is still sent.
+        let ended = signal.borrow_and_update().ended;
+        file.seek(SeekFrom::Start(offset))?;
+        loop {
+            let n = file.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            offset += n as u64;
+            if raw {
+                protocol::write_frame(stream, &protocol::encode_bytes(&buf[..n])).await?;
+            } else {
+                send_text(
+                    stream,
+                    &render_lines(&mut assembler, &buf[..n], format, LOG_LINE_CHARS, false),
+                )
+                .await?;
+            }
+        }
+        if !follow || ended || !wait_for_more(&mut signal).await {
+            break;
+        }
+    }
+    if !raw {
+        send_text(
+            stream,
+            &render_lines(&mut assembler, &[], format, LOG_LINE_CHARS, true),
+        )
+        .await?;
+    }
+    let state = shared
+        .lock_table()
+        .get(slot)
+        .map_or(SlotState::Ready, |s| s.state());
+    send(
+        stream,
+        &Reply::LogEnd {
+            slot: slot.to_string(),
+            run_id,
+            state,
+        },
+    )
+    .await
+}
+
+/// Waits for the next batch of output; false once the run record is gone.
+async fn wait_for_more(signal: &mut watch::Receiver<RunSignal>) -> bool {
+    signal.changed().await.is_ok()
+}
+
+async fn send_text(stream: &mut UnixStream, lines: &[String]) -> std::io::Result<()> {
+    if lines.is_empty() {
+        return Ok(());
+    }
+    let mut text = lines.join("\n");
+    text.push('\n');
+    protocol::write_frame(stream, &protocol::encode_bytes(text.as_bytes())).await
+}

@@ -1,0 +1,483 @@
+//! The slot table: which slots exist, which task each holds, and the rules for taking one.
+//!
+//! All slot choice happens in [`SlotTable::reserve`] under the daemon's one lock, so two `assign` requests at the
+//! same instant can never get the same slot, and an issue can never hold two slots.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tokio::sync::watch;
+
+use crate::protocol::{ErrorKind, ErrorReply, ProviderUsage, SlotState, SlotStatus, SlotUse};
+use crate::provider::Provider;
+use crate::timefmt::rfc3339;
+
+/// Progress of a run, published for `logs -f`: bumps whenever output arrives, `ended` once it is over.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunSignal {
+    pub batches: u64,
+    pub ended: bool,
+}
+
+/// The work on one issue in one slot, and its current (or last) run.
+#[derive(Debug)]
+pub struct Task {
+    pub issue: u64,
+    pub run_id: String,
+    pub run_dir: PathBuf,
+    pub state: SlotState,
+    pub reason: Option<String>,
+    pub pid: Option<u32>,
+    pub started_at: SystemTime,
+    pub last_output_at: Option<SystemTime>,
+    pub ended_at: Option<SystemTime>,
+    pub session_id: Option<String>,
+    pub exit_code: Option<i32>,
+    pub cost_usd: Option<f64>,
+    pub turns: Option<u64>,
+    /// The console preview as of the follower's last batch.
+    pub preview: Vec<String>,
+    /// Set by `stop` (or shutdown) so the outcome says who ended the run.
+    pub stop_reason: Option<String>,
+    /// Set (under the table lock) just before the run's leader is reaped: from then on its process group id
+    /// may belong to a stranger and must not be signalled.
+    pub group_released: bool,
+    pub signal: Arc<watch::Sender<RunSignal>>,
+}
+
+#[derive(Debug)]
+pub struct Slot {
+    pub name: String,
+    /// Index into the daemon's provider list.
+    pub provider: usize,
+    pub task: Option<Task>,
+}
+
+impl Slot {
+    pub fn state(&self) -> SlotState {
+        self.task.as_ref().map_or(SlotState::Ready, |t| t.state)
+    }
+
+    pub fn is_busy(&self) -> bool {
+        self.state().is_busy()
+    }
+}
+
+/// What `assign` asked for.
+pub struct SlotRequest<'a> {
+    pub issue: u64,
+    pub llm: Option<&'a str>,
+    pub slot: Option<&'a str>,
+}
+
+#[derive(Debug)]
+pub struct SlotTable {
+    pub slots: Vec<Slot>,
+    pub providers: Vec<Provider>,
+    default_llm: Option<String>,
+    config_name: String,
+}
+
+fn refuse(kind: ErrorKind, message: String, hint: Option<String>) -> ErrorReply {
+    ErrorReply {
+        kind,
+        message,
+        hint,
+    }
+}
+
+impl SlotTable {
+    /// One slot `<provider>-<n>` per allowed concurrent issue of every provider (disabled ones included, so
+    /// `--slot` can say "disabled" rather than "unknown").
+    pub fn new(
+        providers: Vec<Provider>,
+        default_llm: Option<String>,
+        config_name: String,
+    ) -> SlotTable {
+        let slots = providers
+            .iter()
+            .enumerate()
+            .flat_map(|(i, p)| {
+                (1..=p.slots).map(move |n| Slot {
+                    name: format!("{}-{n}", p.name),
+                    provider: i,
+                    task: None,
+                })
+            })
+            .collect();
+        SlotTable {
+            slots,
+            providers,
+            default_llm,
+            config_name,
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Slot> {
+        self.slots.iter().find(|s| s.name == name)
+    }
+
+    pub fn get_mut(&mut self, name: &str) -> Option<&mut Slot> {
+        self.slots.iter_mut().find(|s| s.name == name)
+    }
+
+    /// The slot whose current run is `run_id`.
+    pub fn task_of_run(&mut self, run_id: &str) -> Option<&mut Task> {
+        self.slots
+            .iter_mut()
+            .filter_map(|s| s.task.as_mut())
+            .find(|t| t.run_id == run_id)
+    }
+
+    /// The busy slot holding `issue`, if any.
+    pub fn holder_of(&self, issue: u64) -> Option<&Slot> {
+        self.slots
+            .iter()
+            .find(|s| s.is_busy() && s.task.as_ref().is_some_and(|t| t.issue == issue))
+    }
+
+    fn provider_index(&self, name: &str) -> Result<usize, ErrorReply> {
+        let index = self
+            .providers
+            .iter()
+            .position(|p| p.name == name)
+            .ok_or_else(|| {
+                let known: Vec<_> = self.providers.iter().map(|p| p.name.as_str()).collect();
+                refuse(
+                    ErrorKind::NotFound,
+                    format!("unknown LLM {name:?} (configured: {})", known.join(", ")),
+                    Some(format!("add it under llms in {}", self.config_name)),
+                )
+            })?;
+        if !self.providers[index].enabled || self.providers[index].slots == 0 {
+            return Err(refuse(
+                ErrorKind::Conflict,
+                format!("LLM {name:?} is disabled"),
+                Some(format!(
+                    "set llms.{name}.enabled to true in {}",
+                    self.config_name
+                )),
+            ));
+        }
+        Ok(index)
+    }
+
+    fn no_free_slot(&self, provider: usize) -> ErrorReply {
+        let p = &self.providers[provider];
+        refuse(
+            ErrorKind::Conflict,
+            format!(
+                "No available {} instances (max: {})",
+                p.display_name, p.slots
+            ),
+            Some(format!(
+                "Try increasing maxConcurrentIssues in {}",
+                self.config_name
+            )),
+        )
+    }
+
+    /// Picks the slot for an assignment and returns its index. Does not mark it; the caller does, under the
+    /// same lock.
+    pub fn choose(&self, req: &SlotRequest) -> Result<usize, ErrorReply> {
+        if let Some(holder) = self.holder_of(req.issue) {
+            return Err(refuse(
+                ErrorKind::Conflict,
+                format!(
+                    "issue #{} is already assigned to {}",
+                    req.issue, holder.name
+                ),
+                Some(format!(
+                    "stop it first with `autodevctl stop {}`",
+                    holder.name
+                )),
+            ));
+        }
+        if let Some(name) = req.slot {
+            let index = self
+                .slots
+                .iter()
+                .position(|s| s.name == name)
+                .ok_or_else(|| {
+                    let names: Vec<_> = self.slots.iter().map(|s| s.name.as_str()).collect();
+                    refuse(
+                        ErrorKind::NotFound,
+                        format!("unknown slot {name:?} (slots: {})", names.join(", ")),
+                        None,
+                    )
+                })?;
+            let slot = &self.slots[index];
+            let provider = &self.providers[slot.provider];
+            if let Some(llm) = req.llm
+                && llm != provider.name
+            {
+                return Err(refuse(
+                    ErrorKind::BadRequest,
+                    format!("slot {name} belongs to {}, not to {llm}", provider.name),
+                    None,
+                ));
+            }
+            self.provider_index(&provider.name)?;
+            if let Some(task) = slot.task.as_ref().filter(|t| t.state.is_busy()) {
+                return Err(refuse(
+                    ErrorKind::Conflict,
+                    format!("slot {name} is busy with issue #{}", task.issue),
+                    Some("pick another slot, or leave out --slot to get a free one".into()),
+                ));
+            }
+            return Ok(index);
+        }
+        let first_free = |provider: usize| {
+            self.slots
+                .iter()
+                .position(|s| s.provider == provider && !s.is_busy())
+        };
+        if let Some(llm) = req.llm.or(self.default_llm.as_deref()) {
+            let provider = self.provider_index(llm)?;
+            return first_free(provider).ok_or_else(|| self.no_free_slot(provider));
+        }
+        let enabled: Vec<usize> = (0..self.providers.len())
+            .filter(|i| self.providers[*i].enabled && self.providers[*i].slots > 0)
+            .collect();
+        if let Some(index) = enabled.iter().find_map(|p| first_free(*p)) {
+            return Ok(index);
+        }
+        match enabled.as_slice() {
+            [] => Err(refuse(
+                ErrorKind::Conflict,
+                "no LLM is enabled".into(),
+                Some(format!("enable one under llms in {}", self.config_name)),
+            )),
+            [only] => Err(self.no_free_slot(*only)),
+            all => {
+                let maxes: Vec<String> = all
+                    .iter()
+                    .map(|p| {
+                        format!(
+                            "{} max {}",
+                            self.providers[*p].name, self.providers[*p].slots
+                        )
+                    })
+                    .collect();
+                Err(refuse(
+                    ErrorKind::Conflict,
+                    format!(
+                        "No available instances of any enabled LLM ({})",
+                        maxes.join(", ")
+                    ),
+                    Some(format!(
+                        "Try increasing maxConcurrentIssues in {}",
+                        self.config_name
+                    )),
+                ))
+            }
+        }
+    }
+
+    pub fn status_rows(&self) -> Vec<SlotStatus> {
+        self.slots.iter().map(|s| self.status_row(s)).collect()
+    }
+
+    fn status_row(&self, slot: &Slot) -> SlotStatus {
+        let provider = self.providers[slot.provider].name.clone();
+        let Some(t) = &slot.task else {
+            return SlotStatus {
+                slot: slot.name.clone(),
+                provider,
+                state: SlotState::Ready,
+                issue: None,
+                run_id: None,
+                pid: None,
+                started_at: None,
+                last_output_at: None,
+                ended_at: None,
+                session_id: None,
+                exit_code: None,
+                reason: None,
+                cost_usd: None,
+                turns: None,
+                console_preview: Vec::new(),
+            };
+        };
+        SlotStatus {
+            slot: slot.name.clone(),
+            provider,
+            state: t.state,
+            issue: Some(t.issue),
+            run_id: Some(t.run_id.clone()),
+            pid: t.pid.filter(|_| t.state.is_busy()),
+            started_at: Some(rfc3339(t.started_at)),
+            last_output_at: t.last_output_at.map(rfc3339),
+            ended_at: t.ended_at.map(rfc3339),
+            session_id: t.session_id.clone(),
+            exit_code: t.exit_code,
+            reason: t.reason.clone(),
+            cost_usd: t.cost_usd,
+            turns: t.turns,
+            console_preview: t.preview.clone(),
+        }
+    }
+
+    pub fn usage(&self) -> Vec<ProviderUsage> {
+        self.providers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let slots: Vec<SlotUse> = self
+                    .slots
+                    .iter()
+                    .filter(|s| s.provider == i)
+                    .map(|s| SlotUse {
+                        slot: s.name.clone(),
+                        state: s.state(),
+                        issue: s
+                            .task
+                            .as_ref()
+                            .filter(|t| t.state.is_busy())
+                            .map(|t| t.issue),
+                    })
+                    .collect();
+                ProviderUsage {
+                    provider: p.name.clone(),
+                    enabled: p.enabled,
+                    used: slots.iter().filter(|s| s.state.is_busy()).count(),
+                    max: p.slots,
+                    slots,
+                }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn table(json: &str) -> SlotTable {
+        let config = Config::parse(json, None).unwrap();
+        let providers = config
+            .providers()
+            .iter()
+            .map(Provider::from_entry)
+            .collect();
+        SlotTable::new(
+            providers,
+            config.raw.default_llm.clone(),
+            ".autonomous-config.json".into(),
+        )
+    }
+
+    fn occupy(t: &mut SlotTable, index: usize, issue: u64) {
+        t.slots[index].task = Some(Task {
+            issue,
+            run_id: format!("r{issue}"),
+            run_dir: PathBuf::new(),
+            state: SlotState::InProgress,
+            reason: None,
+            pid: Some(1),
+            started_at: SystemTime::now(),
+            last_output_at: None,
+            ended_at: None,
+            session_id: None,
+            exit_code: None,
+            cost_usd: None,
+            turns: None,
+            preview: Vec::new(),
+            stop_reason: None,
+            group_released: false,
+            signal: Arc::new(watch::channel(RunSignal::default()).0),
+        });
+    }
+
+    fn req(
+        issue: u64,
+        llm: Option<&'static str>,
+        slot: Option<&'static str>,
+    ) -> SlotRequest<'static> {
+        SlotRequest { issue, llm, slot }
+    }
+
+    #[test]
+    fn lowest_free_slot_then_seed_message() {
+        let mut t = table(r#"{"llms":{"claude":{"maxConcurrentIssues":2}}}"#);
+        assert_eq!(
+            t.slots[t.choose(&req(1, None, None)).unwrap()].name,
+            "claude-1"
+        );
+        occupy(&mut t, 0, 1);
+        assert_eq!(
+            t.slots[t.choose(&req(2, None, None)).unwrap()].name,
+            "claude-2"
+        );
+        occupy(&mut t, 1, 2);
+        let e = t.choose(&req(3, None, None)).unwrap_err();
+        assert_eq!(e.message, "No available Claude instances (max: 2)");
+        assert_eq!(
+            e.hint.unwrap(),
+            "Try increasing maxConcurrentIssues in .autonomous-config.json"
+        );
+    }
+
+    #[test]
+    fn an_issue_never_holds_two_slots() {
+        let mut t = table(r#"{"llms":{"claude":{"maxConcurrentIssues":2}}}"#);
+        occupy(&mut t, 0, 7);
+        let e = t.choose(&req(7, None, Some("claude-2"))).unwrap_err();
+        assert!(
+            e.message.contains("already assigned to claude-1"),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn slot_override_errors_name_the_slot() {
+        let mut t =
+            table(r#"{"llms":{"claude":{"maxConcurrentIssues":2},"codex":{"enabled":false}}}"#);
+        occupy(&mut t, 1, 5);
+        assert!(
+            t.choose(&req(1, None, Some("claude-2")))
+                .unwrap_err()
+                .message
+                .contains("claude-2 is busy")
+        );
+        assert!(
+            t.choose(&req(1, None, Some("claude-9")))
+                .unwrap_err()
+                .message
+                .contains("unknown slot \"claude-9\"")
+        );
+        assert!(
+            t.choose(&req(1, None, Some("codex-1")))
+                .unwrap_err()
+                .message
+                .contains("disabled")
+        );
+        assert!(
+            t.choose(&req(1, Some("gemini"), None))
+                .unwrap_err()
+                .message
+                .contains("unknown LLM")
+        );
+    }
+
+    #[test]
+    fn without_llm_the_first_enabled_provider_with_room_wins() {
+        let mut t = table("{}");
+        occupy(&mut t, 0, 1);
+        assert_eq!(
+            t.slots[t.choose(&req(2, None, None)).unwrap()].name,
+            "gemini-1"
+        );
+        occupy(&mut t, 1, 2);
+        occupy(&mut t, 2, 3);
+        assert!(
+            t.choose(&req(4, None, None))
+                .unwrap_err()
+                .message
+                .starts_with("No available instances of any")
+        );
+    }
+}

@@ -1,0 +1,13 @@
+//! autodev: a local supervisor for AI coding CLIs. `autodevd` runs Claude Code, Gemini and Codex in named slots,
+//! one GitHub issue per slot; `autodevctl` drives it. See DESIGN.md in ../shared for the house plan.
+
+pub mod config;
+pub mod ctl;
+pub mod daemon;
+pub mod ledger;
+pub mod output;
+pub mod paths;
+pub mod protocol;
+pub mod provider;
+pub mod supervisor;
+pub mod timefmt;

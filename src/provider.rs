@@ -1,0 +1,866 @@
+//! Per-CLI knowledge as data: how to launch a new or resumed run, which environment it needs, and the parser that
+//! turns its output events into preview lines, a session id and an outcome. Adding a CLI touches this file only.
+//!
+//! Facts come from ../shared/reference/llm-clis.md (measured on the real CLIs).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::config::ProviderEntry;
+use crate::timefmt::short_duration;
+
+/// Prompts at most this long go to gemini as an argument; longer ones go on stdin (argv strings are capped at
+/// 128 KiB by the kernel).
+const GEMINI_ARG_PROMPT_MAX: usize = 64 << 10;
+
+/// How a provider's stdout is to be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventFormat {
+    Claude,
+    Gemini,
+    Codex,
+    /// Plain text: every line is a preview line, the exit code alone is the outcome.
+    Text,
+}
+
+impl EventFormat {
+    fn from_name(name: &str) -> EventFormat {
+        match name {
+            "claude" => EventFormat::Claude,
+            "gemini" => EventFormat::Gemini,
+            "codex" => EventFormat::Codex,
+            _ => EventFormat::Text,
+        }
+    }
+}
+
+/// The fixed facts of a built-in CLI.
+struct Builtin {
+    name: &'static str,
+    display: &'static str,
+    /// Arguments that select the structured, headless mode; never replaced by config.
+    mode_args: &'static [&'static str],
+    /// Permission flags so the agent can work unattended; `cliArgs` replaces them.
+    default_args: &'static [&'static str],
+    model_flag: &'static str,
+    /// The variable `llms.<p>.apiKey` is passed in.
+    api_key_var: &'static str,
+    /// Variables of the daemon's environment this CLI may see.
+    env_keys: &'static [&'static str],
+}
+
+const BUILTINS: [Builtin; 3] = [
+    Builtin {
+        name: "claude",
+        display: "Claude",
+        mode_args: &["-p", "--output-format", "stream-json", "--verbose"],
+        default_args: &["--permission-mode", "acceptEdits"],
+        model_flag: "--model",
+        api_key_var: "ANTHROPIC_API_KEY",
+        env_keys: &[
+            "ANTHROPIC_API_KEY",
+            "ANTHROPIC_AUTH_TOKEN",
+            "ANTHROPIC_BASE_URL",
+            "ANTHROPIC_MODEL",
+            "CLAUDE_CONFIG_DIR",
+            "CLAUDE_CODE_MAX_RETRIES",
+            "CLAUDE_CODE_USE_BEDROCK",
+            "CLAUDE_CODE_USE_VERTEX",
+            "IS_SANDBOX",
+        ],
+    },
+    Builtin {
+        name: "gemini",
+        display: "Gemini",
+        mode_args: &["-o", "stream-json"],
+        default_args: &["--approval-mode", "yolo", "--skip-trust"],
+        model_flag: "-m",
+        api_key_var: "GEMINI_API_KEY",
+        env_keys: &[
+            "GEMINI_API_KEY",
+            "GOOGLE_API_KEY",
+            "GOOGLE_GEMINI_BASE_URL",
+            "GEMINI_CLI_HOME",
+            "GOOGLE_CLOUD_PROJECT",
+            "GOOGLE_CLOUD_LOCATION",
+            "GOOGLE_APPLICATION_CREDENTIALS",
+            "GOOGLE_GENAI_USE_VERTEXAI",
+        ],
+    },
+    Builtin {
+        name: "codex",
+        display: "Codex",
+        mode_args: &["exec", "--json"],
+        default_args: &["-s", "workspace-write", "--skip-git-repo-check"],
+        model_flag: "-m",
+        api_key_var: "CODEX_API_KEY",
+        env_keys: &[
+            "CODEX_API_KEY",
+            "OPENAI_API_KEY",
+            "CODEX_HOME",
+            "OPENAI_BASE_URL",
+        ],
+    },
+];
+
+/// A provider ready to launch runs.
+#[derive(Debug, Clone)]
+pub struct Provider {
+    pub name: String,
+    pub display_name: String,
+    pub enabled: bool,
+    pub slots: usize,
+    /// `cliPath`: a name looked up on PATH, or a path.
+    pub program: String,
+    pub format: EventFormat,
+    kind: Kind,
+    model: Option<String>,
+    /// Variables taken from the daemon's environment when set there.
+    pub passthrough_env: Vec<&'static str>,
+    /// Variables set from config (`env`, `apiKey`).
+    pub config_env: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone)]
+enum Kind {
+    Builtin {
+        index: usize,
+        extra_args: Vec<String>,
+    },
+    Custom {
+        template: Vec<String>,
+    },
+}
+
+/// What to run for one run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Launch {
+    pub program: String,
+    pub args: Vec<String>,
+    /// True when the prompt file is the child's stdin; otherwise stdin is /dev/null.
+    pub prompt_on_stdin: bool,
+    /// The session id chosen before the run (claude), if any.
+    pub session_id: Option<String>,
+}
+
+/// The facts of the run a launch is for.
+pub struct LaunchContext<'a> {
+    pub prompt: &'a str,
+    pub prompt_file: &'a Path,
+    pub issue: u64,
+    pub slot: &'a str,
+}
+
+impl Provider {
+    pub fn from_entry(entry: &ProviderEntry) -> Provider {
+        let llm = &entry.llm;
+        let builtin = BUILTINS.iter().position(|b| b.name == entry.name);
+        let mut config_env = llm.env.clone();
+        let (kind, format, display_name, passthrough_env) = match builtin {
+            Some(index) => {
+                let b = &BUILTINS[index];
+                if let Some(key) = &llm.api_key {
+                    config_env.insert(b.api_key_var.to_string(), key.clone());
+                }
+                let extra_args = llm
+                    .cli_args
+                    .clone()
+                    .unwrap_or_else(|| b.default_args.iter().map(|s| s.to_string()).collect());
+                (
+                    Kind::Builtin { index, extra_args },
+                    EventFormat::from_name(b.name),
+                    b.display.to_string(),
+                    b.env_keys.to_vec(),
+                )
+            }
+            None => {
+                let format = EventFormat::from_name(llm.output_format.as_deref().unwrap_or("text"));
+                let mut display = entry.name.clone();
+                if let Some(first) = display.get_mut(0..1) {
+                    first.make_ascii_uppercase();
+                }
+                (
+                    Kind::Custom {
+                        template: llm.cli_args.clone().unwrap_or_default(),
+                    },
+                    format,
+                    display,
+                    Vec::new(),
+                )
+            }
+        };
+        Provider {
+            name: entry.name.clone(),
+            display_name,
+            enabled: entry.enabled,
+            slots: entry.slots,
+            program: llm.cli_path.clone().unwrap_or_else(|| entry.name.clone()),
+            format,
+            kind,
+            model: llm.model.clone(),
+            passthrough_env,
+            config_env,
+        }
+    }
+
+    /// The launch of a new conversation.
+    pub fn launch_new(&self, ctx: &LaunchContext) -> Launch {
+        match &self.kind {
+            Kind::Builtin { index, extra_args } => {
+                let b = &BUILTINS[*index];
+                let mut args: Vec<String> = b.mode_args.iter().map(|s| s.to_string()).collect();
+                let mut session_id = None;
+                if self.format == EventFormat::Claude {
+                    // Chosen up front so the conversation can be resumed even if the run dies before its first event.
+                    let id = uuid::Uuid::new_v4().to_string();
+                    args.extend(["--session-id".to_string(), id.clone()]);
+                    session_id = Some(id);
+                }
+                if let Some(model) = &self.model {
+                    args.extend([b.model_flag.to_string(), model.clone()]);
+                }
+                args.extend(extra_args.iter().cloned());
+                let prompt_on_stdin = self.push_prompt(&mut args, ctx.prompt);
+                Launch {
+                    program: self.program.clone(),
+                    args,
+                    prompt_on_stdin,
+                    session_id,
+                }
+            }
+            Kind::Custom { template } => self.launch_custom(template, ctx, None),
+        }
+    }
+
+    /// The launch that continues conversation `session_id` with `ctx.prompt` as the next user message.
+    pub fn launch_resume(&self, ctx: &LaunchContext, session_id: &str) -> Launch {
+        match &self.kind {
+            Kind::Builtin { index, extra_args } => {
+                let b = &BUILTINS[*index];
+                let mut args: Vec<String> = b.mode_args.iter().map(|s| s.to_string()).collect();
+                if let Some(model) = &self.model {
+                    args.extend([b.model_flag.to_string(), model.clone()]);
+                }
+                args.extend(extra_args.iter().cloned());
+                match self.format {
+                    // codex: `codex exec [opts] --json resume <thread_id> <prompt>`
+                    EventFormat::Codex => {
+                        args.extend(["resume".to_string(), session_id.to_string()])
+                    }
+                    _ => args.extend(["--resume".to_string(), session_id.to_string()]),
+                }
+                let prompt_on_stdin = self.push_prompt(&mut args, ctx.prompt);
+                Launch {
+                    program: self.program.clone(),
+                    args,
+                    prompt_on_stdin,
+                    session_id: Some(session_id.into()),
+                }
+            }
+            Kind::Custom { template } => self.launch_custom(template, ctx, Some(session_id)),
+        }
+    }
+
+    /// Adds the prompt the way this CLI takes it; returns whether the prompt goes on stdin.
+    fn push_prompt(&self, args: &mut Vec<String>, prompt: &str) -> bool {
+        match self.format {
+            // claude -p with no prompt argument reads the prompt from stdin: no argv limit, no flag injection.
+            EventFormat::Claude => true,
+            // codex reads the prompt from stdin when the prompt argument is "-".
+            EventFormat::Codex => {
+                args.push("-".into());
+                true
+            }
+            // gemini appends -p to stdin; `--prompt=` keeps a prompt that starts with '-' a value, not a flag.
+            EventFormat::Gemini if prompt.len() <= GEMINI_ARG_PROMPT_MAX => {
+                args.push(format!("--prompt={prompt}"));
+                false
+            }
+            EventFormat::Gemini => {
+                args.push("--prompt=Carry out the task given above.".into());
+                true
+            }
+            EventFormat::Text => true,
+        }
+    }
+
+    fn launch_custom(
+        &self,
+        template: &[String],
+        ctx: &LaunchContext,
+        session: Option<&str>,
+    ) -> Launch {
+        let mut prompt_in_args = false;
+        let args = template
+            .iter()
+            .map(|arg| {
+                prompt_in_args |= arg.contains("{prompt}") || arg.contains("{prompt_file}");
+                // One pass over the template: a placeholder inside the prompt text is never expanded again.
+                expand_placeholders(arg, |name| match name {
+                    "prompt" => Some(ctx.prompt.to_string()),
+                    "prompt_file" => Some(ctx.prompt_file.display().to_string()),
+                    "model" => Some(self.model.clone().unwrap_or_default()),
+                    "session_id" => Some(session.unwrap_or_default().to_string()),
+                    "issue" => Some(ctx.issue.to_string()),
+                    "slot" => Some(ctx.slot.to_string()),
+                    _ => None,
+                })
+            })
+            .collect();
+        Launch {
+            program: self.program.clone(),
+            args,
+            prompt_on_stdin: !prompt_in_args,
+            session_id: session.map(str::to_string),
+        }
+    }
+}
+
+/// Replaces `{name}` with `lookup(name)`; unknown names stay as they are.
+fn expand_placeholders(arg: &str, lookup: impl Fn(&str) -> Option<String>) -> String {
+    let mut out = String::with_capacity(arg.len());
+    let mut rest = arg;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 1..];
+        match after
+            .find('}')
+            .and_then(|close| lookup(&after[..close]).map(|v| (close, v)))
+        {
+            Some((close, value)) => {
+                out.push_str(&value);
+                rest = &after[close + 1..];
+            }
+            None => {
+                out.push('{');
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// How a run ended, as its final event says.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub success: bool,
+    /// One line for people: `success (12 turns, $0.42, 3m10s)` or the error.
+    pub summary: String,
+    pub cost_usd: Option<f64>,
+    pub turns: Option<u64>,
+}
+
+/// What one output line says.
+#[derive(Debug, Default, PartialEq)]
+pub struct Parsed {
+    pub session_id: Option<String>,
+    /// Readable lines for the preview.
+    pub lines: Vec<String>,
+    /// True when `lines` continue the previous preview line (streamed text deltas).
+    pub continues: bool,
+    pub outcome: Option<Outcome>,
+}
+
+/// Reads one complete output line. Lines that are not JSON events are shown as they are.
+pub fn parse_line(format: EventFormat, line: &str) -> Parsed {
+    let mut parsed = Parsed::default();
+    if format == EventFormat::Text || !line.trim_start().starts_with('{') {
+        parsed.lines.push(line.to_string());
+        return parsed;
+    }
+    let Ok(event) = serde_json::from_str::<Value>(line) else {
+        parsed.lines.push(line.to_string());
+        return parsed;
+    };
+    match format {
+        EventFormat::Claude => claude_event(&event, &mut parsed),
+        EventFormat::Gemini => gemini_event(&event, &mut parsed),
+        EventFormat::Codex => codex_event(&event, &mut parsed),
+        EventFormat::Text => unreachable!("handled above"),
+    }
+    parsed
+}
+
+fn str_at<'a>(v: &'a Value, pointer: &str) -> Option<&'a str> {
+    v.pointer(pointer).and_then(Value::as_str)
+}
+
+/// `tool Bash: npm test`, `tool Edit: src/main.rs`: the tool's most telling argument.
+fn tool_line(name: &str, input: &Value) -> String {
+    let detail = [
+        "command",
+        "file_path",
+        "path",
+        "absolute_path",
+        "pattern",
+        "url",
+        "query",
+        "description",
+    ]
+    .iter()
+    .find_map(|k| input.get(*k).and_then(Value::as_str));
+    match detail {
+        Some(d) => format!("tool {name}: {d}"),
+        None => format!("tool {name}"),
+    }
+}
+
+fn push_text(parsed: &mut Parsed, text: &str) {
+    parsed.lines.extend(
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_string),
+    );
+}
+
+fn claude_event(e: &Value, parsed: &mut Parsed) {
+    match str_at(e, "/type") {
+        Some("system") => match str_at(e, "/subtype") {
+            Some("init") => {
+                parsed.session_id = str_at(e, "/session_id").map(str::to_string);
+                let model = str_at(e, "/model").unwrap_or("?");
+                parsed
+                    .lines
+                    .push(format!("session started (model {model})"));
+            }
+            Some("permission_denied") => {
+                let tool = str_at(e, "/tool_name").unwrap_or("a tool");
+                parsed.lines.push(format!("permission denied: {tool}"));
+            }
+            _ => {}
+        },
+        Some("assistant") => {
+            for block in e
+                .pointer("/message/content")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                match str_at(block, "/type") {
+                    Some("text") => push_text(parsed, str_at(block, "/text").unwrap_or_default()),
+                    Some("tool_use") => parsed.lines.push(tool_line(
+                        str_at(block, "/name").unwrap_or("?"),
+                        block.get("input").unwrap_or(&Value::Null),
+                    )),
+                    _ => {}
+                }
+            }
+        }
+        Some("user") => {
+            let blocks = e.pointer("/message/content").and_then(Value::as_array);
+            for block in blocks.into_iter().flatten() {
+                if block.get("is_error").and_then(Value::as_bool) == Some(true) {
+                    let text = str_at(block, "/content").unwrap_or("(no detail)");
+                    parsed
+                        .lines
+                        .push(format!("tool error: {}", first_line(text)));
+                }
+            }
+        }
+        Some("result") => {
+            let is_error = e.get("is_error").and_then(Value::as_bool).unwrap_or(true);
+            let turns = e.get("num_turns").and_then(Value::as_u64);
+            let cost = e.get("total_cost_usd").and_then(Value::as_f64);
+            let duration = e.get("duration_ms").and_then(Value::as_u64);
+            let mut facts = Vec::new();
+            if let Some(t) = turns {
+                facts.push(format!("{t} turn{}", if t == 1 { "" } else { "s" }));
+            }
+            if let Some(c) = cost {
+                facts.push(format!("${c:.2}"));
+            }
+            if let Some(ms) = duration {
+                facts.push(short_duration(ms / 1000));
+            }
+            let facts = if facts.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", facts.join(", "))
+            };
+            let summary = if is_error {
+                // API errors come as subtype "success" with is_error: say what the CLI said.
+                let why = str_at(e, "/result")
+                    .map(first_line)
+                    .or_else(|| {
+                        e.get("api_error_status")
+                            .filter(|v| !v.is_null())
+                            .map(|v| format!("API error {v}"))
+                    })
+                    .unwrap_or_else(|| str_at(e, "/subtype").unwrap_or("error").to_string());
+                format!("error: {why}{facts}")
+            } else {
+                format!("success{facts}")
+            };
+            if parsed.session_id.is_none() {
+                parsed.session_id = str_at(e, "/session_id").map(str::to_string);
+            }
+            parsed.lines.push(format!("result: {summary}"));
+            parsed.outcome = Some(Outcome {
+                success: !is_error,
+                summary,
+                cost_usd: cost,
+                turns,
+            });
+        }
+        _ => {}
+    }
+}
+
+fn gemini_event(e: &Value, parsed: &mut Parsed) {
+    match str_at(e, "/type") {
+        Some("init") => {
+            parsed.session_id = str_at(e, "/session_id").map(str::to_string);
+            parsed.lines.push(format!(
+                "session started (model {})",
+                str_at(e, "/model").unwrap_or("?")
+            ));
+        }
+        Some("message") if str_at(e, "/role") == Some("assistant") => {
+            let text = str_at(e, "/content").unwrap_or_default();
+            parsed.continues = e.get("delta").and_then(Value::as_bool) == Some(true);
+            if parsed.continues {
+                // A streamed chunk: keep its line breaks so the preview can join chunks into lines.
+                parsed.lines.extend(text.split('\n').map(str::to_string));
+            } else {
+                push_text(parsed, text);
+            }
+        }
+        Some("tool_use") => parsed.lines.push(tool_line(
+            str_at(e, "/tool_name").unwrap_or("?"),
+            e.get("parameters").unwrap_or(&Value::Null),
+        )),
+        Some("tool_result") if str_at(e, "/status") == Some("error") => {
+            let why = e
+                .get("error")
+                .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string));
+            parsed.lines.push(format!(
+                "tool error: {}",
+                first_line(&why.unwrap_or_default())
+            ));
+        }
+        Some("error") => {
+            parsed.lines.push(format!(
+                "error: {}",
+                first_line(str_at(e, "/message").unwrap_or("?"))
+            ));
+        }
+        Some("result") => {
+            let success = str_at(e, "/status") == Some("success");
+            let mut facts = Vec::new();
+            if let Some(n) = e.pointer("/stats/tool_calls").and_then(Value::as_u64) {
+                facts.push(format!("{n} tool call{}", if n == 1 { "" } else { "s" }));
+            }
+            if let Some(ms) = e.pointer("/stats/duration_ms").and_then(Value::as_u64) {
+                facts.push(short_duration(ms / 1000));
+            }
+            let facts = if facts.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", facts.join(", "))
+            };
+            let summary = if success {
+                format!("success{facts}")
+            } else {
+                let why = e
+                    .get("error")
+                    .map(|v| {
+                        v.get("message")
+                            .and_then(Value::as_str)
+                            .map_or_else(|| v.to_string(), str::to_string)
+                    })
+                    .unwrap_or_else(|| "error".into());
+                format!("error: {}{facts}", first_line(&why))
+            };
+            parsed.lines.push(format!("result: {summary}"));
+            parsed.outcome = Some(Outcome {
+                success,
+                summary,
+                cost_usd: None,
+                turns: None,
+            });
+        }
+        _ => {}
+    }
+}
+
+fn codex_event(e: &Value, parsed: &mut Parsed) {
+    match str_at(e, "/type") {
+        Some("thread.started") => {
+            parsed.session_id = str_at(e, "/thread_id").map(str::to_string);
+            parsed.lines.push("session started".into());
+        }
+        Some("item.started") if str_at(e, "/item/type") == Some("command_execution") => {
+            parsed.lines.push(format!(
+                "tool shell: {}",
+                str_at(e, "/item/command").unwrap_or("?")
+            ));
+        }
+        Some("item.completed") => {
+            let item = e.get("item").unwrap_or(&Value::Null);
+            match str_at(item, "/type") {
+                Some("agent_message") => {
+                    push_text(parsed, str_at(item, "/text").unwrap_or_default())
+                }
+                Some("command_execution") => {
+                    if let Some(code) = item
+                        .get("exit_code")
+                        .and_then(Value::as_i64)
+                        .filter(|c| *c != 0)
+                    {
+                        parsed.lines.push(format!("command exited {code}"));
+                    }
+                }
+                Some("file_change") => {
+                    for change in item
+                        .get("changes")
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                    {
+                        let path = str_at(change, "/path").unwrap_or("?");
+                        let kind = str_at(change, "/kind").unwrap_or("update");
+                        parsed.lines.push(format!("file {kind}: {path}"));
+                    }
+                }
+                Some("todo_list") => {
+                    let items = item.get("items").and_then(Value::as_array);
+                    let total = items.map_or(0, Vec::len);
+                    let done = items
+                        .into_iter()
+                        .flatten()
+                        .filter(|i| i.get("completed").and_then(Value::as_bool) == Some(true))
+                        .count();
+                    parsed.lines.push(format!("plan: {done}/{total} done"));
+                }
+                Some("error") => {
+                    parsed.lines.push(format!(
+                        "warning: {}",
+                        first_line(str_at(item, "/message").unwrap_or("?"))
+                    ));
+                }
+                _ => {}
+            }
+        }
+        Some("turn.completed") => {
+            let summary = match e.pointer("/usage/output_tokens").and_then(Value::as_u64) {
+                Some(t) => format!("success ({t} output tokens)"),
+                None => "success".to_string(),
+            };
+            parsed.lines.push(format!("result: {summary}"));
+            parsed.outcome = Some(Outcome {
+                success: true,
+                summary,
+                cost_usd: None,
+                turns: None,
+            });
+        }
+        Some("turn.failed") => {
+            let summary = format!(
+                "error: {}",
+                first_line(str_at(e, "/error/message").unwrap_or("turn failed"))
+            );
+            parsed.lines.push(format!("result: {summary}"));
+            parsed.outcome = Some(Outcome {
+                success: false,
+                summary,
+                cost_usd: None,
+                turns: None,
+            });
+        }
+        Some("error") => parsed.lines.push(format!(
+            "error: {}",
+            first_line(str_at(e, "/message").unwrap_or("?"))
+        )),
+        _ => {}
+    }
+}
+
+fn first_line(text: &str) -> String {
+    text.lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn samples(name: &str) -> String {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/cli-samples")
+            .join(name);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    fn parse_all(
+        format: EventFormat,
+        text: &str,
+    ) -> (Option<String>, Vec<String>, Option<Outcome>) {
+        let (mut session, mut lines, mut outcome) = (None, Vec::new(), None);
+        for line in text.lines() {
+            let p = parse_line(format, line);
+            session = session.or(p.session_id);
+            lines.extend(p.lines);
+            outcome = p.outcome.or(outcome);
+        }
+        (session, lines, outcome)
+    }
+
+    #[test]
+    fn claude_sample_gives_session_tool_and_result() {
+        let (session, lines, outcome) =
+            parse_all(EventFormat::Claude, &samples("claude-tool-use.jsonl"));
+        assert_eq!(
+            session.as_deref(),
+            Some("23ef5e45-92e0-475e-8ba7-6859b8f4ab3a")
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l == "tool Bash: echo tool-ran > marker.txt; echo done"),
+            "{lines:?}"
+        );
+        assert!(
+            lines.iter().any(|l| l == "permission denied: Bash"),
+            "{lines:?}"
+        );
+        let outcome = outcome.unwrap();
+        assert!(outcome.success);
+        assert_eq!(outcome.turns, Some(2));
+        assert!(
+            lines
+                .last()
+                .unwrap()
+                .starts_with("result: success (2 turns, $0.00"),
+            "{lines:?}"
+        );
+    }
+
+    #[test]
+    fn claude_api_error_is_failure_despite_success_subtype() {
+        let line = r#"{"type":"result","subtype":"success","is_error":true,"result":"API Error: 401","num_turns":1}"#;
+        let outcome = parse_line(EventFormat::Claude, line).outcome.unwrap();
+        assert!(!outcome.success);
+        assert!(
+            outcome.summary.contains("API Error: 401"),
+            "{}",
+            outcome.summary
+        );
+    }
+
+    #[test]
+    fn gemini_and_codex_samples() {
+        let (session, lines, outcome) =
+            parse_all(EventFormat::Gemini, &samples("gemini-text.jsonl"));
+        assert_eq!(
+            session.as_deref(),
+            Some("fd1df96c-fb67-4289-b0e7-3bf751c22d9d")
+        );
+        assert!(lines.iter().any(|l| l.contains("FAKE-GEMINI-REPLY")));
+        assert!(outcome.unwrap().success);
+
+        let (session, lines, outcome) =
+            parse_all(EventFormat::Codex, &samples("codex-tool-use.jsonl"));
+        assert_eq!(
+            session.as_deref(),
+            Some("01a1fd08-2f3e-79e1-85e2-f9217f9060b0")
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("tool shell: /bin/bash -lc")),
+            "{lines:?}"
+        );
+        assert!(outcome.unwrap().success);
+        let failed = parse_line(
+            EventFormat::Codex,
+            r#"{"type":"turn.failed","error":{"message":"quota"}}"#,
+        );
+        assert_eq!(failed.outcome.unwrap().summary, "error: quota");
+    }
+
+    #[test]
+    fn non_json_lines_are_shown_as_they_are() {
+        let p = parse_line(EventFormat::Claude, "{not json at all");
+        assert_eq!(p.lines, vec!["{not json at all".to_string()]);
+        assert_eq!(
+            parse_line(EventFormat::Codex, "warning: x").lines,
+            vec!["warning: x".to_string()]
+        );
+    }
+
+    fn provider(json: &str, name: &str) -> Provider {
+        let config = Config::parse(json, None).unwrap();
+        Provider::from_entry(config.providers().iter().find(|p| p.name == name).unwrap())
+    }
+
+    #[test]
+    fn launches_follow_the_reference_flags() {
+        let ctx = LaunchContext {
+            prompt: "--help me",
+            prompt_file: Path::new("/r/prompt"),
+            issue: 5,
+            slot: "x-1",
+        };
+        let claude = provider(r#"{"llms":{"claude":{"model":"opus"}}}"#, "claude").launch_new(&ctx);
+        let sid = claude.session_id.clone().unwrap();
+        assert_eq!(
+            claude.args,
+            [
+                "-p",
+                "--output-format",
+                "stream-json",
+                "--verbose",
+                "--session-id",
+                &sid,
+                "--model",
+                "opus"
+            ]
+            .iter()
+            .chain(&["--permission-mode", "acceptEdits"])
+            .map(|s| s.to_string())
+            .collect::<Vec<_>>()
+        );
+        assert!(claude.prompt_on_stdin);
+
+        let codex = provider(
+            r#"{"llms":{"codex":{"cliArgs":["-s","read-only"]}}}"#,
+            "codex",
+        )
+        .launch_new(&ctx);
+        assert_eq!(codex.args, ["exec", "--json", "-s", "read-only", "-"]);
+        let resumed = provider("{}", "codex").launch_resume(&ctx, "T1");
+        assert_eq!(
+            &resumed.args[resumed.args.len() - 3..],
+            ["resume", "T1", "-"]
+        );
+
+        let gemini = provider("{}", "gemini").launch_new(&ctx);
+        assert_eq!(gemini.args.last().unwrap(), "--prompt=--help me");
+        assert!(!gemini.prompt_on_stdin);
+    }
+
+    #[test]
+    fn custom_template_expands_once() {
+        let p = provider(
+            r#"{"llms":{"aider":{"cliPath":"aider","cliArgs":["--msg","{prompt}","{nope}"]}}}"#,
+            "aider",
+        );
+        let ctx = LaunchContext {
+            prompt: "fix {slot}",
+            prompt_file: Path::new("/p"),
+            issue: 1,
+            slot: "aider-1",
+        };
+        let launch = p.launch_new(&ctx);
+        assert_eq!(launch.args, ["--msg", "fix {slot}", "{nope}"]);
+        assert!(!launch.prompt_on_stdin);
+        assert_eq!(p.display_name, "Aider");
+    }
+}

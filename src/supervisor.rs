@@ -1,0 +1,340 @@
+//! Child processes: spawn in a fresh process group with a clean environment and output to files, watch for exit
+//! through a pidfd, stop a whole group (TERM, grace, KILL), and reap orphans as a child subreaper.
+//!
+//! A process group id is only ours while its leader has not been reaped: until then the kernel cannot hand the
+//! number to anyone else. So an exited leader is kept as a zombie ([`Child::wait_exit`] does not reap) until the
+//! rest of its group is gone, and only then reaped ([`Child::reap`]). The daemon never signals a group after that.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, killpg};
+use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid};
+use nix::unistd::Pid;
+use tokio::io::unix::AsyncFd;
+
+/// Variables of the daemon's environment every child may see (besides `LC_*`). Everything else is dropped.
+const BASE_ENV: &[&str] = &[
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "SHELL",
+    "LANG",
+    "LANGUAGE",
+    "TERM",
+    "TZ",
+    "TMPDIR",
+    "XDG_CONFIG_HOME",
+    "XDG_DATA_HOME",
+    "XDG_CACHE_HOME",
+    "XDG_STATE_HOME",
+    "XDG_RUNTIME_DIR",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "NODE_EXTRA_CA_CERTS",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "ALL_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "all_proxy",
+];
+/// Never passed on, whatever the config says: claude refuses to run nested under CLAUDECODE, and NOTIFY_SOCKET
+/// would let a child speak to systemd for the daemon.
+const NEVER_ENV: &[&str] = &["CLAUDECODE", "NOTIFY_SOCKET"];
+const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+/// How often a stop checks whether the group is gone.
+const GROUP_POLL: Duration = Duration::from_millis(20);
+
+/// Pids of children whose exit a run watches; the orphan reaper leaves them alone.
+static TRACKED: Mutex<Option<HashSet<i32>>> = Mutex::new(None);
+
+fn tracked() -> std::sync::MutexGuard<'static, Option<HashSet<i32>>> {
+    TRACKED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Builds a child's environment: the allowlist from the daemon's environment, the provider's own variables,
+/// then `extra` (config `env`, then the AUTODEV_* variables, which win).
+pub fn child_env(
+    passthrough: &[&str],
+    config_env: &BTreeMap<String, String>,
+    autodev_vars: &[(&str, String)],
+) -> Vec<(String, String)> {
+    let mut env: BTreeMap<String, String> = std::env::vars()
+        .filter(|(k, _)| {
+            BASE_ENV.contains(&k.as_str())
+                || k.starts_with("LC_")
+                || passthrough.contains(&k.as_str())
+        })
+        .collect();
+    env.entry("PATH".into())
+        .or_insert_with(|| DEFAULT_PATH.into());
+    env.extend(config_env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env.extend(autodev_vars.iter().map(|(k, v)| (k.to_string(), v.clone())));
+    env.retain(|k, _| !NEVER_ENV.contains(&k.as_str()));
+    env.into_iter().collect()
+}
+
+/// Everything needed to start one run.
+pub struct SpawnSpec<'a> {
+    pub program: &'a str,
+    pub args: &'a [String],
+    pub cwd: &'a Path,
+    pub env: &'a [(String, String)],
+    /// The child's stdin; `None` is /dev/null.
+    pub stdin: Option<&'a Path>,
+    pub stdout: &'a Path,
+    pub stderr: &'a Path,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("command not found")]
+    NotFound,
+    #[error("permission denied (is it executable?)")]
+    NotExecutable,
+    #[error("working directory {0} does not exist")]
+    NoWorkingDir(PathBuf),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitInfo {
+    Code(i32),
+    Signal(i32),
+}
+
+impl std::fmt::Display for ExitInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitInfo::Code(c) => write!(f, "exit code {c}"),
+            ExitInfo::Signal(s) => match Signal::try_from(*s) {
+                Ok(sig) => write!(f, "killed by {sig}"),
+                Err(_) => write!(f, "killed by signal {s}"),
+            },
+        }
+    }
+}
+
+/// A running child we spawned, leader of its own process group.
+pub struct Child {
+    pub pid: i32,
+    pidfd: AsyncFd<OwnedFd>,
+}
+
+/// Starts a child in its own process group. It is registered with the orphan reaper before this returns, so its
+/// exit status is never taken by anyone but [`Child::reap`].
+pub fn spawn(spec: &SpawnSpec) -> Result<Child, SpawnError> {
+    if !spec.cwd.is_dir() {
+        return Err(SpawnError::NoWorkingDir(spec.cwd.to_path_buf()));
+    }
+    let stdin = match spec.stdin {
+        Some(path) => Stdio::from(File::open(path)?),
+        None => Stdio::null(),
+    };
+    let stdout = append_file(spec.stdout)?;
+    let stderr = append_file(spec.stderr)?;
+    let mut command = Command::new(spec.program);
+    command
+        .args(spec.args)
+        .current_dir(spec.cwd)
+        .env_clear()
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .stdin(stdin)
+        .stdout(stdout)
+        .stderr(stderr)
+        .process_group(0);
+    // Hold the reaper off between fork and registration.
+    let mut tracked = tracked();
+    let child = command.spawn().map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => SpawnError::NotFound,
+        io::ErrorKind::PermissionDenied => SpawnError::NotExecutable,
+        _ => SpawnError::Io(e),
+    })?;
+    let pid = child.id() as i32;
+    tracked.get_or_insert_with(HashSet::new).insert(pid);
+    drop(tracked);
+    // std's Child neither waits nor kills on drop; from here the pidfd is how we know about the process.
+    drop(child);
+    let pidfd = pidfd_open(pid)
+        .and_then(register_readable)
+        .inspect_err(|_| {
+            // Without a pidfd we cannot watch it: take it down rather than leave an unwatched run.
+            let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+            let _ = waitpid(Pid::from_raw(pid), None);
+            untrack(pid);
+        })?;
+    Ok(Child { pid, pidfd })
+}
+
+fn append_file(path: &Path) -> io::Result<File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+}
+
+fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no memory is passed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this fd to us and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+fn register_readable(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: the OwnedFd is moved into the AsyncFd, which keeps it open and unchanged until it is dropped.
+    unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+        .map_err(io::Error::from)
+}
+
+fn untrack(pid: i32) {
+    if let Some(set) = tracked().as_mut() {
+        set.remove(&pid);
+    }
+}
+
+impl Child {
+    /// Waits until the child has exited and returns how, leaving it a zombie so its group id stays reserved.
+    pub async fn wait_exit(&self) -> io::Result<ExitInfo> {
+        loop {
+            let mut guard = self.pidfd.readable().await?;
+            let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+            match waitid(Id::PIDFd(self.pidfd.get_ref().as_fd()), flags) {
+                Ok(WaitStatus::Exited(_, code)) => return Ok(ExitInfo::Code(code)),
+                Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(ExitInfo::Signal(sig as i32)),
+                Ok(_) => guard.clear_ready(),
+                Err(e) => return Err(io::Error::from(e)),
+            }
+        }
+    }
+
+    /// Reaps the exited child. Call once its group is empty; the group id may be reused afterwards.
+    pub fn reap(self) {
+        let _ = waitpid(Pid::from_raw(self.pid), Some(WaitPidFlag::WNOHANG));
+        untrack(self.pid);
+    }
+}
+
+/// Sends `signal` to process group `pgid`. The caller guarantees the group is ours (its leader is unreaped).
+pub fn signal_group(pgid: i32, signal: Signal) {
+    let _ = killpg(Pid::from_raw(pgid), signal);
+}
+
+/// Live (non-zombie) members of group `pgid` other than `except`.
+pub fn live_group_members(pgid: i32, except: i32) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| *pid != except)
+        .filter(|pid| {
+            proc_stat(*pid).is_some_and(|s| s.pgrp == pgid && s.state != 'Z' && s.state != 'X')
+        })
+        .collect()
+}
+
+/// The few fields of /proc/<pid>/stat autodev needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcStat {
+    pub state: char,
+    pub ppid: i32,
+    pub pgrp: i32,
+    /// Field 22: clock ticks after boot; with the boot id it tells a process from a later one with the same pid.
+    pub start_time: u64,
+}
+
+pub fn proc_stat(pid: i32) -> Option<ProcStat> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields start after the last ')'.
+    let rest = &text[text.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    Some(ProcStat {
+        state: fields.first()?.chars().next()?,
+        ppid: fields.get(1)?.parse().ok()?,
+        pgrp: fields.get(2)?.parse().ok()?,
+        start_time: fields.get(19)?.parse().ok()?,
+    })
+}
+
+/// Ends every live member of the exited leader's group: TERM, then KILL after `grace`. Returns once none is left
+/// (or after KILL plus a short wait, for members stuck in the kernel).
+pub async fn clear_group(pgid: i32, grace: Duration) {
+    let mut deadline: Option<Instant> = None;
+    let mut killed_at: Option<Instant> = None;
+    loop {
+        if live_group_members(pgid, pgid).is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        match (deadline, killed_at) {
+            (None, _) => {
+                signal_group(pgid, Signal::SIGTERM);
+                deadline = Some(now + grace);
+            }
+            (Some(d), None) if now >= d => {
+                signal_group(pgid, Signal::SIGKILL);
+                killed_at = Some(now);
+            }
+            (_, Some(k)) if now >= k + Duration::from_secs(5) => {
+                tracing::warn!(
+                    pgid,
+                    "processes of the group survive SIGKILL (stuck in the kernel?)"
+                );
+                return;
+            }
+            _ => {}
+        }
+        tokio::time::sleep(GROUP_POLL).await;
+    }
+}
+
+/// Makes the daemon the reaper of its descendants' orphans, so grandchildren left by a run end as our children
+/// (and are reaped) instead of piling up under an init that may not reap.
+pub fn become_subreaper() {
+    // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes an integer flag; no memory is passed.
+    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    if rc != 0 {
+        tracing::warn!(
+            "cannot become child subreaper: {}",
+            io::Error::last_os_error()
+        );
+    }
+}
+
+/// Reaps exited children that no run watches (orphans adopted as subreaper). Called on SIGCHLD.
+pub fn reap_orphans() {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return;
+    };
+    let children: Vec<i32> = tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("children")).ok())
+        .flat_map(|s| {
+            s.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .collect();
+    let tracked = tracked();
+    for pid in children {
+        if tracked.as_ref().is_some_and(|t| t.contains(&pid)) {
+            continue;
+        }
+        let _ = waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG));
+    }
+}
