@@ -85,11 +85,7 @@ pub struct SupervisorConfig {
 
 impl Default for SupervisorConfig {
     fn default() -> Self {
-        SupervisorConfig {
-            stop_grace_secs: 10.0,
-            preview_lines: 10,
-            preview_line_chars: 240,
-        }
+        SupervisorConfig { stop_grace_secs: 10.0, preview_lines: 10, preview_line_chars: 240 }
     }
 }
 
@@ -111,80 +107,55 @@ pub struct LoggingConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("config {path}: at {json_path}: {message}")]
-    Invalid {
-        path: String,
-        json_path: String,
-        message: String,
-    },
+    Invalid { path: String, json_path: String, message: String },
 }
 
 impl Config {
     /// Built-in defaults: every built-in provider enabled with one slot.
     pub fn builtin() -> Config {
-        Config {
-            path: None,
-            raw: RawConfig::default(),
-            unknown_keys: Vec::new(),
-        }
+        Config { path: None, raw: RawConfig::default(), unknown_keys: Vec::new() }
     }
 
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
         Config::parse(&text, Some(path.to_path_buf()))
     }
 
     /// Parses config text; `path` only names the source in messages.
     pub fn parse(text: &str, path: Option<PathBuf>) -> Result<Config, ConfigError> {
-        let shown = path
-            .as_ref()
-            .map_or_else(|| "(inline)".to_string(), |p| p.display().to_string());
+        let shown = path.as_ref().map_or_else(|| "(inline)".to_string(), |p| p.display().to_string());
         let mut unknown_keys = Vec::new();
         let mut de = serde_json::Deserializer::from_str(text);
         // serde_ignored writes `?` for an Option level, which is not part of the JSON path a user writes.
-        let mut note_unknown =
-            |p: serde_ignored::Path| unknown_keys.push(p.to_string().replace(".?", ""));
+        let mut note_unknown = |p: serde_ignored::Path| unknown_keys.push(p.to_string().replace(".?", ""));
         let ignoring = serde_ignored::Deserializer::new(&mut de, &mut note_unknown);
-        let raw: RawConfig =
-            serde_path_to_error::deserialize(ignoring).map_err(|e| ConfigError::Invalid {
-                path: shown.clone(),
-                json_path: display_path(&e.path().to_string()),
-                message: e.inner().to_string(),
-            })?;
+        let raw: RawConfig = serde_path_to_error::deserialize(ignoring).map_err(|e| ConfigError::Invalid {
+            path: shown.clone(),
+            json_path: display_path(&e.path().to_string()),
+            message: e.inner().to_string(),
+        })?;
         de.end().map_err(|e| ConfigError::Invalid {
             path: shown.clone(),
             json_path: "(end)".into(),
             message: e.to_string(),
         })?;
-        let config = Config {
-            path,
-            raw,
-            unknown_keys,
-        };
+        let config = Config { path, raw, unknown_keys };
         config.validate(&shown)?;
         Ok(config)
     }
 
     fn validate(&self, shown: &str) -> Result<(), ConfigError> {
-        let invalid = |json_path: String, message: String| ConfigError::Invalid {
-            path: shown.to_string(),
-            json_path,
-            message,
-        };
+        let invalid =
+            |json_path: String, message: String| ConfigError::Invalid { path: shown.to_string(), json_path, message };
         for (name, llm) in self.raw.llms.iter().flatten() {
             if !is_valid_provider_name(name) {
                 return Err(invalid(
                     format!("llms.{name}"),
-                    "a provider name is lowercase letters, digits and '_' and starts with a letter"
-                        .into(),
+                    "a provider name is lowercase letters, digits and '_' and starts with a letter".into(),
                 ));
             }
             if let Some(n) = llm.max_concurrent_issues
@@ -216,34 +187,19 @@ impl Config {
             }
         }
         if let Some(default) = &self.raw.default_llm
-            && !self
-                .providers()
-                .iter()
-                .any(|p| &p.name == default && p.enabled)
+            && !self.providers().iter().any(|p| &p.name == default && p.enabled)
         {
-            return Err(invalid(
-                "defaultLlm".into(),
-                format!("{default:?} is not an enabled provider"),
-            ));
+            return Err(invalid("defaultLlm".into(), format!("{default:?} is not an enabled provider")));
         }
         let sup = &self.raw.supervisor;
         if !(0.0..=3600.0).contains(&sup.stop_grace_secs) {
-            return Err(invalid(
-                "supervisor.stopGraceSecs".into(),
-                "must be between 0 and 3600".into(),
-            ));
+            return Err(invalid("supervisor.stopGraceSecs".into(), "must be between 0 and 3600".into()));
         }
         if !(1..=1000).contains(&sup.preview_lines) {
-            return Err(invalid(
-                "supervisor.previewLines".into(),
-                "must be between 1 and 1000".into(),
-            ));
+            return Err(invalid("supervisor.previewLines".into(), "must be between 1 and 1000".into()));
         }
         if !(16..=10_000).contains(&sup.preview_line_chars) {
-            return Err(invalid(
-                "supervisor.previewLineChars".into(),
-                "must be between 16 and 10000".into(),
-            ));
+            return Err(invalid("supervisor.previewLineChars".into(), "must be between 16 and 10000".into()));
         }
         Ok(())
     }
@@ -254,21 +210,12 @@ impl Config {
         match &self.raw.llms {
             None => {
                 for name in BUILTIN_PROVIDERS {
-                    out.push(ProviderEntry {
-                        name: name.into(),
-                        enabled: true,
-                        slots: 1,
-                        llm: LlmConfig::default(),
-                    });
+                    out.push(ProviderEntry { name: name.into(), enabled: true, slots: 1, llm: LlmConfig::default() });
                 }
             }
             Some(llms) => {
-                let builtins = BUILTIN_PROVIDERS
-                    .iter()
-                    .filter_map(|b| llms.get_key_value(*b));
-                let customs = llms
-                    .iter()
-                    .filter(|(k, _)| !BUILTIN_PROVIDERS.contains(&k.as_str()));
+                let builtins = BUILTIN_PROVIDERS.iter().filter_map(|b| llms.get_key_value(*b));
+                let customs = llms.iter().filter(|(k, _)| !BUILTIN_PROVIDERS.contains(&k.as_str()));
                 for (name, llm) in builtins.chain(customs) {
                     out.push(ProviderEntry {
                         name: name.clone(),
@@ -287,11 +234,7 @@ impl Config {
     pub fn workspace_dir(&self, fallback: &Path) -> PathBuf {
         let config_dir = self.path.as_ref().and_then(|p| p.parent()).map(|d| {
             // `.autonomous/.autonomous-config.json` belongs to the directory above.
-            if d.file_name().is_some_and(|n| n == ".autonomous") {
-                d.parent().unwrap_or(d)
-            } else {
-                d
-            }
+            if d.file_name().is_some_and(|n| n == ".autonomous") { d.parent().unwrap_or(d) } else { d }
         });
         if let Some(dir) = &self.raw.workspace.dir {
             return match config_dir {
@@ -323,27 +266,17 @@ fn is_valid_provider_name(name: &str) -> bool {
 
 /// serde_path_to_error prints the root as "."; users read "(top level)" better.
 fn display_path(path: &str) -> String {
-    if path == "." || path.is_empty() {
-        "(top level)".into()
-    } else {
-        path.to_string()
-    }
+    if path == "." || path.is_empty() { "(top level)".into() } else { path.to_string() }
 }
 
 /// The nearest directory at or above `dir` that holds `.git`.
 pub fn git_root(dir: &Path) -> Option<PathBuf> {
-    dir.ancestors()
-        .find(|d| d.join(".git").exists())
-        .map(Path::to_path_buf)
+    dir.ancestors().find(|d| d.join(".git").exists()).map(Path::to_path_buf)
 }
 
 /// Finds the config file: `explicit` (from `--config` or `$AUTODEV_CONFIG`), then `.autonomous/` and the plain
 /// file in `cwd` and in its git root, then the user's config dir. `Ok(None)` means built-in defaults.
-pub fn discover(
-    explicit: Option<&Path>,
-    cwd: &Path,
-    user_config_dir: Option<&Path>,
-) -> Option<PathBuf> {
+pub fn discover(explicit: Option<&Path>, cwd: &Path, user_config_dir: Option<&Path>) -> Option<PathBuf> {
     if let Some(p) = explicit {
         return Some(p.to_path_buf());
     }
@@ -354,18 +287,14 @@ pub fn discover(
         dirs.push(root);
     }
     for dir in &dirs {
-        for candidate in [
-            dir.join(".autonomous").join(".autonomous-config.json"),
-            dir.join(".autonomous-config.json"),
-        ] {
+        for candidate in [dir.join(".autonomous").join(".autonomous-config.json"), dir.join(".autonomous-config.json")]
+        {
             if candidate.is_file() {
                 return Some(candidate);
             }
         }
     }
-    user_config_dir
-        .map(|d| d.join("autonomous-config.json"))
-        .filter(|p| p.is_file())
+    user_config_dir.map(|d| d.join("autonomous-config.json")).filter(|p| p.is_file())
 }
 
 #[cfg(test)]
@@ -387,33 +316,21 @@ mod tests {
         assert!(c.unknown_keys.is_empty(), "{:?}", c.unknown_keys);
         let p = c.providers();
         assert_eq!(p.len(), 1);
-        assert_eq!(
-            (p[0].name.as_str(), p[0].slots, p[0].enabled),
-            ("claude", 2, true)
-        );
+        assert_eq!((p[0].name.as_str(), p[0].slots, p[0].enabled), ("claude", 2, true));
     }
 
     #[test]
     fn unknown_keys_warn_with_their_path() {
         let c = Config::parse(r#"{"llms":{"claude":{"colour":"red"}},"extra":1}"#, None).unwrap();
-        assert_eq!(
-            c.unknown_keys,
-            vec!["llms.claude.colour".to_string(), "extra".to_string()]
-        );
+        assert_eq!(c.unknown_keys, vec!["llms.claude.colour".to_string(), "extra".to_string()]);
     }
 
     #[test]
     fn wrong_type_names_the_json_path() {
-        let e = Config::parse(
-            r#"{"llms":{"claude":{"maxConcurrentIssues":"two"}}}"#,
-            Some("/x/c.json".into()),
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(
-            e.contains("/x/c.json") && e.contains("llms.claude.maxConcurrentIssues"),
-            "{e}"
-        );
+        let e = Config::parse(r#"{"llms":{"claude":{"maxConcurrentIssues":"two"}}}"#, Some("/x/c.json".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/x/c.json") && e.contains("llms.claude.maxConcurrentIssues"), "{e}");
     }
 
     #[test]
@@ -426,13 +343,9 @@ mod tests {
     #[test]
     fn custom_provider_needs_cli_path_and_follows_builtins() {
         assert!(
-            Config::parse(r#"{"llms":{"aider":{}}}"#, None)
-                .unwrap_err()
-                .to_string()
-                .contains("llms.aider.cliPath")
+            Config::parse(r#"{"llms":{"aider":{}}}"#, None).unwrap_err().to_string().contains("llms.aider.cliPath")
         );
-        let c =
-            Config::parse(r#"{"llms":{"aider":{"cliPath":"aider"},"codex":{}}}"#, None).unwrap();
+        let c = Config::parse(r#"{"llms":{"aider":{"cliPath":"aider"},"codex":{}}}"#, None).unwrap();
         let names: Vec<_> = c.providers().into_iter().map(|p| p.name).collect();
         assert_eq!(names, ["codex", "aider"]);
     }
@@ -440,14 +353,8 @@ mod tests {
     #[test]
     fn bad_values_are_refused() {
         for (text, needle) in [
-            (
-                r#"{"llms":{"claude":{"maxConcurrentIssues":100000}}}"#,
-                "maxConcurrentIssues",
-            ),
-            (
-                r#"{"defaultLlm":"gemini","llms":{"claude":{}}}"#,
-                "defaultLlm",
-            ),
+            (r#"{"llms":{"claude":{"maxConcurrentIssues":100000}}}"#, "maxConcurrentIssues"),
+            (r#"{"defaultLlm":"gemini","llms":{"claude":{}}}"#, "defaultLlm"),
             (r#"{"supervisor":{"previewLines":0}}"#, "previewLines"),
             (r#"{"llms":{"Bad-Name":{"cliPath":"x"}}}"#, "llms.Bad-Name"),
             (r#"{"llms": 5}"#, "llms"),

@@ -50,13 +50,7 @@ impl LineAssembler {
 
     /// Feeds `data`; calls `emit` for the first `keep_head` and the last `keep_tail` complete lines in it and
     /// passes over the lines in between (a preview only ever shows the last few).
-    pub fn push(
-        &mut self,
-        mut data: &[u8],
-        keep_head: usize,
-        keep_tail: usize,
-        emit: &mut dyn FnMut(Line<'_>),
-    ) {
+    pub fn push(&mut self, mut data: &[u8], keep_head: usize, keep_tail: usize, emit: &mut dyn FnMut(Line<'_>)) {
         let mut emitted_head = 0;
         if self.discard_until_newline {
             match memchr::memchr(b'\n', data) {
@@ -71,10 +65,7 @@ impl LineAssembler {
             match memchr::memchr(b'\n', data) {
                 Some(i) => {
                     self.append_capped(&data[..i]);
-                    emit(Line {
-                        bytes: &self.partial,
-                        dropped: self.dropped,
-                    });
+                    emit(Line { bytes: &self.partial, dropped: self.dropped });
                     emitted_head += 1;
                     self.partial.clear();
                     self.dropped = 0;
@@ -95,9 +86,7 @@ impl LineAssembler {
         let tail_start = if keep_tail == 0 {
             body.len() + 1
         } else {
-            memchr::memrchr_iter(b'\n', body)
-                .nth(keep_tail - 1)
-                .map_or(0, |i| i + 1)
+            memchr::memrchr_iter(b'\n', body).nth(keep_tail - 1).map_or(0, |i| i + 1)
         };
         let mut pos = 0;
         while emitted_head < keep_head && pos < tail_start && pos <= body.len() {
@@ -118,10 +107,7 @@ impl LineAssembler {
     /// Emits the unfinished last line, for a stream that ended without a newline.
     pub fn finish(&mut self, emit: &mut dyn FnMut(Line<'_>)) {
         if !self.partial.is_empty() && !self.discard_until_newline {
-            emit(Line {
-                bytes: &self.partial,
-                dropped: self.dropped,
-            });
+            emit(Line { bytes: &self.partial, dropped: self.dropped });
         }
         self.partial.clear();
         self.dropped = 0;
@@ -137,10 +123,7 @@ impl LineAssembler {
 
 fn emit_capped(line: &[u8], emit: &mut dyn FnMut(Line<'_>)) {
     let keep = line.len().min(LINE_CAP);
-    emit(Line {
-        bytes: &line[..keep],
-        dropped: line.len() - keep,
-    });
+    emit(Line { bytes: &line[..keep], dropped: line.len() - keep });
 }
 
 /// Makes one line fit for a terminal: the last carriage-return rewrite wins, ANSI escapes and control bytes go,
@@ -148,9 +131,7 @@ fn emit_capped(line: &[u8], emit: &mut dyn FnMut(Line<'_>)) {
 pub fn clean_line(raw: &[u8], max_chars: usize) -> String {
     let mut chosen = String::new();
     for segment in raw.rsplit(|b| *b == b'\r') {
-        chosen = strip_controls(&String::from_utf8_lossy(&strip_ansi_escapes::strip(
-            segment,
-        )));
+        chosen = strip_controls(&String::from_utf8_lossy(&strip_ansi_escapes::strip(segment)));
         if !chosen.trim().is_empty() {
             break;
         }
@@ -196,12 +177,7 @@ pub struct Preview {
 
 impl Preview {
     pub fn new(max_lines: usize, max_chars: usize) -> Preview {
-        Preview {
-            lines: VecDeque::with_capacity(max_lines),
-            max_lines,
-            max_chars,
-            open_line: false,
-        }
+        Preview { lines: VecDeque::with_capacity(max_lines.min(64)), max_lines, max_chars, open_line: false }
     }
 
     /// Adds a rendered line. `continues` joins it to the previous streamed line.
@@ -245,19 +221,11 @@ pub struct Findings {
 }
 
 /// Turns one output line into preview lines and findings.
-pub fn digest_line(
-    format: EventFormat,
-    line: Line<'_>,
-    preview: &mut Preview,
-    findings: &mut Findings,
-) {
+pub fn digest_line(format: EventFormat, line: Line<'_>, preview: &mut Preview, findings: &mut Findings) {
     let text = String::from_utf8_lossy(line.bytes);
     if line.dropped > 0 && format != EventFormat::Text && text.starts_with('{') {
         let size = line.bytes.len() + line.dropped;
-        preview.push(
-            &format!("(event of {} KiB, too long to show)", size >> 10),
-            false,
-        );
+        preview.push(&format!("(event of {} KiB, too long to show)", size >> 10), false);
         return;
     }
     let parsed = parse_line(format, &text);
@@ -288,13 +256,7 @@ pub struct FileFollower {
 
 impl FileFollower {
     pub fn open(path: &Path, format: EventFormat, keep_lines: usize) -> io::Result<FileFollower> {
-        Ok(FileFollower {
-            file: File::open(path)?,
-            offset: 0,
-            assembler: LineAssembler::default(),
-            format,
-            keep_lines,
-        })
+        Ok(FileFollower { file: File::open(path)?, offset: 0, assembler: LineAssembler::default(), format, keep_lines })
     }
 
     /// Reads what was added since the last call. Cost is bounded by the windows above, not by the bytes added.
@@ -335,8 +297,7 @@ impl FileFollower {
     /// Flushes a last line that had no newline; called once the run has ended and everything is read.
     pub fn finish(&mut self, preview: &mut Preview, findings: &mut Findings) {
         let format = self.format;
-        self.assembler
-            .finish(&mut |line| digest_line(format, line, preview, findings));
+        self.assembler.finish(&mut |line| digest_line(format, line, preview, findings));
     }
 }
 
@@ -365,20 +326,12 @@ pub fn scan_outcome(path: &Path, format: EventFormat) -> io::Result<Option<Outco
     let tail = read_at(&file, start, size - start)?;
     let mut lines = tail.split(|b| *b == b'\n').rev().filter(|l| !l.is_empty());
     // Only the last few events can be the final one; stop early on a log that ends in noise.
-    Ok(lines
-        .by_ref()
-        .take(64)
-        .find_map(|line| parse_line(format, &String::from_utf8_lossy(line)).outcome))
+    Ok(lines.by_ref().take(64).find_map(|line| parse_line(format, &String::from_utf8_lossy(line)).outcome))
 }
 
 /// The last `n` rendered lines of a log (what `logs -n` shows), reading backwards only as far as needed, and the
 /// offset just past the last complete line (where `logs -f` goes on).
-pub fn render_tail(
-    path: &Path,
-    format: EventFormat,
-    n: usize,
-    max_chars: usize,
-) -> io::Result<(Vec<String>, u64)> {
+pub fn render_tail(path: &Path, format: EventFormat, n: usize, max_chars: usize) -> io::Result<(Vec<String>, u64)> {
     let file = File::open(path)?;
     let size = file.metadata()?.len();
     let mut window = TAIL_WINDOW;
@@ -390,8 +343,7 @@ pub fn render_tail(
         if start > 0 {
             assembler.resync();
         }
-        let mut rendered =
-            render_lines(&mut assembler, &data[..complete], format, max_chars, false);
+        let mut rendered = render_lines(&mut assembler, &data[..complete], format, max_chars, false);
         if rendered.len() >= n || start == 0 {
             let skip = rendered.len().saturating_sub(n);
             return Ok((rendered.split_off(skip), start + complete as u64));
@@ -431,19 +383,15 @@ pub fn render_lines(
     max_chars: usize,
     finish: bool,
 ) -> Vec<String> {
-    let mut out = Vec::new();
+    // One unbounded preview gives `logs` the same clean-up and streamed-chunk joining as the live preview.
+    let mut rendered = Preview::new(usize::MAX, max_chars);
     let mut findings = Findings::default();
-    let mut emit = |line: Line<'_>| {
-        // A one-line preview per line keeps streamed-chunk joining and clean-up in one place.
-        let mut one = Preview::new(usize::MAX >> 1, max_chars);
-        digest_line(format, line, &mut one, &mut findings);
-        out.extend(one.lines());
-    };
+    let mut emit = |line: Line<'_>| digest_line(format, line, &mut rendered, &mut findings);
     assembler.push(data, usize::MAX, usize::MAX, &mut emit);
     if finish {
         assembler.finish(&mut emit);
     }
-    out
+    rendered.lines()
 }
 
 #[cfg(test)]
@@ -454,9 +402,7 @@ mod tests {
         let mut a = LineAssembler::default();
         let mut out = Vec::new();
         for chunk in data {
-            a.push(chunk, head, tail, &mut |l| {
-                out.push(String::from_utf8_lossy(l.bytes).into_owned())
-            });
+            a.push(chunk, head, tail, &mut |l| out.push(String::from_utf8_lossy(l.bytes).into_owned()));
         }
         a.finish(&mut |l| out.push(String::from_utf8_lossy(l.bytes).into_owned()));
         out
@@ -464,17 +410,12 @@ mod tests {
 
     #[test]
     fn assembles_lines_across_chunks() {
-        assert_eq!(
-            lines_of(&[b"ab", b"c\nde", b"f\n", b"g"], usize::MAX, usize::MAX),
-            ["abc", "def", "g"]
-        );
+        assert_eq!(lines_of(&[b"ab", b"c\nde", b"f\n", b"g"], usize::MAX, usize::MAX), ["abc", "def", "g"]);
     }
 
     #[test]
     fn keeps_head_and_tail_of_a_large_batch() {
-        let data: Vec<u8> = (0..100)
-            .flat_map(|i| format!("{i}\n").into_bytes())
-            .collect();
+        let data: Vec<u8> = (0..100).flat_map(|i| format!("{i}\n").into_bytes()).collect();
         assert_eq!(lines_of(&[&data], 2, 3), ["0", "1", "97", "98", "99"]);
         assert_eq!(lines_of(&[&data], 0, 2), ["98", "99"]);
     }
@@ -485,14 +426,10 @@ mod tests {
         let chunk = vec![b'x'; 1 << 20];
         let mut seen = Vec::new();
         for _ in 0..8 {
-            a.push(&chunk, usize::MAX, usize::MAX, &mut |l| {
-                seen.push((l.bytes.len(), l.dropped))
-            });
+            a.push(&chunk, usize::MAX, usize::MAX, &mut |l| seen.push((l.bytes.len(), l.dropped)));
             assert!(a.partial.capacity() <= 2 * LINE_CAP);
         }
-        a.push(b"\nnext\n", usize::MAX, usize::MAX, &mut |l| {
-            seen.push((l.bytes.len(), l.dropped))
-        });
+        a.push(b"\nnext\n", usize::MAX, usize::MAX, &mut |l| seen.push((l.bytes.len(), l.dropped)));
         assert_eq!(seen, [(LINE_CAP, (8 << 20) - LINE_CAP), (4, 0)]);
     }
 
@@ -501,9 +438,7 @@ mod tests {
         let mut a = LineAssembler::default();
         a.resync();
         let mut out = Vec::new();
-        a.push(b"agment\nwhole\n", 9, 9, &mut |l| {
-            out.push(l.bytes.to_vec())
-        });
+        a.push(b"agment\nwhole\n", 9, 9, &mut |l| out.push(l.bytes.to_vec()));
         assert_eq!(out, [b"whole".to_vec()]);
     }
 

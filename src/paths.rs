@@ -18,10 +18,7 @@ pub struct Paths {
 impl Paths {
     /// Resolves both dirs: the flag, then `$AUTODEV_*_DIR`, then systemd's `$STATE_DIRECTORY`/`$RUNTIME_DIRECTORY`,
     /// then the XDG dirs.
-    pub fn resolve(
-        state_flag: Option<&Path>,
-        runtime_flag: Option<&Path>,
-    ) -> anyhow::Result<Paths> {
+    pub fn resolve(state_flag: Option<&Path>, runtime_flag: Option<&Path>) -> anyhow::Result<Paths> {
         let env_dir = |name: &str| {
             std::env::var_os(name).filter(|v| !v.is_empty()).map(|v| {
                 // systemd passes a colon-separated list when several dirs are configured; the first is ours.
@@ -34,31 +31,16 @@ impl Paths {
             .map(Path::to_path_buf)
             .or_else(|| env_dir("AUTODEV_STATE_DIR"))
             .or_else(|| env_dir("STATE_DIRECTORY"))
-            .or_else(|| {
-                project
-                    .as_ref()
-                    .and_then(|p| p.state_dir().map(Path::to_path_buf))
-            })
-            .context(
-                "no state directory: pass --state-dir or set AUTODEV_STATE_DIR (HOME is not set)",
-            )?;
+            .or_else(|| project.as_ref().and_then(|p| p.state_dir().map(Path::to_path_buf)))
+            .context("no state directory: pass --state-dir or set AUTODEV_STATE_DIR (HOME is not set)")?;
         let runtime_dir = runtime_flag
             .map(Path::to_path_buf)
             .or_else(|| env_dir("AUTODEV_RUNTIME_DIR"))
             .or_else(|| env_dir("RUNTIME_DIRECTORY"))
-            .or_else(|| {
-                project
-                    .as_ref()
-                    .and_then(|p| p.runtime_dir().map(Path::to_path_buf))
-            })
+            .or_else(|| project.as_ref().and_then(|p| p.runtime_dir().map(Path::to_path_buf)))
             // No XDG_RUNTIME_DIR (a plain su session, cron): a per-user dir that ensure_private_dir vets.
-            .unwrap_or_else(|| {
-                std::env::temp_dir().join(format!("autodev-{}", nix::unistd::getuid()))
-            });
-        Ok(Paths {
-            state_dir,
-            runtime_dir,
-        })
+            .unwrap_or_else(|| std::env::temp_dir().join(format!("autodev-{}", nix::unistd::getuid())));
+        Ok(Paths { state_dir, runtime_dir })
     }
 
     pub fn socket(&self) -> PathBuf {
@@ -93,11 +75,7 @@ pub fn ensure_private_dir(dir: &Path) -> anyhow::Result<()> {
     let meta = std::fs::metadata(dir).with_context(|| format!("cannot read {}", dir.display()))?;
     let me = nix::unistd::getuid().as_raw();
     if meta.uid() != me {
-        bail!(
-            "{} belongs to uid {}, not to you (uid {me}): choose another directory",
-            dir.display(),
-            meta.uid()
-        );
+        bail!("{} belongs to uid {}, not to you (uid {me}): choose another directory", dir.display(), meta.uid());
     }
     if meta.mode() & 0o077 != 0 {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))

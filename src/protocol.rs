@@ -63,25 +63,12 @@ pub struct Envelope {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Reply {
-    Pong {
-        version: u32,
-        daemon_pid: u32,
-    },
+    Pong { version: u32, daemon_pid: u32 },
     Status(StatusReport),
-    Instances {
-        providers: Vec<ProviderUsage>,
-    },
+    Instances { providers: Vec<ProviderUsage> },
     Assigned(Assigned),
-    Stopped {
-        slot: String,
-        issue: u64,
-        run_id: String,
-    },
-    LogEnd {
-        slot: String,
-        run_id: String,
-        state: SlotState,
-    },
+    Stopped { slot: String, issue: u64, run_id: String },
+    LogEnd { slot: String, run_id: String, state: SlotState },
     Error(ErrorReply),
 }
 
@@ -211,8 +198,7 @@ pub enum FrameError {
 }
 
 fn header(kind: u8, len: usize) -> io::Result<[u8; 5]> {
-    let len = u32::try_from(len)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "frame too large"))?;
+    let len = u32::try_from(len).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "frame too large"))?;
     let mut h = [kind, 0, 0, 0, 0];
     h[1..].copy_from_slice(&len.to_be_bytes());
     Ok(h)
@@ -231,11 +217,7 @@ fn parse_header(h: [u8; 5], max: usize) -> Result<(u8, usize), FrameError> {
 }
 
 fn frame_of(kind: u8, payload: Vec<u8>) -> Frame {
-    if kind == KIND_JSON {
-        Frame::Json(payload)
-    } else {
-        Frame::Bytes(payload)
-    }
+    if kind == KIND_JSON { Frame::Json(payload) } else { Frame::Bytes(payload) }
 }
 
 /// Encodes a JSON frame.
@@ -308,9 +290,7 @@ pub fn decode_request(payload: &[u8]) -> Result<Request, ErrorReply> {
         Some(v) => {
             return Err(ErrorReply {
                 kind: ErrorKind::Version,
-                message: format!(
-                    "client speaks protocol version {v}, this autodevd speaks {PROTOCOL_VERSION}"
-                ),
+                message: format!("client speaks protocol version {v}, this autodevd speaks {PROTOCOL_VERSION}"),
                 hint: Some("use the autodevctl that was installed with this autodevd".into()),
             });
         }
@@ -322,13 +302,11 @@ pub fn decode_request(payload: &[u8]) -> Result<Request, ErrorReply> {
             });
         }
     }
-    serde_json::from_value::<Envelope>(value)
-        .map(|e| e.request)
-        .map_err(|e| ErrorReply {
-            kind: ErrorKind::BadRequest,
-            message: format!("request not understood: {e}"),
-            hint: None,
-        })
+    serde_json::from_value::<Envelope>(value).map(|e| e.request).map_err(|e| ErrorReply {
+        kind: ErrorKind::BadRequest,
+        message: format!("request not understood: {e}"),
+        hint: None,
+    })
 }
 
 #[cfg(test)]
@@ -337,20 +315,9 @@ mod tests {
 
     #[test]
     fn request_round_trips() {
-        let req = Request::Assign {
-            issue: 7,
-            llm: Some("codex".into()),
-            slot: None,
-            prompt: "x".into(),
-        };
-        let frame = encode_json(&Envelope {
-            v: PROTOCOL_VERSION,
-            request: req.clone(),
-        });
-        let Frame::Json(payload) = read_frame_sync(&mut &frame[..], MAX_REQUEST_FRAME).unwrap()
-        else {
-            panic!()
-        };
+        let req = Request::Assign { issue: 7, llm: Some("codex".into()), slot: None, prompt: "x".into() };
+        let frame = encode_json(&Envelope { v: PROTOCOL_VERSION, request: req.clone() });
+        let Frame::Json(payload) = read_frame_sync(&mut &frame[..], MAX_REQUEST_FRAME).unwrap() else { panic!() };
         assert_eq!(decode_request(&payload).unwrap(), req);
     }
 
@@ -365,10 +332,7 @@ mod tests {
     fn oversized_frame_is_refused_before_reading() {
         let mut h = vec![b'J'];
         h.extend_from_slice(&u32::MAX.to_be_bytes());
-        assert!(matches!(
-            read_frame_sync(&mut &h[..], MAX_REQUEST_FRAME),
-            Err(FrameError::TooLarge { .. })
-        ));
+        assert!(matches!(read_frame_sync(&mut &h[..], MAX_REQUEST_FRAME), Err(FrameError::TooLarge { .. })));
     }
 
     /// A cheap deterministic fuzz of the decoder: random bytes, and valid frames with random bytes flipped,
@@ -385,14 +349,11 @@ mod tests {
         let valid = [
             br#"{"v":1,"request":{"cmd":"status"}}"#.to_vec(),
             br#"{"v":1,"request":{"cmd":"assign","issue":5,"prompt":"p","llm":"claude"}}"#.to_vec(),
-            br#"{"v":1,"request":{"cmd":"logs","slot":"claude-1","lines":5,"follow":true}}"#
-                .to_vec(),
+            br#"{"v":1,"request":{"cmd":"logs","slot":"claude-1","lines":5,"follow":true}}"#.to_vec(),
         ];
         for i in 0..50_000 {
             let mut bytes = if i % 2 == 0 {
-                (0..(next() % 64))
-                    .map(|_| next() as u8)
-                    .collect::<Vec<u8>>()
+                (0..(next() % 64)).map(|_| next() as u8).collect::<Vec<u8>>()
             } else {
                 valid[i % valid.len()].clone()
             };

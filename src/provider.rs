@@ -96,12 +96,7 @@ const BUILTINS: [Builtin; 3] = [
         default_args: &["-s", "workspace-write", "--skip-git-repo-check"],
         model_flag: "-m",
         api_key_var: "CODEX_API_KEY",
-        env_keys: &[
-            "CODEX_API_KEY",
-            "OPENAI_API_KEY",
-            "CODEX_HOME",
-            "OPENAI_BASE_URL",
-        ],
+        env_keys: &["CODEX_API_KEY", "OPENAI_API_KEY", "CODEX_HOME", "OPENAI_BASE_URL"],
     },
 ];
 
@@ -125,13 +120,8 @@ pub struct Provider {
 
 #[derive(Debug, Clone)]
 enum Kind {
-    Builtin {
-        index: usize,
-        extra_args: Vec<String>,
-    },
-    Custom {
-        template: Vec<String>,
-    },
+    Builtin { index: usize, extra_args: Vec<String> },
+    Custom { template: Vec<String> },
 }
 
 /// What to run for one run.
@@ -164,10 +154,8 @@ impl Provider {
                 if let Some(key) = &llm.api_key {
                     config_env.insert(b.api_key_var.to_string(), key.clone());
                 }
-                let extra_args = llm
-                    .cli_args
-                    .clone()
-                    .unwrap_or_else(|| b.default_args.iter().map(|s| s.to_string()).collect());
+                let extra_args =
+                    llm.cli_args.clone().unwrap_or_else(|| b.default_args.iter().map(|s| s.to_string()).collect());
                 (
                     Kind::Builtin { index, extra_args },
                     EventFormat::from_name(b.name),
@@ -181,14 +169,7 @@ impl Provider {
                 if let Some(first) = display.get_mut(0..1) {
                     first.make_ascii_uppercase();
                 }
-                (
-                    Kind::Custom {
-                        template: llm.cli_args.clone().unwrap_or_default(),
-                    },
-                    format,
-                    display,
-                    Vec::new(),
-                )
+                (Kind::Custom { template: llm.cli_args.clone().unwrap_or_default() }, format, display, Vec::new())
             }
         };
         Provider {
@@ -223,12 +204,7 @@ impl Provider {
                 }
                 args.extend(extra_args.iter().cloned());
                 let prompt_on_stdin = self.push_prompt(&mut args, ctx.prompt);
-                Launch {
-                    program: self.program.clone(),
-                    args,
-                    prompt_on_stdin,
-                    session_id,
-                }
+                Launch { program: self.program.clone(), args, prompt_on_stdin, session_id }
             }
             Kind::Custom { template } => self.launch_custom(template, ctx, None),
         }
@@ -246,18 +222,11 @@ impl Provider {
                 args.extend(extra_args.iter().cloned());
                 match self.format {
                     // codex: `codex exec [opts] --json resume <thread_id> <prompt>`
-                    EventFormat::Codex => {
-                        args.extend(["resume".to_string(), session_id.to_string()])
-                    }
+                    EventFormat::Codex => args.extend(["resume".to_string(), session_id.to_string()]),
                     _ => args.extend(["--resume".to_string(), session_id.to_string()]),
                 }
                 let prompt_on_stdin = self.push_prompt(&mut args, ctx.prompt);
-                Launch {
-                    program: self.program.clone(),
-                    args,
-                    prompt_on_stdin,
-                    session_id: Some(session_id.into()),
-                }
+                Launch { program: self.program.clone(), args, prompt_on_stdin, session_id: Some(session_id.into()) }
             }
             Kind::Custom { template } => self.launch_custom(template, ctx, Some(session_id)),
         }
@@ -286,12 +255,7 @@ impl Provider {
         }
     }
 
-    fn launch_custom(
-        &self,
-        template: &[String],
-        ctx: &LaunchContext,
-        session: Option<&str>,
-    ) -> Launch {
+    fn launch_custom(&self, template: &[String], ctx: &LaunchContext, session: Option<&str>) -> Launch {
         let mut prompt_in_args = false;
         let args = template
             .iter()
@@ -325,10 +289,7 @@ fn expand_placeholders(arg: &str, lookup: impl Fn(&str) -> Option<String>) -> St
     while let Some(open) = rest.find('{') {
         out.push_str(&rest[..open]);
         let after = &rest[open + 1..];
-        match after
-            .find('}')
-            .and_then(|close| lookup(&after[..close]).map(|v| (close, v)))
-        {
+        match after.find('}').and_then(|close| lookup(&after[..close]).map(|v| (close, v))) {
             Some((close, value)) => {
                 out.push_str(&value);
                 rest = &after[close + 1..];
@@ -390,18 +351,9 @@ fn str_at<'a>(v: &'a Value, pointer: &str) -> Option<&'a str> {
 
 /// `tool Bash: npm test`, `tool Edit: src/main.rs`: the tool's most telling argument.
 fn tool_line(name: &str, input: &Value) -> String {
-    let detail = [
-        "command",
-        "file_path",
-        "path",
-        "absolute_path",
-        "pattern",
-        "url",
-        "query",
-        "description",
-    ]
-    .iter()
-    .find_map(|k| input.get(*k).and_then(Value::as_str));
+    let detail = ["command", "file_path", "path", "absolute_path", "pattern", "url", "query", "description"]
+        .iter()
+        .find_map(|k| input.get(*k).and_then(Value::as_str));
     match detail {
         Some(d) => format!("tool {name}: {d}"),
         None => format!("tool {name}"),
@@ -409,11 +361,7 @@ fn tool_line(name: &str, input: &Value) -> String {
 }
 
 fn push_text(parsed: &mut Parsed, text: &str) {
-    parsed.lines.extend(
-        text.lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(str::to_string),
-    );
+    parsed.lines.extend(text.lines().filter(|l| !l.trim().is_empty()).map(str::to_string));
 }
 
 fn claude_event(e: &Value, parsed: &mut Parsed) {
@@ -422,9 +370,7 @@ fn claude_event(e: &Value, parsed: &mut Parsed) {
             Some("init") => {
                 parsed.session_id = str_at(e, "/session_id").map(str::to_string);
                 let model = str_at(e, "/model").unwrap_or("?");
-                parsed
-                    .lines
-                    .push(format!("session started (model {model})"));
+                parsed.lines.push(format!("session started (model {model})"));
             }
             Some("permission_denied") => {
                 let tool = str_at(e, "/tool_name").unwrap_or("a tool");
@@ -433,12 +379,7 @@ fn claude_event(e: &Value, parsed: &mut Parsed) {
             _ => {}
         },
         Some("assistant") => {
-            for block in e
-                .pointer("/message/content")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
+            for block in e.pointer("/message/content").and_then(Value::as_array).into_iter().flatten() {
                 match str_at(block, "/type") {
                     Some("text") => push_text(parsed, str_at(block, "/text").unwrap_or_default()),
                     Some("tool_use") => parsed.lines.push(tool_line(
@@ -454,9 +395,7 @@ fn claude_event(e: &Value, parsed: &mut Parsed) {
             for block in blocks.into_iter().flatten() {
                 if block.get("is_error").and_then(Value::as_bool) == Some(true) {
                     let text = str_at(block, "/content").unwrap_or("(no detail)");
-                    parsed
-                        .lines
-                        .push(format!("tool error: {}", first_line(text)));
+                    parsed.lines.push(format!("tool error: {}", first_line(text)));
                 }
             }
         }
@@ -475,20 +414,12 @@ fn claude_event(e: &Value, parsed: &mut Parsed) {
             if let Some(ms) = duration {
                 facts.push(short_duration(ms / 1000));
             }
-            let facts = if facts.is_empty() {
-                String::new()
-            } else {
-                format!(" ({})", facts.join(", "))
-            };
+            let facts = if facts.is_empty() { String::new() } else { format!(" ({})", facts.join(", ")) };
             let summary = if is_error {
                 // API errors come as subtype "success" with is_error: say what the CLI said.
                 let why = str_at(e, "/result")
                     .map(first_line)
-                    .or_else(|| {
-                        e.get("api_error_status")
-                            .filter(|v| !v.is_null())
-                            .map(|v| format!("API error {v}"))
-                    })
+                    .or_else(|| e.get("api_error_status").filter(|v| !v.is_null()).map(|v| format!("API error {v}")))
                     .unwrap_or_else(|| str_at(e, "/subtype").unwrap_or("error").to_string());
                 format!("error: {why}{facts}")
             } else {
@@ -498,12 +429,7 @@ fn claude_event(e: &Value, parsed: &mut Parsed) {
                 parsed.session_id = str_at(e, "/session_id").map(str::to_string);
             }
             parsed.lines.push(format!("result: {summary}"));
-            parsed.outcome = Some(Outcome {
-                success: !is_error,
-                summary,
-                cost_usd: cost,
-                turns,
-            });
+            parsed.outcome = Some(Outcome { success: !is_error, summary, cost_usd: cost, turns });
         }
         _ => {}
     }
@@ -513,10 +439,7 @@ fn gemini_event(e: &Value, parsed: &mut Parsed) {
     match str_at(e, "/type") {
         Some("init") => {
             parsed.session_id = str_at(e, "/session_id").map(str::to_string);
-            parsed.lines.push(format!(
-                "session started (model {})",
-                str_at(e, "/model").unwrap_or("?")
-            ));
+            parsed.lines.push(format!("session started (model {})", str_at(e, "/model").unwrap_or("?")));
         }
         Some("message") if str_at(e, "/role") == Some("assistant") => {
             let text = str_at(e, "/content").unwrap_or_default();
@@ -528,24 +451,15 @@ fn gemini_event(e: &Value, parsed: &mut Parsed) {
                 push_text(parsed, text);
             }
         }
-        Some("tool_use") => parsed.lines.push(tool_line(
-            str_at(e, "/tool_name").unwrap_or("?"),
-            e.get("parameters").unwrap_or(&Value::Null),
-        )),
+        Some("tool_use") => parsed
+            .lines
+            .push(tool_line(str_at(e, "/tool_name").unwrap_or("?"), e.get("parameters").unwrap_or(&Value::Null))),
         Some("tool_result") if str_at(e, "/status") == Some("error") => {
-            let why = e
-                .get("error")
-                .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string));
-            parsed.lines.push(format!(
-                "tool error: {}",
-                first_line(&why.unwrap_or_default())
-            ));
+            let why = e.get("error").map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string));
+            parsed.lines.push(format!("tool error: {}", first_line(&why.unwrap_or_default())));
         }
         Some("error") => {
-            parsed.lines.push(format!(
-                "error: {}",
-                first_line(str_at(e, "/message").unwrap_or("?"))
-            ));
+            parsed.lines.push(format!("error: {}", first_line(str_at(e, "/message").unwrap_or("?"))));
         }
         Some("result") => {
             let success = str_at(e, "/status") == Some("success");
@@ -556,31 +470,18 @@ fn gemini_event(e: &Value, parsed: &mut Parsed) {
             if let Some(ms) = e.pointer("/stats/duration_ms").and_then(Value::as_u64) {
                 facts.push(short_duration(ms / 1000));
             }
-            let facts = if facts.is_empty() {
-                String::new()
-            } else {
-                format!(" ({})", facts.join(", "))
-            };
+            let facts = if facts.is_empty() { String::new() } else { format!(" ({})", facts.join(", ")) };
             let summary = if success {
                 format!("success{facts}")
             } else {
                 let why = e
                     .get("error")
-                    .map(|v| {
-                        v.get("message")
-                            .and_then(Value::as_str)
-                            .map_or_else(|| v.to_string(), str::to_string)
-                    })
+                    .map(|v| v.get("message").and_then(Value::as_str).map_or_else(|| v.to_string(), str::to_string))
                     .unwrap_or_else(|| "error".into());
                 format!("error: {}{facts}", first_line(&why))
             };
             parsed.lines.push(format!("result: {summary}"));
-            parsed.outcome = Some(Outcome {
-                success,
-                summary,
-                cost_usd: None,
-                turns: None,
-            });
+            parsed.outcome = Some(Outcome { success, summary, cost_usd: None, turns: None });
         }
         _ => {}
     }
@@ -593,33 +494,19 @@ fn codex_event(e: &Value, parsed: &mut Parsed) {
             parsed.lines.push("session started".into());
         }
         Some("item.started") if str_at(e, "/item/type") == Some("command_execution") => {
-            parsed.lines.push(format!(
-                "tool shell: {}",
-                str_at(e, "/item/command").unwrap_or("?")
-            ));
+            parsed.lines.push(format!("tool shell: {}", str_at(e, "/item/command").unwrap_or("?")));
         }
         Some("item.completed") => {
             let item = e.get("item").unwrap_or(&Value::Null);
             match str_at(item, "/type") {
-                Some("agent_message") => {
-                    push_text(parsed, str_at(item, "/text").unwrap_or_default())
-                }
+                Some("agent_message") => push_text(parsed, str_at(item, "/text").unwrap_or_default()),
                 Some("command_execution") => {
-                    if let Some(code) = item
-                        .get("exit_code")
-                        .and_then(Value::as_i64)
-                        .filter(|c| *c != 0)
-                    {
+                    if let Some(code) = item.get("exit_code").and_then(Value::as_i64).filter(|c| *c != 0) {
                         parsed.lines.push(format!("command exited {code}"));
                     }
                 }
                 Some("file_change") => {
-                    for change in item
-                        .get("changes")
-                        .and_then(Value::as_array)
-                        .into_iter()
-                        .flatten()
-                    {
+                    for change in item.get("changes").and_then(Value::as_array).into_iter().flatten() {
                         let path = str_at(change, "/path").unwrap_or("?");
                         let kind = str_at(change, "/kind").unwrap_or("update");
                         parsed.lines.push(format!("file {kind}: {path}"));
@@ -636,10 +523,7 @@ fn codex_event(e: &Value, parsed: &mut Parsed) {
                     parsed.lines.push(format!("plan: {done}/{total} done"));
                 }
                 Some("error") => {
-                    parsed.lines.push(format!(
-                        "warning: {}",
-                        first_line(str_at(item, "/message").unwrap_or("?"))
-                    ));
+                    parsed.lines.push(format!("warning: {}", first_line(str_at(item, "/message").unwrap_or("?"))));
                 }
                 _ => {}
             }
@@ -650,40 +534,20 @@ fn codex_event(e: &Value, parsed: &mut Parsed) {
                 None => "success".to_string(),
             };
             parsed.lines.push(format!("result: {summary}"));
-            parsed.outcome = Some(Outcome {
-                success: true,
-                summary,
-                cost_usd: None,
-                turns: None,
-            });
+            parsed.outcome = Some(Outcome { success: true, summary, cost_usd: None, turns: None });
         }
         Some("turn.failed") => {
-            let summary = format!(
-                "error: {}",
-                first_line(str_at(e, "/error/message").unwrap_or("turn failed"))
-            );
+            let summary = format!("error: {}", first_line(str_at(e, "/error/message").unwrap_or("turn failed")));
             parsed.lines.push(format!("result: {summary}"));
-            parsed.outcome = Some(Outcome {
-                success: false,
-                summary,
-                cost_usd: None,
-                turns: None,
-            });
+            parsed.outcome = Some(Outcome { success: false, summary, cost_usd: None, turns: None });
         }
-        Some("error") => parsed.lines.push(format!(
-            "error: {}",
-            first_line(str_at(e, "/message").unwrap_or("?"))
-        )),
+        Some("error") => parsed.lines.push(format!("error: {}", first_line(str_at(e, "/message").unwrap_or("?")))),
         _ => {}
     }
 }
 
 fn first_line(text: &str) -> String {
-    text.lines()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or_default()
-        .trim()
-        .to_string()
+    text.lines().find(|l| !l.trim().is_empty()).unwrap_or_default().trim().to_string()
 }
 
 #[cfg(test)]
@@ -692,16 +556,11 @@ mod tests {
     use crate::config::Config;
 
     fn samples(name: &str) -> String {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/cli-samples")
-            .join(name);
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cli-samples").join(name);
         std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
     }
 
-    fn parse_all(
-        format: EventFormat,
-        text: &str,
-    ) -> (Option<String>, Vec<String>, Option<Outcome>) {
+    fn parse_all(format: EventFormat, text: &str) -> (Option<String>, Vec<String>, Option<Outcome>) {
         let (mut session, mut lines, mut outcome) = (None, Vec::new(), None);
         for line in text.lines() {
             let p = parse_line(format, line);
@@ -714,32 +573,14 @@ mod tests {
 
     #[test]
     fn claude_sample_gives_session_tool_and_result() {
-        let (session, lines, outcome) =
-            parse_all(EventFormat::Claude, &samples("claude-tool-use.jsonl"));
-        assert_eq!(
-            session.as_deref(),
-            Some("23ef5e45-92e0-475e-8ba7-6859b8f4ab3a")
-        );
-        assert!(
-            lines
-                .iter()
-                .any(|l| l == "tool Bash: echo tool-ran > marker.txt; echo done"),
-            "{lines:?}"
-        );
-        assert!(
-            lines.iter().any(|l| l == "permission denied: Bash"),
-            "{lines:?}"
-        );
+        let (session, lines, outcome) = parse_all(EventFormat::Claude, &samples("claude-tool-use.jsonl"));
+        assert_eq!(session.as_deref(), Some("23ef5e45-92e0-475e-8ba7-6859b8f4ab3a"));
+        assert!(lines.iter().any(|l| l == "tool Bash: echo tool-ran > marker.txt; echo done"), "{lines:?}");
+        assert!(lines.iter().any(|l| l == "permission denied: Bash"), "{lines:?}");
         let outcome = outcome.unwrap();
         assert!(outcome.success);
         assert_eq!(outcome.turns, Some(2));
-        assert!(
-            lines
-                .last()
-                .unwrap()
-                .starts_with("result: success (2 turns, $0.00"),
-            "{lines:?}"
-        );
+        assert!(lines.last().unwrap().starts_with("result: success (2 turns, $0.00"), "{lines:?}");
     }
 
     #[test]
@@ -747,41 +588,21 @@ mod tests {
         let line = r#"{"type":"result","subtype":"success","is_error":true,"result":"API Error: 401","num_turns":1}"#;
         let outcome = parse_line(EventFormat::Claude, line).outcome.unwrap();
         assert!(!outcome.success);
-        assert!(
-            outcome.summary.contains("API Error: 401"),
-            "{}",
-            outcome.summary
-        );
+        assert!(outcome.summary.contains("API Error: 401"), "{}", outcome.summary);
     }
 
     #[test]
     fn gemini_and_codex_samples() {
-        let (session, lines, outcome) =
-            parse_all(EventFormat::Gemini, &samples("gemini-text.jsonl"));
-        assert_eq!(
-            session.as_deref(),
-            Some("fd1df96c-fb67-4289-b0e7-3bf751c22d9d")
-        );
+        let (session, lines, outcome) = parse_all(EventFormat::Gemini, &samples("gemini-text.jsonl"));
+        assert_eq!(session.as_deref(), Some("fd1df96c-fb67-4289-b0e7-3bf751c22d9d"));
         assert!(lines.iter().any(|l| l.contains("FAKE-GEMINI-REPLY")));
         assert!(outcome.unwrap().success);
 
-        let (session, lines, outcome) =
-            parse_all(EventFormat::Codex, &samples("codex-tool-use.jsonl"));
-        assert_eq!(
-            session.as_deref(),
-            Some("01a1fd08-2f3e-79e1-85e2-f9217f9060b0")
-        );
-        assert!(
-            lines
-                .iter()
-                .any(|l| l.starts_with("tool shell: /bin/bash -lc")),
-            "{lines:?}"
-        );
+        let (session, lines, outcome) = parse_all(EventFormat::Codex, &samples("codex-tool-use.jsonl"));
+        assert_eq!(session.as_deref(), Some("01a1fd08-2f3e-79e1-85e2-f9217f9060b0"));
+        assert!(lines.iter().any(|l| l.starts_with("tool shell: /bin/bash -lc")), "{lines:?}");
         assert!(outcome.unwrap().success);
-        let failed = parse_line(
-            EventFormat::Codex,
-            r#"{"type":"turn.failed","error":{"message":"quota"}}"#,
-        );
+        let failed = parse_line(EventFormat::Codex, r#"{"type":"turn.failed","error":{"message":"quota"}}"#);
         assert_eq!(failed.outcome.unwrap().summary, "error: quota");
     }
 
@@ -789,10 +610,7 @@ mod tests {
     fn non_json_lines_are_shown_as_they_are() {
         let p = parse_line(EventFormat::Claude, "{not json at all");
         assert_eq!(p.lines, vec!["{not json at all".to_string()]);
-        assert_eq!(
-            parse_line(EventFormat::Codex, "warning: x").lines,
-            vec!["warning: x".to_string()]
-        );
+        assert_eq!(parse_line(EventFormat::Codex, "warning: x").lines, vec!["warning: x".to_string()]);
     }
 
     fn provider(json: &str, name: &str) -> Provider {
@@ -802,44 +620,23 @@ mod tests {
 
     #[test]
     fn launches_follow_the_reference_flags() {
-        let ctx = LaunchContext {
-            prompt: "--help me",
-            prompt_file: Path::new("/r/prompt"),
-            issue: 5,
-            slot: "x-1",
-        };
+        let ctx = LaunchContext { prompt: "--help me", prompt_file: Path::new("/r/prompt"), issue: 5, slot: "x-1" };
         let claude = provider(r#"{"llms":{"claude":{"model":"opus"}}}"#, "claude").launch_new(&ctx);
         let sid = claude.session_id.clone().unwrap();
         assert_eq!(
             claude.args,
-            [
-                "-p",
-                "--output-format",
-                "stream-json",
-                "--verbose",
-                "--session-id",
-                &sid,
-                "--model",
-                "opus"
-            ]
-            .iter()
-            .chain(&["--permission-mode", "acceptEdits"])
-            .map(|s| s.to_string())
-            .collect::<Vec<_>>()
+            ["-p", "--output-format", "stream-json", "--verbose", "--session-id", &sid, "--model", "opus"]
+                .iter()
+                .chain(&["--permission-mode", "acceptEdits"])
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
         );
         assert!(claude.prompt_on_stdin);
 
-        let codex = provider(
-            r#"{"llms":{"codex":{"cliArgs":["-s","read-only"]}}}"#,
-            "codex",
-        )
-        .launch_new(&ctx);
+        let codex = provider(r#"{"llms":{"codex":{"cliArgs":["-s","read-only"]}}}"#, "codex").launch_new(&ctx);
         assert_eq!(codex.args, ["exec", "--json", "-s", "read-only", "-"]);
         let resumed = provider("{}", "codex").launch_resume(&ctx, "T1");
-        assert_eq!(
-            &resumed.args[resumed.args.len() - 3..],
-            ["resume", "T1", "-"]
-        );
+        assert_eq!(&resumed.args[resumed.args.len() - 3..], ["resume", "T1", "-"]);
 
         let gemini = provider("{}", "gemini").launch_new(&ctx);
         assert_eq!(gemini.args.last().unwrap(), "--prompt=--help me");
@@ -848,16 +645,8 @@ mod tests {
 
     #[test]
     fn custom_template_expands_once() {
-        let p = provider(
-            r#"{"llms":{"aider":{"cliPath":"aider","cliArgs":["--msg","{prompt}","{nope}"]}}}"#,
-            "aider",
-        );
-        let ctx = LaunchContext {
-            prompt: "fix {slot}",
-            prompt_file: Path::new("/p"),
-            issue: 1,
-            slot: "aider-1",
-        };
+        let p = provider(r#"{"llms":{"aider":{"cliPath":"aider","cliArgs":["--msg","{prompt}","{nope}"]}}}"#, "aider");
+        let ctx = LaunchContext { prompt: "fix {slot}", prompt_file: Path::new("/p"), issue: 1, slot: "aider-1" };
         let launch = p.launch_new(&ctx);
         assert_eq!(launch.args, ["--msg", "fix {slot}", "{nope}"]);
         assert!(!launch.prompt_on_stdin);

@@ -71,14 +71,9 @@ pub fn child_env(
     autodev_vars: &[(&str, String)],
 ) -> Vec<(String, String)> {
     let mut env: BTreeMap<String, String> = std::env::vars()
-        .filter(|(k, _)| {
-            BASE_ENV.contains(&k.as_str())
-                || k.starts_with("LC_")
-                || passthrough.contains(&k.as_str())
-        })
+        .filter(|(k, _)| BASE_ENV.contains(&k.as_str()) || k.starts_with("LC_") || passthrough.contains(&k.as_str()))
         .collect();
-    env.entry("PATH".into())
-        .or_insert_with(|| DEFAULT_PATH.into());
+    env.entry("PATH".into()).or_insert_with(|| DEFAULT_PATH.into());
     env.extend(config_env.iter().map(|(k, v)| (k.clone(), v.clone())));
     env.extend(autodev_vars.iter().map(|(k, v)| (k.to_string(), v.clone())));
     env.retain(|k, _| !NEVER_ENV.contains(&k.as_str()));
@@ -168,22 +163,17 @@ pub fn spawn(spec: &SpawnSpec) -> Result<Child, SpawnError> {
     drop(tracked);
     // std's Child neither waits nor kills on drop; from here the pidfd is how we know about the process.
     drop(child);
-    let pidfd = pidfd_open(pid)
-        .and_then(register_readable)
-        .inspect_err(|_| {
-            // Without a pidfd we cannot watch it: take it down rather than leave an unwatched run.
-            let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
-            let _ = waitpid(Pid::from_raw(pid), None);
-            untrack(pid);
-        })?;
+    let pidfd = pidfd_open(pid).and_then(register_readable).inspect_err(|_| {
+        // Without a pidfd we cannot watch it: take it down rather than leave an unwatched run.
+        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+        let _ = waitpid(Pid::from_raw(pid), None);
+        untrack(pid);
+    })?;
     Ok(Child { pid, pidfd })
 }
 
 fn append_file(path: &Path) -> io::Result<File> {
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
+    std::fs::OpenOptions::new().create(true).append(true).open(path)
 }
 
 fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
@@ -198,8 +188,7 @@ fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
 
 fn register_readable(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
     // SAFETY: the OwnedFd is moved into the AsyncFd, which keeps it open and unchanged until it is dropped.
-    unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
-        .map_err(io::Error::from)
+    unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }.map_err(io::Error::from)
 }
 
 fn untrack(pid: i32) {
@@ -243,9 +232,7 @@ pub fn live_group_members(pgid: i32, except: i32) -> Vec<i32> {
     entries
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
         .filter(|pid| *pid != except)
-        .filter(|pid| {
-            proc_stat(*pid).is_some_and(|s| s.pgrp == pgid && s.state != 'Z' && s.state != 'X')
-        })
+        .filter(|pid| proc_stat(*pid).is_some_and(|s| s.pgrp == pgid && s.state != 'Z' && s.state != 'X'))
         .collect()
 }
 
@@ -292,10 +279,7 @@ pub async fn clear_group(pgid: i32, grace: Duration) {
                 killed_at = Some(now);
             }
             (_, Some(k)) if now >= k + Duration::from_secs(5) => {
-                tracing::warn!(
-                    pgid,
-                    "processes of the group survive SIGKILL (stuck in the kernel?)"
-                );
+                tracing::warn!(pgid, "processes of the group survive SIGKILL (stuck in the kernel?)");
                 return;
             }
             _ => {}
@@ -310,10 +294,7 @@ pub fn become_subreaper() {
     // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes an integer flag; no memory is passed.
     let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
     if rc != 0 {
-        tracing::warn!(
-            "cannot become child subreaper: {}",
-            io::Error::last_os_error()
-        );
+        tracing::warn!("cannot become child subreaper: {}", io::Error::last_os_error());
     }
 }
 
@@ -324,11 +305,7 @@ pub fn reap_orphans() {
     };
     let children: Vec<i32> = tasks
         .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("children")).ok())
-        .flat_map(|s| {
-            s.split_whitespace()
-                .filter_map(|p| p.parse().ok())
-                .collect::<Vec<i32>>()
-        })
+        .flat_map(|s| s.split_whitespace().filter_map(|p| p.parse().ok()).collect::<Vec<i32>>())
         .collect();
     let tracked = tracked();
     for pid in children {

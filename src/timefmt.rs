@@ -24,10 +24,7 @@ pub fn short_duration(secs: u64) -> String {
 
 /// Seconds from `then` to now, zero if `then` is in the future (clock changes).
 pub fn age(then: SystemTime) -> u64 {
-    SystemTime::now()
-        .duration_since(then)
-        .unwrap_or(Duration::ZERO)
-        .as_secs()
+    SystemTime::now().duration_since(then).unwrap_or(Duration::ZERO).as_secs()
 }
 
 #[cfg(test)]

@@ -9,11 +9,7 @@ use autodev::paths::Paths;
 use clap::Parser;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "autodevd",
-    version,
-    about = "Supervise AI coding agents in named slots (runs in the foreground)"
-)]
+#[command(name = "autodevd", version, about = "Supervise AI coding agents in named slots (runs in the foreground)")]
 struct Args {
     /// Config file [env: AUTODEV_CONFIG]; default: .autonomous/.autonomous-config.json or .autonomous-config.json
     /// here or in the git root, then ~/.config/autodev/autonomous-config.json
@@ -30,8 +26,7 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
-    let user_config =
-        directories::ProjectDirs::from("", "", "autodev").map(|d| d.config_dir().to_path_buf());
+    let user_config = directories::ProjectDirs::from("", "", "autodev").map(|d| d.config_dir().to_path_buf());
     let config = match config::discover(args.config.as_deref(), &cwd, user_config.as_deref()) {
         Some(path) => Config::load(&path),
         None => Ok(Config::builtin()),
@@ -51,10 +46,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("autodevd: cannot start the runtime: {e}");
@@ -72,16 +64,11 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(config: &Config) {
-    let filter = std::env::var("RUST_LOG")
-        .ok()
-        .or_else(|| config.raw.logging.level.clone())
-        .unwrap_or_else(|| "info".into());
+    let filter =
+        std::env::var("RUST_LOG").ok().or_else(|| config.raw.logging.level.clone()).unwrap_or_else(|| "info".into());
     let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|e| {
         eprintln!("autodevd: log filter {filter:?} is invalid ({e}); using info");
         tracing_subscriber::EnvFilter::new("info")
     });
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }

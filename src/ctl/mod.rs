@@ -12,8 +12,7 @@ use clap::{Parser, Subcommand};
 
 use crate::paths::Paths;
 use crate::protocol::{
-    self, Envelope, ErrorReply, Frame, FrameError, MAX_REPLY_FRAME, PROTOCOL_VERSION, Reply,
-    Request,
+    self, Envelope, ErrorReply, Frame, FrameError, MAX_REPLY_FRAME, PROTOCOL_VERSION, Reply, Request,
 };
 
 /// Exit codes scripts can rely on.
@@ -28,11 +27,7 @@ pub mod exit {
 }
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "autodevctl",
-    version,
-    about = "Drive autodevd: assign issues to agent slots, watch and stop them"
-)]
+#[command(name = "autodevctl", version, about = "Drive autodevd: assign issues to agent slots, watch and stop them")]
 pub struct Cli {
     /// State directory of the daemon to talk to [env: AUTODEV_STATE_DIR]
     #[arg(long, global = true)]
@@ -56,8 +51,8 @@ pub enum Command {
         /// Use this slot (e.g. claude-2) instead of the lowest free one
         #[arg(long)]
         slot: Option<String>,
-        /// The task, as text
-        #[arg(long, conflicts_with = "prompt_file")]
+        /// The task, as text (may start with '-')
+        #[arg(long, conflicts_with = "prompt_file", allow_hyphen_values = true)]
         prompt: Option<String>,
         /// The task, from a file ("-" for stdin)
         #[arg(long)]
@@ -156,14 +151,8 @@ impl Client {
     }
 
     pub fn send(&mut self, request: Request) -> Result<(), CtlError> {
-        protocol::write_json_sync(
-            &mut self.stream,
-            &Envelope {
-                v: PROTOCOL_VERSION,
-                request,
-            },
-        )
-        .map_err(|e| CtlError::Unreachable(format!("lost the connection to autodevd: {e}")))
+        protocol::write_json_sync(&mut self.stream, &Envelope { v: PROTOCOL_VERSION, request })
+            .map_err(|e| CtlError::Unreachable(format!("lost the connection to autodevd: {e}")))
     }
 
     pub fn set_timeout(&self, timeout: Option<Duration>) {
@@ -174,12 +163,7 @@ impl Client {
     pub fn next_frame(&mut self) -> Result<Frame, CtlError> {
         protocol::read_frame_sync(&mut self.stream, MAX_REPLY_FRAME).map_err(|e| match e {
             FrameError::Closed => CtlError::Unreachable("autodevd closed the connection".into()),
-            FrameError::Io(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
+            FrameError::Io(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
                 CtlError::Unreachable("autodevd did not answer in time".into())
             }
             other => CtlError::Unreachable(format!("bad reply from autodevd: {other}")),
@@ -243,36 +227,18 @@ pub fn run(cli: Cli) -> Result<(), CtlError> {
         .map_err(|e| CtlError::Unreachable(e.to_string()))?;
     // Read local input before talking to the daemon, so a bad file never half-does anything.
     let prompt = match &cli.command {
-        Command::Assign {
-            prompt,
-            prompt_file,
-            ..
-        } => Some(read_prompt(prompt.clone(), prompt_file.clone())?),
+        Command::Assign { prompt, prompt_file, .. } => Some(read_prompt(prompt.clone(), prompt_file.clone())?),
         _ => None,
     };
     let mut client = Client::connect(&paths)?;
     client.set_timeout(Some(Duration::from_secs(30)));
     match cli.command {
-        Command::Assign {
-            issue,
-            llm,
-            slot,
-            json,
-            ..
-        } => {
+        Command::Assign { issue, llm, slot, json, .. } => {
             let prompt = prompt.unwrap_or_default();
-            match client.call(Request::Assign {
-                issue,
-                llm,
-                slot,
-                prompt,
-            })? {
+            match client.call(Request::Assign { issue, llm, slot, prompt })? {
                 Reply::Assigned(a) if json => print_json(&a),
                 Reply::Assigned(a) => {
-                    println!(
-                        "✓ Issue #{} → {} (pid {}, run {})",
-                        a.issue, a.slot, a.pid, a.run_id
-                    );
+                    println!("✓ Issue #{} → {} (pid {}, run {})", a.issue, a.slot, a.pid, a.run_id);
                     Ok(())
                 }
                 other => Err(unexpected(other)),
@@ -306,23 +272,11 @@ pub fn run(cli: Cli) -> Result<(), CtlError> {
                 other => Err(unexpected(other)),
             }
         }
-        Command::Logs {
-            slot,
-            lines,
-            follow,
-            raw,
-            stderr,
-        } => {
+        Command::Logs { slot, lines, follow, raw, stderr } => {
             if follow {
                 client.set_timeout(None);
             }
-            client.send(Request::Logs {
-                slot,
-                lines,
-                follow,
-                raw,
-                stderr,
-            })?;
+            client.send(Request::Logs { slot, lines, follow, raw, stderr })?;
             let mut out = io::stdout().lock();
             loop {
                 match client.next_frame()? {

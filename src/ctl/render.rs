@@ -9,9 +9,7 @@ use crate::timefmt::{age, parse_rfc3339, short_duration};
 const ACTIVITY_CHARS: usize = 72;
 
 fn ago(stamp: Option<&str>) -> String {
-    stamp
-        .and_then(parse_rfc3339)
-        .map_or_else(|| "-".into(), |t| format!("{} ago", short_duration(age(t))))
+    stamp.and_then(parse_rfc3339).map_or_else(|| "-".into(), |t| format!("{} ago", short_duration(age(t))))
 }
 
 fn cut(text: &str, max: usize) -> String {
@@ -33,28 +31,16 @@ fn activity(row: &SlotStatus) -> String {
 pub fn status(report: &StatusReport, with_preview: bool) -> String {
     let count = |state: SlotState| report.slots.iter().filter(|s| s.state == state).count();
     let mut parts = vec![format!("{} slots", report.slots.len())];
-    for state in [
-        SlotState::InProgress,
-        SlotState::Starting,
-        SlotState::Failed,
-        SlotState::Completed,
-        SlotState::Ready,
-    ] {
+    for state in [SlotState::InProgress, SlotState::Starting, SlotState::Failed, SlotState::Completed, SlotState::Ready]
+    {
         let n = count(state);
         if n > 0 {
             parts.push(format!("{n} {}", state.as_str().replace('_', " ")));
         }
     }
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "{}   (autodevd pid {})",
-        parts.join(" · "),
-        report.daemon_pid
-    );
-    let header = [
-        "SLOT", "STATE", "ISSUE", "PID", "RUNNING", "OUTPUT", "SESSION", "ACTIVITY",
-    ];
+    let _ = writeln!(out, "{}   (autodevd pid {})", parts.join(" · "), report.daemon_pid);
+    let header = ["SLOT", "STATE", "ISSUE", "PID", "RUNNING", "OUTPUT", "SESSION", "ACTIVITY"];
     let rows: Vec<[String; 8]> = report
         .slots
         .iter()
@@ -69,14 +55,8 @@ pub fn status(report: &StatusReport, with_preview: bool) -> String {
                 r.issue.map_or("-".into(), |i| format!("#{i}")),
                 r.pid.map_or("-".into(), |p| p.to_string()),
                 running,
-                if r.state.is_busy() {
-                    ago(r.last_output_at.as_deref())
-                } else {
-                    "-".into()
-                },
-                r.session_id
-                    .as_deref()
-                    .map_or("-".into(), |s| s.chars().take(8).collect()),
+                if r.state.is_busy() { ago(r.last_output_at.as_deref()) } else { "-".into() },
+                r.session_id.as_deref().map_or("-".into(), |s| s.chars().take(8).collect()),
                 activity(r),
             ]
         })
@@ -117,16 +97,8 @@ pub fn instances(providers: &[ProviderUsage]) -> String {
             let _ = writeln!(out, "{:<10} disabled", p.provider);
             continue;
         }
-        let held: Vec<String> = p
-            .slots
-            .iter()
-            .filter_map(|s| s.issue.map(|i| format!("#{i} ({})", s.slot)))
-            .collect();
-        let held = if held.is_empty() {
-            "-".to_string()
-        } else {
-            held.join(", ")
-        };
+        let held: Vec<String> = p.slots.iter().filter_map(|s| s.issue.map(|i| format!("#{i} ({})", s.slot))).collect();
+        let held = if held.is_empty() { "-".to_string() } else { held.join(", ") };
         let _ = writeln!(out, "{:<10} {}/{}   {held}", p.provider, p.used, p.max);
     }
     out

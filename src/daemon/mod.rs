@@ -75,11 +75,7 @@ fn take_daemon_lock(paths: &Paths) -> anyhow::Result<DaemonLock> {
         let mut holder = String::new();
         let _ = file.read_to_string(&mut holder);
         let holder = holder.trim();
-        let who = if holder.is_empty() {
-            "another autodevd".to_string()
-        } else {
-            format!("autodevd pid {holder}")
-        };
+        let who = if holder.is_empty() { "another autodevd".to_string() } else { format!("autodevd pid {holder}") };
         bail!(
             "{who} is already running on state dir {} — stop it first, or use another --state-dir",
             paths.state_dir.display()
@@ -96,10 +92,7 @@ fn take_daemon_lock(paths: &Paths) -> anyhow::Result<DaemonLock> {
 pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
     let DaemonOptions { config, paths } = options;
     for key in &config.unknown_keys {
-        let file = config
-            .path
-            .as_ref()
-            .map_or_else(|| "config".into(), |p| p.display().to_string());
+        let file = config.path.as_ref().map_or_else(|| "config".into(), |p| p.display().to_string());
         tracing::warn!("{file}: unknown key {key} is ignored");
     }
     ensure_private_dir(&paths.state_dir)?;
@@ -121,21 +114,15 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => bail!("cannot remove stale socket {}: {e}", socket_path.display()),
     }
-    let listener = UnixListener::bind(&socket_path)
-        .with_context(|| format!("cannot listen on {}", socket_path.display()))?;
+    let listener =
+        UnixListener::bind(&socket_path).with_context(|| format!("cannot listen on {}", socket_path.display()))?;
     std::fs::set_permissions(&socket_path, std::fs::Permissions::from_mode(0o600))?;
 
     let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
     let workspace = config.workspace_dir(&cwd);
-    let providers: Vec<Provider> = config
-        .providers()
-        .iter()
-        .map(Provider::from_entry)
-        .collect();
-    let config_name = config.path.as_ref().map_or_else(
-        || ".autonomous-config.json".into(),
-        |p| p.display().to_string(),
-    );
+    let providers: Vec<Provider> = config.providers().iter().map(Provider::from_entry).collect();
+    let config_name =
+        config.path.as_ref().map_or_else(|| ".autonomous-config.json".into(), |p| p.display().to_string());
     let table = SlotTable::new(providers, config.raw.default_llm.clone(), config_name);
     let slot_count = table.slots.len();
     let sup = &config.raw.supervisor;

@@ -23,11 +23,7 @@ const BATCH_INTERVAL: Duration = Duration::from_millis(25);
 const KILL_WAIT: Duration = Duration::from_secs(10);
 
 fn failed(kind: ErrorKind, message: String, hint: Option<String>) -> ErrorReply {
-    ErrorReply {
-        kind,
-        message,
-        hint,
-    }
+    ErrorReply { kind, message, hint }
 }
 
 /// Handles `assign`: reserves a slot, starts the CLI, and starts following it.
@@ -39,11 +35,7 @@ pub async fn assign(
     prompt: &str,
 ) -> Result<Reply, ErrorReply> {
     if prompt.trim().is_empty() {
-        return Err(failed(
-            ErrorKind::BadRequest,
-            "the prompt is empty".into(),
-            None,
-        ));
+        return Err(failed(ErrorKind::BadRequest, "the prompt is empty".into(), None));
     }
     let run_id = ulid::Ulid::new().to_string();
     let run_files = RunFiles::at(shared.paths.run_dir(&run_id));
@@ -74,9 +66,7 @@ pub async fn assign(
         });
         (slot.name.clone(), provider)
     };
-    match launch(
-        shared, &slot_name, &provider, issue, &run_id, prompt, started_at,
-    ) {
+    match launch(shared, &slot_name, &provider, issue, &run_id, prompt, started_at) {
         Ok(started) => {
             let reply = Assigned {
                 slot: slot_name.clone(),
@@ -95,26 +85,20 @@ pub async fn assign(
                 }
             }
             tracing::info!(slot = %slot_name, issue, run = %run_id, pid = started.child.pid, "run started");
-            tokio::spawn(follow_run(
+            let follower = tokio::spawn(follow_run(
                 shared.clone(),
                 slot_name,
-                run_id,
+                run_id.clone(),
                 provider.format,
                 started.child,
                 started.wake,
             ));
+            tokio::spawn(fail_run_if_follower_dies(shared.clone(), run_id, follower));
             Ok(Reply::Assigned(reply))
         }
         Err(reason) => {
             tracing::warn!(slot = %slot_name, issue, "run could not start: {reason}");
-            let record = finish_task(
-                shared,
-                &run_id,
-                SlotState::Failed,
-                Some(reason.clone()),
-                None,
-                None,
-            );
+            let record = finish_task(shared, &run_id, SlotState::Failed, Some(reason.clone()), None, None);
             if let Some(record) = record {
                 write_exit_records(shared, &run_files, &record);
             }
@@ -145,13 +129,9 @@ fn launch(
     prompt: &str,
     started_at: SystemTime,
 ) -> Result<Started, String> {
-    let disk = |what: &str, e: std::io::Error| {
-        format!("cannot {what} in {}: {e}", shared.paths.state_dir.display())
-    };
-    let files = RunFiles::create(&shared.paths.runs_dir(), run_id)
-        .map_err(|e| disk("create the run directory", e))?;
-    ledger::write_atomic(&files.prompt(), prompt.as_bytes())
-        .map_err(|e| disk("write the prompt", e))?;
+    let disk = |what: &str, e: std::io::Error| format!("cannot {what} in {}: {e}", shared.paths.state_dir.display());
+    let files = RunFiles::create(&shared.paths.runs_dir(), run_id).map_err(|e| disk("create the run directory", e))?;
+    ledger::write_atomic(&files.prompt(), prompt.as_bytes()).map_err(|e| disk("write the prompt", e))?;
     for path in [files.stdout(), files.stderr()] {
         std::fs::OpenOptions::new()
             .create(true)
@@ -160,12 +140,7 @@ fn launch(
             .map_err(|e| disk("create the output files", e))?;
     }
     let prompt_file = files.prompt();
-    let launch = provider.launch_new(&LaunchContext {
-        prompt,
-        prompt_file: &prompt_file,
-        issue,
-        slot,
-    });
+    let launch = provider.launch_new(&LaunchContext { prompt, prompt_file: &prompt_file, issue, slot });
     let env = supervisor::child_env(
         &provider.passthrough_env,
         &provider.config_env,
@@ -173,14 +148,8 @@ fn launch(
             ("AUTODEV_SLOT", slot.to_string()),
             ("AUTODEV_ISSUE", issue.to_string()),
             ("AUTODEV_RUN", run_id.to_string()),
-            (
-                "AUTODEV_SOCKET",
-                shared.paths.socket().display().to_string(),
-            ),
-            (
-                "AUTODEV_RUNTIME_DIR",
-                shared.paths.runtime_dir.display().to_string(),
-            ),
+            ("AUTODEV_SOCKET", shared.paths.socket().display().to_string()),
+            ("AUTODEV_RUNTIME_DIR", shared.paths.runtime_dir.display().to_string()),
         ],
     );
     let mut record = RunRecord {
@@ -206,9 +175,7 @@ fn launch(
         match shared.watcher.watch(&path, notify.clone()) {
             Ok(wd) => watches.push(wd),
             Err(e) => {
-                watches
-                    .into_iter()
-                    .for_each(|wd| shared.watcher.unwatch(wd));
+                watches.into_iter().for_each(|wd| shared.watcher.unwatch(wd));
                 return Err(format!(
                     "cannot watch {} for output: {e} (raise fs.inotify.max_user_watches?)",
                     path.display()
@@ -228,15 +195,13 @@ fn launch(
     let child = match spawned {
         Ok(child) => child,
         Err(e) => {
-            watches
-                .into_iter()
-                .for_each(|wd| shared.watcher.unwatch(wd));
+            watches.into_iter().for_each(|wd| shared.watcher.unwatch(wd));
             let name = &provider.name;
             let program = &launch.program;
             return Err(match e {
-                SpawnError::NotFound => format!(
-                    "{name}: command not found (cliPath {program:?}) — install it or set llms.{name}.cliPath"
-                ),
+                SpawnError::NotFound => {
+                    format!("{name}: command not found (cliPath {program:?}) — install it or set llms.{name}.cliPath")
+                }
                 SpawnError::NotExecutable => format!(
                     "{name}: {program:?} cannot be run: permission denied — make it executable or fix llms.{name}.cliPath"
                 ),
@@ -253,37 +218,23 @@ fn launch(
         // The run is going; a missing pid in the record is a smaller loss than killing it.
         tracing::warn!(run = %run_id, "cannot record the pid of the run: {e}");
     }
-    Ok(Started {
-        child,
-        session_id: launch.session_id,
-        wake: Wake { notify, watches },
-    })
+    Ok(Started { child, session_id: launch.session_id, wake: Wake { notify, watches } })
 }
 
 /// Follows a run until it exits, then judges, records and frees the slot.
-async fn follow_run(
-    shared: Arc<Shared>,
-    slot: String,
-    run_id: String,
-    format: EventFormat,
-    child: Child,
-    wake: Wake,
-) {
+async fn follow_run(shared: Arc<Shared>, slot: String, run_id: String, format: EventFormat, child: Child, wake: Wake) {
     let files = RunFiles::at(shared.paths.run_dir(&run_id));
     let keep = shared.preview_lines * 2 + 8;
     let mut preview = Preview::new(shared.preview_lines, shared.preview_chars);
     let mut findings = Findings::default();
-    let mut followers: Vec<FileFollower> = [
-        (files.stdout(), format),
-        (files.stderr(), EventFormat::Text),
-    ]
-    .iter()
-    .filter_map(|(path, format)| {
-        FileFollower::open(path, *format, keep)
-            .inspect_err(|e| tracing::warn!(run = %run_id, "cannot follow {}: {e}", path.display()))
-            .ok()
-    })
-    .collect();
+    let mut followers: Vec<FileFollower> = [(files.stdout(), format), (files.stderr(), EventFormat::Text)]
+        .iter()
+        .filter_map(|(path, format)| {
+            FileFollower::open(path, *format, keep)
+                .inspect_err(|e| tracing::warn!(run = %run_id, "cannot follow {}: {e}", path.display()))
+                .ok()
+        })
+        .collect();
     let mut read_all = |preview: &mut Preview, findings: &mut Findings| {
         for f in followers.iter_mut() {
             if let Err(e) = f.read_new(preview, findings) {
@@ -316,10 +267,7 @@ async fn follow_run(
         Some(o) => Some(o),
         None => scan_outcome(&files.stdout(), format).unwrap_or(None),
     };
-    let stop_reason = shared
-        .lock_table()
-        .task_of_run(&run_id)
-        .and_then(|t| t.stop_reason.clone());
+    let stop_reason = shared.lock_table().task_of_run(&run_id).and_then(|t| t.stop_reason.clone());
     let last_stderr = render_tail(&files.stderr(), EventFormat::Text, 1, shared.preview_chars)
         .ok()
         .and_then(|(lines, _)| lines.into_iter().next());
@@ -329,11 +277,20 @@ async fn follow_run(
     let record = finish_task(&shared, &run_id, state, reason, exit_info, outcome.as_ref());
     // Nothing signals the group from here on (finish_task released it), so the pid may be freed.
     child.reap();
-    wake.watches
-        .into_iter()
-        .for_each(|wd| shared.watcher.unwatch(wd));
+    wake.watches.into_iter().for_each(|wd| shared.watcher.unwatch(wd));
     if let Some(record) = record {
         write_exit_records(&shared, &files, &record);
+    }
+}
+
+/// A bug in the follower must not leave a ghost "in_progress" slot: if it panics, the run is recorded as failed.
+async fn fail_run_if_follower_dies(shared: Arc<Shared>, run_id: String, follower: tokio::task::JoinHandle<()>) {
+    if let Err(e) = follower.await {
+        tracing::error!(run = %run_id, "the follower of the run died: {e}");
+        let reason = "autodevd lost track of this run (internal error, see its log)".to_string();
+        if let Some(record) = finish_task(&shared, &run_id, SlotState::Failed, Some(reason), None, None) {
+            write_exit_records(&shared, &RunFiles::at(shared.paths.run_dir(&run_id)), &record);
+        }
     }
 }
 
@@ -373,27 +330,14 @@ fn judge(
         None => base,
     };
     match (exit, outcome) {
-        (Err(e), _) => (
-            SlotState::Failed,
-            Some(format!("lost track of the process: {e}")),
-        ),
-        (Ok(ExitInfo::Code(0)), Some(o)) if o.success => {
-            (SlotState::Completed, Some(o.summary.clone()))
+        (Err(e), _) => (SlotState::Failed, Some(format!("lost track of the process: {e}"))),
+        (Ok(ExitInfo::Code(0)), Some(o)) if o.success => (SlotState::Completed, Some(o.summary.clone())),
+        (Ok(ExitInfo::Code(0)), None) if format == EventFormat::Text => (SlotState::Completed, None),
+        (Ok(ExitInfo::Code(0)), None) => {
+            (SlotState::Failed, Some(with_stderr("exited 0 without a final result event".into())))
         }
-        (Ok(ExitInfo::Code(0)), None) if format == EventFormat::Text => {
-            (SlotState::Completed, None)
-        }
-        (Ok(ExitInfo::Code(0)), None) => (
-            SlotState::Failed,
-            Some(with_stderr("exited 0 without a final result event".into())),
-        ),
-        (Ok(exit), Some(o)) if !o.success => {
-            (SlotState::Failed, Some(format!("{exit}, {}", o.summary)))
-        }
-        (Ok(exit), Some(_)) => (
-            SlotState::Failed,
-            Some(format!("{exit} after a successful result")),
-        ),
+        (Ok(exit), Some(o)) if !o.success => (SlotState::Failed, Some(format!("{exit}, {}", o.summary))),
+        (Ok(exit), Some(_)) => (SlotState::Failed, Some(format!("{exit} after a successful result"))),
         (Ok(exit), None) => (SlotState::Failed, Some(with_stderr(exit.to_string()))),
     }
 }
@@ -408,12 +352,10 @@ fn finish_task(
     outcome: Option<&Outcome>,
 ) -> Option<ExitRecord> {
     let mut table = shared.lock_table();
-    let (slot, task) = table.slots.iter_mut().find_map(|s| {
-        s.task
-            .as_mut()
-            .filter(|t| t.run_id == run_id)
-            .map(|t| (s.name.clone(), t))
-    })?;
+    let (slot, task) = table
+        .slots
+        .iter_mut()
+        .find_map(|s| s.task.as_mut().filter(|t| t.run_id == run_id).map(|t| (s.name.clone(), t)))?;
     let now = SystemTime::now();
     task.state = state;
     task.reason = reason.clone();
@@ -442,10 +384,7 @@ fn finish_task(
         },
         started_at: rfc3339(task.started_at),
         ended_at: rfc3339(now),
-        duration_secs: now
-            .duration_since(task.started_at)
-            .unwrap_or_default()
-            .as_secs(),
+        duration_secs: now.duration_since(task.started_at).unwrap_or_default().as_secs(),
         session_id: task.session_id.clone(),
         cost_usd: task.cost_usd,
         turns: task.turns,
@@ -466,11 +405,7 @@ pub async fn stop(shared: &Shared, slot: &str, why: &str) -> Result<Reply, Error
     let (pgid, run_id, issue, mut ended) = {
         let mut table = shared.lock_table();
         let Some(s) = table.get_mut(slot) else {
-            return Err(failed(
-                ErrorKind::NotFound,
-                format!("unknown slot {slot:?}"),
-                None,
-            ));
+            return Err(failed(ErrorKind::NotFound, format!("unknown slot {slot:?}"), None));
         };
         let Some(task) = s.task.as_mut().filter(|t| t.state == SlotState::InProgress) else {
             let state = s.state();
@@ -485,47 +420,25 @@ pub async fn stop(shared: &Shared, slot: &str, why: &str) -> Result<Reply, Error
         if !task.group_released {
             supervisor::signal_group(pgid, Signal::SIGTERM);
         }
-        (
-            pgid,
-            task.run_id.clone(),
-            task.issue,
-            task.signal.subscribe(),
-        )
+        (pgid, task.run_id.clone(), task.issue, task.signal.subscribe())
     };
-    if tokio::time::timeout(shared.grace, wait_ended(&mut ended))
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(shared.grace, wait_ended(&mut ended)).await.is_err() {
         let mut table = shared.lock_table();
         if let Some(task) = table.task_of_run(&run_id)
             && !task.group_released
         {
-            tracing::info!(
-                slot,
-                pgid,
-                "run ignored SIGTERM for {:?}; sending SIGKILL",
-                shared.grace
-            );
+            tracing::info!(slot, pgid, "run ignored SIGTERM for {:?}; sending SIGKILL", shared.grace);
             supervisor::signal_group(pgid, Signal::SIGKILL);
         }
     }
-    if tokio::time::timeout(KILL_WAIT, wait_ended(&mut ended))
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(KILL_WAIT, wait_ended(&mut ended)).await.is_err() {
         return Err(failed(
             ErrorKind::Failed,
-            format!(
-                "run {run_id} in {slot} survived SIGKILL for {KILL_WAIT:?} (stuck in the kernel?)"
-            ),
+            format!("run {run_id} in {slot} survived SIGKILL for {KILL_WAIT:?} (stuck in the kernel?)"),
             None,
         ));
     }
-    Ok(Reply::Stopped {
-        slot: slot.to_string(),
-        issue,
-        run_id,
-    })
+    Ok(Reply::Stopped { slot: slot.to_string(), issue, run_id })
 }
 
 async fn wait_ended(rx: &mut watch::Receiver<RunSignal>) {
@@ -558,9 +471,5 @@ pub async fn stop_all(shared: &Arc<Shared>, why: &str) {
 /// The run directory's stdout or stderr, for `logs`.
 pub fn log_path(run_dir: &Path, stderr: bool) -> std::path::PathBuf {
     let files = RunFiles::at(run_dir.to_path_buf());
-    if stderr {
-        files.stderr()
-    } else {
-        files.stdout()
-    }
+    if stderr { files.stderr() } else { files.stdout() }
 }

@@ -13,8 +13,8 @@ use super::runs;
 use super::slots::RunSignal;
 use crate::output::{LineAssembler, render_lines, render_tail, tail_offset};
 use crate::protocol::{
-    self, ErrorKind, ErrorReply, Frame, FrameError, MAX_REQUEST_FRAME, PROTOCOL_VERSION, Reply,
-    Request, SlotState, StatusReport,
+    self, ErrorKind, ErrorReply, Frame, FrameError, MAX_REQUEST_FRAME, PROTOCOL_VERSION, Reply, Request, SlotState,
+    StatusReport,
 };
 use crate::provider::EventFormat;
 
@@ -32,10 +32,7 @@ pub async fn serve(shared: Arc<Shared>, mut stream: UnixStream) {
         Ok(cred) if cred.uid() == me => {}
         Ok(cred) => {
             tracing::warn!(uid = cred.uid(), "refused a connection from another user");
-            let reply = error(
-                ErrorKind::BadRequest,
-                format!("autodevd serves uid {me} only"),
-            );
+            let reply = error(ErrorKind::BadRequest, format!("autodevd serves uid {me} only"));
             let _ = protocol::write_frame(&mut stream, &protocol::encode_json(&reply)).await;
             return;
         }
@@ -45,31 +42,21 @@ pub async fn serve(shared: Arc<Shared>, mut stream: UnixStream) {
         }
     }
     loop {
-        let frame = match tokio::time::timeout(
-            IDLE_TIMEOUT,
-            protocol::read_frame(&mut stream, MAX_REQUEST_FRAME),
-        )
-        .await
+        let frame = match tokio::time::timeout(IDLE_TIMEOUT, protocol::read_frame(&mut stream, MAX_REQUEST_FRAME)).await
         {
             Err(_) | Ok(Err(FrameError::Closed)) => return,
             Ok(Ok(frame)) => frame,
             Ok(Err(e)) => {
                 // After a bad header the stream cannot be resynchronised: answer, then hang up.
-                let _ = send(
-                    &mut stream,
-                    &error(ErrorKind::BadRequest, format!("bad frame: {e}")),
-                )
-                .await;
+                let _ = send(&mut stream, &error(ErrorKind::BadRequest, format!("bad frame: {e}"))).await;
                 return;
             }
         };
         let request = match frame {
             Frame::Json(payload) => protocol::decode_request(&payload),
-            Frame::Bytes(_) => Err(ErrorReply {
-                kind: ErrorKind::BadRequest,
-                message: "requests are JSON frames".into(),
-                hint: None,
-            }),
+            Frame::Bytes(_) => {
+                Err(ErrorReply { kind: ErrorKind::BadRequest, message: "requests are JSON frames".into(), hint: None })
+            }
         };
         let outcome = match request {
             Ok(request) => handle(&shared, request, &mut stream).await,
@@ -82,54 +69,30 @@ pub async fn serve(shared: Arc<Shared>, mut stream: UnixStream) {
 }
 
 fn error(kind: ErrorKind, message: String) -> Reply {
-    Reply::Error(ErrorReply {
-        kind,
-        message,
-        hint: None,
-    })
+    Reply::Error(ErrorReply { kind, message, hint: None })
 }
 
 async fn send(stream: &mut UnixStream, reply: &Reply) -> std::io::Result<()> {
     protocol::write_frame(stream, &protocol::encode_json(reply)).await
 }
 
-async fn handle(
-    shared: &Arc<Shared>,
-    request: Request,
-    stream: &mut UnixStream,
-) -> std::io::Result<()> {
+async fn handle(shared: &Arc<Shared>, request: Request, stream: &mut UnixStream) -> std::io::Result<()> {
     let reply = match request {
-        Request::Ping => Reply::Pong {
-            version: PROTOCOL_VERSION,
-            daemon_pid: shared.daemon_pid,
-        },
+        Request::Ping => Reply::Pong { version: PROTOCOL_VERSION, daemon_pid: shared.daemon_pid },
         Request::Status => Reply::Status(StatusReport {
             daemon_pid: shared.daemon_pid,
             state_dir: shared.paths.state_dir.display().to_string(),
             config_path: shared.config.path.as_ref().map(|p| p.display().to_string()),
             slots: shared.lock_table().status_rows(),
         }),
-        Request::Instances => Reply::Instances {
-            providers: shared.lock_table().usage(),
-        },
-        Request::Assign {
-            issue,
-            llm,
-            slot,
-            prompt,
-        } => runs::assign(shared, issue, llm.as_deref(), slot.as_deref(), &prompt)
-            .await
-            .unwrap_or_else(Reply::Error),
-        Request::Stop { slot } => runs::stop(shared, &slot, "stopped by autodevctl stop")
-            .await
-            .unwrap_or_else(Reply::Error),
-        Request::Logs {
-            slot,
-            lines,
-            follow,
-            raw,
-            stderr,
-        } => {
+        Request::Instances => Reply::Instances { providers: shared.lock_table().usage() },
+        Request::Assign { issue, llm, slot, prompt } => {
+            runs::assign(shared, issue, llm.as_deref(), slot.as_deref(), &prompt).await.unwrap_or_else(Reply::Error)
+        }
+        Request::Stop { slot } => {
+            runs::stop(shared, &slot, "stopped by autodevctl stop").await.unwrap_or_else(Reply::Error)
+        }
+        Request::Logs { slot, lines, follow, raw, stderr } => {
             return stream_logs(shared, stream, &slot, lines, follow, raw, stderr).await;
         }
     };
@@ -155,11 +118,7 @@ async fn stream_logs(
                 None => Err(format!("slot {slot} has not run anything yet")),
                 Some(t) => Ok((
                     runs::log_path(&t.run_dir, stderr),
-                    if stderr {
-                        EventFormat::Text
-                    } else {
-                        table.providers[s.provider].format
-                    },
+                    if stderr { EventFormat::Text } else { table.providers[s.provider].format },
                     t.run_id.clone(),
                     t.signal.subscribe(),
                 )),
@@ -170,12 +129,7 @@ async fn stream_logs(
         Ok(found) => found,
         Err(message) => return send(stream, &error(ErrorKind::NotFound, message)).await,
     };
-    let unreadable = |e: std::io::Error| {
-        error(
-            ErrorKind::Failed,
-            format!("cannot read {}: {e}", path.display()),
-        )
-    };
+    let unreadable = |e: std::io::Error| error(ErrorKind::Failed, format!("cannot read {}: {e}", path.display()));
     let mut offset = match (raw, lines) {
         (_, None) => 0,
         (true, Some(n)) => match tail_offset(&path, n) {
@@ -209,11 +163,7 @@ async fn stream_logs(
             if raw {
                 protocol::write_frame(stream, &protocol::encode_bytes(&buf[..n])).await?;
             } else {
-                send_text(
-                    stream,
-                    &render_lines(&mut assembler, &buf[..n], format, LOG_LINE_CHARS, false),
-                )
-                .await?;
+                send_text(stream, &render_lines(&mut assembler, &buf[..n], format, LOG_LINE_CHARS, false)).await?;
             }
         }
         if !follow || ended || !wait_for_more(&mut signal).await {
@@ -221,25 +171,10 @@ async fn stream_logs(
         }
     }
     if !raw {
-        send_text(
-            stream,
-            &render_lines(&mut assembler, &[], format, LOG_LINE_CHARS, true),
-        )
-        .await?;
+        send_text(stream, &render_lines(&mut assembler, &[], format, LOG_LINE_CHARS, true)).await?;
     }
-    let state = shared
-        .lock_table()
-        .get(slot)
-        .map_or(SlotState::Ready, |s| s.state());
-    send(
-        stream,
-        &Reply::LogEnd {
-            slot: slot.to_string(),
-            run_id,
-            state,
-        },
-    )
-    .await
+    let state = shared.lock_table().get(slot).map_or(SlotState::Ready, |s| s.state());
+    send(stream, &Reply::LogEnd { slot: slot.to_string(), run_id, state }).await
 }
 
 /// Waits for the next batch of output; false once the run record is gone.

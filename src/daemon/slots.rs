@@ -80,38 +80,21 @@ pub struct SlotTable {
 }
 
 fn refuse(kind: ErrorKind, message: String, hint: Option<String>) -> ErrorReply {
-    ErrorReply {
-        kind,
-        message,
-        hint,
-    }
+    ErrorReply { kind, message, hint }
 }
 
 impl SlotTable {
     /// One slot `<provider>-<n>` per allowed concurrent issue of every provider (disabled ones included, so
     /// `--slot` can say "disabled" rather than "unknown").
-    pub fn new(
-        providers: Vec<Provider>,
-        default_llm: Option<String>,
-        config_name: String,
-    ) -> SlotTable {
+    pub fn new(providers: Vec<Provider>, default_llm: Option<String>, config_name: String) -> SlotTable {
         let slots = providers
             .iter()
             .enumerate()
             .flat_map(|(i, p)| {
-                (1..=p.slots).map(move |n| Slot {
-                    name: format!("{}-{n}", p.name),
-                    provider: i,
-                    task: None,
-                })
+                (1..=p.slots).map(move |n| Slot { name: format!("{}-{n}", p.name), provider: i, task: None })
             })
             .collect();
-        SlotTable {
-            slots,
-            providers,
-            default_llm,
-            config_name,
-        }
+        SlotTable { slots, providers, default_llm, config_name }
     }
 
     pub fn get(&self, name: &str) -> Option<&Slot> {
@@ -124,40 +107,28 @@ impl SlotTable {
 
     /// The slot whose current run is `run_id`.
     pub fn task_of_run(&mut self, run_id: &str) -> Option<&mut Task> {
-        self.slots
-            .iter_mut()
-            .filter_map(|s| s.task.as_mut())
-            .find(|t| t.run_id == run_id)
+        self.slots.iter_mut().filter_map(|s| s.task.as_mut()).find(|t| t.run_id == run_id)
     }
 
     /// The busy slot holding `issue`, if any.
     pub fn holder_of(&self, issue: u64) -> Option<&Slot> {
-        self.slots
-            .iter()
-            .find(|s| s.is_busy() && s.task.as_ref().is_some_and(|t| t.issue == issue))
+        self.slots.iter().find(|s| s.is_busy() && s.task.as_ref().is_some_and(|t| t.issue == issue))
     }
 
     fn provider_index(&self, name: &str) -> Result<usize, ErrorReply> {
-        let index = self
-            .providers
-            .iter()
-            .position(|p| p.name == name)
-            .ok_or_else(|| {
-                let known: Vec<_> = self.providers.iter().map(|p| p.name.as_str()).collect();
-                refuse(
-                    ErrorKind::NotFound,
-                    format!("unknown LLM {name:?} (configured: {})", known.join(", ")),
-                    Some(format!("add it under llms in {}", self.config_name)),
-                )
-            })?;
+        let index = self.providers.iter().position(|p| p.name == name).ok_or_else(|| {
+            let known: Vec<_> = self.providers.iter().map(|p| p.name.as_str()).collect();
+            refuse(
+                ErrorKind::NotFound,
+                format!("unknown LLM {name:?} (configured: {})", known.join(", ")),
+                Some(format!("add it under llms in {}", self.config_name)),
+            )
+        })?;
         if !self.providers[index].enabled || self.providers[index].slots == 0 {
             return Err(refuse(
                 ErrorKind::Conflict,
                 format!("LLM {name:?} is disabled"),
-                Some(format!(
-                    "set llms.{name}.enabled to true in {}",
-                    self.config_name
-                )),
+                Some(format!("set llms.{name}.enabled to true in {}", self.config_name)),
             ));
         }
         Ok(index)
@@ -167,14 +138,8 @@ impl SlotTable {
         let p = &self.providers[provider];
         refuse(
             ErrorKind::Conflict,
-            format!(
-                "No available {} instances (max: {})",
-                p.display_name, p.slots
-            ),
-            Some(format!(
-                "Try increasing maxConcurrentIssues in {}",
-                self.config_name
-            )),
+            format!("No available {} instances (max: {})", p.display_name, p.slots),
+            Some(format!("Try increasing maxConcurrentIssues in {}", self.config_name)),
         )
     }
 
@@ -184,29 +149,15 @@ impl SlotTable {
         if let Some(holder) = self.holder_of(req.issue) {
             return Err(refuse(
                 ErrorKind::Conflict,
-                format!(
-                    "issue #{} is already assigned to {}",
-                    req.issue, holder.name
-                ),
-                Some(format!(
-                    "stop it first with `autodevctl stop {}`",
-                    holder.name
-                )),
+                format!("issue #{} is already assigned to {}", req.issue, holder.name),
+                Some(format!("stop it first with `autodevctl stop {}`", holder.name)),
             ));
         }
         if let Some(name) = req.slot {
-            let index = self
-                .slots
-                .iter()
-                .position(|s| s.name == name)
-                .ok_or_else(|| {
-                    let names: Vec<_> = self.slots.iter().map(|s| s.name.as_str()).collect();
-                    refuse(
-                        ErrorKind::NotFound,
-                        format!("unknown slot {name:?} (slots: {})", names.join(", ")),
-                        None,
-                    )
-                })?;
+            let index = self.slots.iter().position(|s| s.name == name).ok_or_else(|| {
+                let names: Vec<_> = self.slots.iter().map(|s| s.name.as_str()).collect();
+                refuse(ErrorKind::NotFound, format!("unknown slot {name:?} (slots: {})", names.join(", ")), None)
+            })?;
             let slot = &self.slots[index];
             let provider = &self.providers[slot.provider];
             if let Some(llm) = req.llm
@@ -228,18 +179,13 @@ impl SlotTable {
             }
             return Ok(index);
         }
-        let first_free = |provider: usize| {
-            self.slots
-                .iter()
-                .position(|s| s.provider == provider && !s.is_busy())
-        };
+        let first_free = |provider: usize| self.slots.iter().position(|s| s.provider == provider && !s.is_busy());
         if let Some(llm) = req.llm.or(self.default_llm.as_deref()) {
             let provider = self.provider_index(llm)?;
             return first_free(provider).ok_or_else(|| self.no_free_slot(provider));
         }
-        let enabled: Vec<usize> = (0..self.providers.len())
-            .filter(|i| self.providers[*i].enabled && self.providers[*i].slots > 0)
-            .collect();
+        let enabled: Vec<usize> =
+            (0..self.providers.len()).filter(|i| self.providers[*i].enabled && self.providers[*i].slots > 0).collect();
         if let Some(index) = enabled.iter().find_map(|p| first_free(*p)) {
             return Ok(index);
         }
@@ -253,23 +199,12 @@ impl SlotTable {
             all => {
                 let maxes: Vec<String> = all
                     .iter()
-                    .map(|p| {
-                        format!(
-                            "{} max {}",
-                            self.providers[*p].name, self.providers[*p].slots
-                        )
-                    })
+                    .map(|p| format!("{} max {}", self.providers[*p].name, self.providers[*p].slots))
                     .collect();
                 Err(refuse(
                     ErrorKind::Conflict,
-                    format!(
-                        "No available instances of any enabled LLM ({})",
-                        maxes.join(", ")
-                    ),
-                    Some(format!(
-                        "Try increasing maxConcurrentIssues in {}",
-                        self.config_name
-                    )),
+                    format!("No available instances of any enabled LLM ({})", maxes.join(", ")),
+                    Some(format!("Try increasing maxConcurrentIssues in {}", self.config_name)),
                 ))
             }
         }
@@ -331,11 +266,7 @@ impl SlotTable {
                     .map(|s| SlotUse {
                         slot: s.name.clone(),
                         state: s.state(),
-                        issue: s
-                            .task
-                            .as_ref()
-                            .filter(|t| t.state.is_busy())
-                            .map(|t| t.issue),
+                        issue: s.task.as_ref().filter(|t| t.state.is_busy()).map(|t| t.issue),
                     })
                     .collect();
                 ProviderUsage {
@@ -357,16 +288,8 @@ mod tests {
 
     fn table(json: &str) -> SlotTable {
         let config = Config::parse(json, None).unwrap();
-        let providers = config
-            .providers()
-            .iter()
-            .map(Provider::from_entry)
-            .collect();
-        SlotTable::new(
-            providers,
-            config.raw.default_llm.clone(),
-            ".autonomous-config.json".into(),
-        )
+        let providers = config.providers().iter().map(Provider::from_entry).collect();
+        SlotTable::new(providers, config.raw.default_llm.clone(), ".autonomous-config.json".into())
     }
 
     fn occupy(t: &mut SlotTable, index: usize, issue: u64) {
@@ -391,33 +314,20 @@ mod tests {
         });
     }
 
-    fn req(
-        issue: u64,
-        llm: Option<&'static str>,
-        slot: Option<&'static str>,
-    ) -> SlotRequest<'static> {
+    fn req(issue: u64, llm: Option<&'static str>, slot: Option<&'static str>) -> SlotRequest<'static> {
         SlotRequest { issue, llm, slot }
     }
 
     #[test]
     fn lowest_free_slot_then_seed_message() {
         let mut t = table(r#"{"llms":{"claude":{"maxConcurrentIssues":2}}}"#);
-        assert_eq!(
-            t.slots[t.choose(&req(1, None, None)).unwrap()].name,
-            "claude-1"
-        );
+        assert_eq!(t.slots[t.choose(&req(1, None, None)).unwrap()].name, "claude-1");
         occupy(&mut t, 0, 1);
-        assert_eq!(
-            t.slots[t.choose(&req(2, None, None)).unwrap()].name,
-            "claude-2"
-        );
+        assert_eq!(t.slots[t.choose(&req(2, None, None)).unwrap()].name, "claude-2");
         occupy(&mut t, 1, 2);
         let e = t.choose(&req(3, None, None)).unwrap_err();
         assert_eq!(e.message, "No available Claude instances (max: 2)");
-        assert_eq!(
-            e.hint.unwrap(),
-            "Try increasing maxConcurrentIssues in .autonomous-config.json"
-        );
+        assert_eq!(e.hint.unwrap(), "Try increasing maxConcurrentIssues in .autonomous-config.json");
     }
 
     #[test]
@@ -425,59 +335,26 @@ mod tests {
         let mut t = table(r#"{"llms":{"claude":{"maxConcurrentIssues":2}}}"#);
         occupy(&mut t, 0, 7);
         let e = t.choose(&req(7, None, Some("claude-2"))).unwrap_err();
-        assert!(
-            e.message.contains("already assigned to claude-1"),
-            "{}",
-            e.message
-        );
+        assert!(e.message.contains("already assigned to claude-1"), "{}", e.message);
     }
 
     #[test]
     fn slot_override_errors_name_the_slot() {
-        let mut t =
-            table(r#"{"llms":{"claude":{"maxConcurrentIssues":2},"codex":{"enabled":false}}}"#);
+        let mut t = table(r#"{"llms":{"claude":{"maxConcurrentIssues":2},"codex":{"enabled":false}}}"#);
         occupy(&mut t, 1, 5);
-        assert!(
-            t.choose(&req(1, None, Some("claude-2")))
-                .unwrap_err()
-                .message
-                .contains("claude-2 is busy")
-        );
-        assert!(
-            t.choose(&req(1, None, Some("claude-9")))
-                .unwrap_err()
-                .message
-                .contains("unknown slot \"claude-9\"")
-        );
-        assert!(
-            t.choose(&req(1, None, Some("codex-1")))
-                .unwrap_err()
-                .message
-                .contains("disabled")
-        );
-        assert!(
-            t.choose(&req(1, Some("gemini"), None))
-                .unwrap_err()
-                .message
-                .contains("unknown LLM")
-        );
+        assert!(t.choose(&req(1, None, Some("claude-2"))).unwrap_err().message.contains("claude-2 is busy"));
+        assert!(t.choose(&req(1, None, Some("claude-9"))).unwrap_err().message.contains("unknown slot \"claude-9\""));
+        assert!(t.choose(&req(1, None, Some("codex-1"))).unwrap_err().message.contains("disabled"));
+        assert!(t.choose(&req(1, Some("gemini"), None)).unwrap_err().message.contains("unknown LLM"));
     }
 
     #[test]
     fn without_llm_the_first_enabled_provider_with_room_wins() {
         let mut t = table("{}");
         occupy(&mut t, 0, 1);
-        assert_eq!(
-            t.slots[t.choose(&req(2, None, None)).unwrap()].name,
-            "gemini-1"
-        );
+        assert_eq!(t.slots[t.choose(&req(2, None, None)).unwrap()].name, "gemini-1");
         occupy(&mut t, 1, 2);
         occupy(&mut t, 2, 3);
-        assert!(
-            t.choose(&req(4, None, None))
-                .unwrap_err()
-                .message
-                .starts_with("No available instances of any")
-        );
+        assert!(t.choose(&req(4, None, None)).unwrap_err().message.starts_with("No available instances of any"));
     }
 }

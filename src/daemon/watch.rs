@@ -22,47 +22,26 @@ impl Watcher {
         let watches = inotify.watches();
         let targets: Arc<Mutex<HashMap<WatchDescriptor, Arc<Notify>>>> = Arc::default();
         // SAFETY: the Inotify is moved into the AsyncFd, which owns its fd (open, unchanged) until dropped.
-        let fd =
-            unsafe { AsyncFd::register_with_interest(inotify, tokio::io::Interest::READABLE) }?;
+        let fd = unsafe { AsyncFd::register_with_interest(inotify, tokio::io::Interest::READABLE) }?;
         tokio::spawn(dispatch(fd, targets.clone()));
-        Ok(Watcher {
-            watches: Mutex::new(watches),
-            targets,
-        })
+        Ok(Watcher { watches: Mutex::new(watches), targets })
     }
 
     /// Wakes `notify` whenever `path` is written to.
     pub fn watch(&self, path: &Path, notify: Arc<Notify>) -> io::Result<WatchDescriptor> {
-        let wd = self
-            .watches
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .add(path, WatchMask::MODIFY)?;
-        self.targets
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(wd.clone(), notify);
+        let wd = self.watches.lock().unwrap_or_else(|e| e.into_inner()).add(path, WatchMask::MODIFY)?;
+        self.targets.lock().unwrap_or_else(|e| e.into_inner()).insert(wd.clone(), notify);
         Ok(wd)
     }
 
     pub fn unwatch(&self, wd: WatchDescriptor) {
-        self.targets
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&wd);
+        self.targets.lock().unwrap_or_else(|e| e.into_inner()).remove(&wd);
         // The file may be gone already (then the kernel dropped the watch itself).
-        let _ = self
-            .watches
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(wd);
+        let _ = self.watches.lock().unwrap_or_else(|e| e.into_inner()).remove(wd);
     }
 }
 
-async fn dispatch(
-    mut fd: AsyncFd<Inotify>,
-    targets: Arc<Mutex<HashMap<WatchDescriptor, Arc<Notify>>>>,
-) {
+async fn dispatch(mut fd: AsyncFd<Inotify>, targets: Arc<Mutex<HashMap<WatchDescriptor, Arc<Notify>>>>) {
     let mut buf = [0u8; 4096];
     loop {
         let Ok(mut guard) = fd.readable_mut().await else {
@@ -88,9 +67,7 @@ async fn dispatch(
         match woken {
             Ok(list) => list.iter().for_each(|n| n.notify_one()),
             Err(e) => {
-                tracing::error!(
-                    "inotify read failed, output previews stop updating until restart: {e}"
-                );
+                tracing::error!("inotify read failed, output previews stop updating until restart: {e}");
                 return;
             }
         }
