@@ -1,1 +1,259 @@
-fn main() {}
+//! Supervisor benchmarks (not tests): `cargo bench --bench supervisor`. Prints a Markdown section for
+//! BENCHMARKS.md. Ratios compare both sides in the same run, alternating, so a noisy shared machine hits both.
+//!
+//! `BENCH_QUICK=1` shrinks every figure (for checking the bench itself, not for numbers).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::io::Write;
+use std::os::fd::AsFd;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use autodev::ctl::Client;
+use autodev::paths::Paths;
+use autodev::protocol::{Reply, Request};
+use common::{Daemon, fixtures};
+use serde_json::{Value, json};
+
+fn quick() -> bool {
+    std::env::var_os("BENCH_QUICK").is_some()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+/// A config with one custom provider that runs the fake CLI as a plain-text program, `slots` slots.
+fn plain_config(slots: u32) -> Value {
+    let bin = fixtures().join("bin/plain");
+    json!({
+        "llms": { "bench": { "cliPath": bin.display().to_string(), "maxConcurrentIssues": slots } },
+        "supervisor": { "stopGraceSecs": 2 }
+    })
+}
+
+/// Polls `status` over one library connection (cheap, so the polling does not weigh on what is measured) until
+/// `slot`'s run is no longer busy.
+fn wait_done(d: &Daemon, slot: &str, limit: Duration) -> Value {
+    let paths = Paths::resolve(Some(&d.state_dir()), Some(&d.runtime_dir())).unwrap();
+    let mut client = Client::connect(&paths).unwrap();
+    let start = Instant::now();
+    loop {
+        let Reply::Status(report) = client.call(Request::Status).unwrap() else { panic!("not a status reply") };
+        let row = report.slots.into_iter().find(|s| s.slot == slot).expect("slot exists");
+        if !row.state.is_busy() {
+            return serde_json::to_value(row).unwrap();
+        }
+        assert!(start.elapsed() < limit, "{slot} still busy after {limit:?}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn daemon_cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).unwrap().unwrap() as f64
+}
+
+fn daemon_kb(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with(field)).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// The benchmark's own child: this binary run as `--writer "lines BYTES"` (1 MiB writes of 100-byte lines) or
+/// `--writer "per-line BYTES"` (one write(2) per line). Native, so the figures measure capture, not interpreter
+/// start-up.
+fn writer(spec: &str) {
+    let mut parts = spec.split_whitespace();
+    let (mode, total) = (parts.next().unwrap(), parts.next().unwrap().parse::<usize>().unwrap());
+    let mut out = std::fs::File::from(std::io::stdout().as_fd().try_clone_to_owned().unwrap());
+    let line = [b"w".repeat(99), b"\n".to_vec()].concat();
+    match mode {
+        "lines" => {
+            let block = line.repeat((1 << 20) / line.len());
+            let mut written = 0;
+            while written < total {
+                let n = block.len().min(total - written);
+                out.write_all(&block[..n]).unwrap();
+                written += n;
+            }
+        }
+        "per-line" => (0..total / line.len()).for_each(|_| out.write_all(&line).unwrap()),
+        other => panic!("unknown writer mode {other}"),
+    }
+}
+
+fn writer_config() -> Value {
+    let exe = std::env::current_exe().unwrap();
+    json!({
+        "llms": { "bench": { "cliPath": exe.display().to_string(), "cliArgs": ["--writer", "{prompt}"] } },
+        "supervisor": { "stopGraceSecs": 2 }
+    })
+}
+
+/// The writer straight to a file, with nothing watching: the baseline.
+fn alone(dir: &std::path::Path, spec: &str) -> f64 {
+    let out = dir.join("alone.out");
+    let start = Instant::now();
+    let status = Command::new(std::env::current_exe().unwrap())
+        .args(["--writer", spec])
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    let secs = start.elapsed().as_secs_f64();
+    assert!(status.success());
+    std::fs::remove_file(out).unwrap();
+    secs
+}
+
+/// The same child as an autodevd run: from `assign` until `status` reports it completed.
+fn supervised(d: &Daemon, issue: u64, spec: &str) -> f64 {
+    let start = Instant::now();
+    let slot = d.assign(issue, &[], spec);
+    let row = wait_done(d, &slot, Duration::from_secs(600));
+    let secs = start.elapsed().as_secs_f64();
+    assert_eq!(row["state"], "completed", "{row}");
+    std::fs::remove_dir_all(d.state_dir().join("runs").join(row["run_id"].as_str().unwrap())).unwrap();
+    secs
+}
+
+fn capture_cost(report: &mut Vec<String>, label: &str, spec: &str, rounds: usize) {
+    let d = Daemon::start(&writer_config());
+    let scratch = tempfile::tempdir().unwrap();
+    let cpu_before = daemon_cpu_secs(d.pid());
+    let (mut base, mut under) = (Vec::new(), Vec::new());
+    for i in 0..rounds {
+        base.push(alone(scratch.path(), spec));
+        under.push(supervised(&d, 1000 + i as u64, spec));
+    }
+    let daemon_cpu = (daemon_cpu_secs(d.pid()) - cpu_before) / rounds as f64;
+    let (b, u) = (median(base), median(under));
+    report.push(format!("| {label} | {b:.3} s | {u:.3} s | **{:.3}** | {daemon_cpu:.3} s |", u / b));
+}
+
+fn start_to_finished(report: &mut Vec<String>) {
+    let d = Daemon::start(&writer_config());
+    let scratch = tempfile::tempdir().unwrap();
+    let rounds = if quick() { 5 } else { 30 };
+    let (mut base, mut under) = (Vec::new(), Vec::new());
+    for i in 0..rounds {
+        base.push(alone(scratch.path(), "lines 100") * 1000.0);
+        under.push(supervised(&d, 5000 + i, "lines 100") * 1000.0);
+    }
+    report.push(format!(
+        "| start one child until it is reported finished | **{:.1} ms** (the child alone: {:.1} ms) |",
+        median(under),
+        median(base)
+    ));
+}
+
+fn status_latency(report: &mut Vec<String>, slots: u32) {
+    let d = Daemon::start(&plain_config(slots));
+    for i in 0..slots {
+        d.assign(2000 + u64::from(i), &[], "@say busy\n@sleep 600");
+    }
+    // Measure the steady state, not 64 interpreters starting up.
+    let start = Instant::now();
+    while !d.status()["slots"].as_array().unwrap().iter().all(|s| s["console_preview"] == json!(["busy"])) {
+        assert!(start.elapsed() < Duration::from_secs(120), "slots did not settle");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let rounds = if quick() { 20 } else { 300 };
+    let mut times = Vec::new();
+    for _ in 0..rounds {
+        let start = Instant::now();
+        let out = d.ctl_command(&["status", "--json"]).output().unwrap();
+        times.push(start.elapsed().as_secs_f64() * 1000.0);
+        assert!(out.status.success());
+    }
+    let busy = d.status()["slots"].as_array().unwrap().iter().filter(|s| s["state"] == "in_progress").count();
+    assert_eq!(busy, slots as usize);
+    let p90 = {
+        let mut t = times.clone();
+        t.sort_by(|a, b| a.total_cmp(b));
+        t[t.len() * 9 / 10]
+    };
+    report.push(format!(
+        "| `autodevctl status --json`, {slots} busy slots, whole process | median **{:.2} ms**, p90 {p90:.2} ms ({rounds} runs) |",
+        median(times)
+    ));
+}
+
+fn flood_memory(report: &mut Vec<String>, slots: u32, bytes_each: u64) {
+    let d = Daemon::start(&plain_config(slots));
+    let start = Instant::now();
+    for i in 0..slots {
+        // Pinned slots: a quick run would otherwise free its slot for the next assignment.
+        let slot = format!("bench-{}", i + 1);
+        d.assign(3000 + u64::from(i), &["--slot", &slot], &format!("@flood {bytes_each}\n@ansi\n@bigline 10000000"));
+    }
+    for i in 1..=slots {
+        let row = wait_done(&d, &format!("bench-{i}"), Duration::from_secs(900));
+        assert_eq!(row["state"], "completed", "{row}");
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let hwm = daemon_kb(d.pid(), "VmHWM");
+    let total_gib = (bytes_each * u64::from(slots)) as f64 / f64::from(1 << 30);
+    report.push(format!(
+        "| daemon peak RSS (VmHWM), {slots} slots flooding {total_gib:.1} GiB in all ({:.1} s) | **{:.1} MiB** |",
+        secs,
+        hwm as f64 / 1024.0
+    ));
+    let _ = std::fs::remove_dir_all(d.state_dir().join("runs"));
+}
+
+fn idle_cpu(report: &mut Vec<String>, slots: u32, secs: u64) {
+    let d = Daemon::start(&plain_config(slots));
+    for i in 0..slots {
+        d.assign(4000 + u64::from(i), &[], &format!("@say ready\n@sleep {}", secs + 60));
+    }
+    // Let start-up output settle before measuring.
+    std::thread::sleep(Duration::from_secs(2));
+    let before = daemon_cpu_secs(d.pid());
+    std::thread::sleep(Duration::from_secs(secs));
+    let used = daemon_cpu_secs(d.pid()) - before;
+    let rss = daemon_kb(d.pid(), "VmRSS");
+    report.push(format!(
+        "| daemon CPU over {secs} s with {slots} silent slots | **{used:.3} s** (RSS {:.1} MiB) |",
+        rss as f64 / 1024.0
+    ));
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--writer") {
+        return writer(&args[i + 1]);
+    }
+    let (gib, rounds) = if quick() { (64u64 << 20, 2) } else { (1u64 << 30, 5) };
+    let mut capture = vec![
+        "| child output | child alone, to a file | under autodevd | ratio | daemon CPU per run |".to_string(),
+        "|---|---|---|---|---|".to_string(),
+    ];
+    capture_cost(&mut capture, &format!("{} MiB of 100-byte lines", gib >> 20), &format!("lines {gib}"), rounds);
+    let per_line = if quick() { 8u64 << 20 } else { 200u64 << 20 };
+    capture_cost(
+        &mut capture,
+        &format!("{} MiB, one write(2) per line", per_line >> 20),
+        &format!("per-line {per_line}"),
+        rounds,
+    );
+
+    let mut other = vec!["| figure | result |".to_string(), "|---|---|".to_string()];
+    status_latency(&mut other, 64);
+    flood_memory(&mut other, 64, if quick() { 4 << 20 } else { 64 << 20 });
+    idle_cpu(&mut other, 64, if quick() { 5 } else { 60 });
+    start_to_finished(&mut other);
+
+    println!("\n## Capture cost (medians of {rounds} alternating rounds)\n");
+    println!("{}", capture.join("\n"));
+    println!("\n## Status, memory, idle CPU, latency\n");
+    println!("{}", other.join("\n"));
+}

@@ -398,3 +398,18 @@ fn status_table_reads_at_a_glance() {
     assert!(claude.ends_with("working hard"), "{table}");
     assert!(d.ctl(&["status", "--preview"]).contains("    │ working hard"));
 }
+
+#[test]
+fn a_reader_that_goes_away_is_not_an_error() {
+    let d = Daemon::start(&fake_config(1));
+    let (read_end, write_end) = nix::unistd::pipe().unwrap();
+    drop(read_end);
+    let out = d
+        .ctl_command(&["status", "--json"])
+        .stdout(std::process::Stdio::from(write_end))
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(!stderr_of(&out).contains("panicked"), "{}", stderr_of(&out));
+}

@@ -97,6 +97,9 @@ pub enum Command {
     },
 }
 
+/// The largest prompt `assign` sends: the request frame limit less room for the rest of the request.
+const MAX_PROMPT_BYTES: usize = protocol::MAX_REQUEST_FRAME - (64 << 10);
+
 /// Why a command did not succeed, mapped to an exit code.
 #[derive(Debug, thiserror::Error)]
 pub enum CtlError {
@@ -194,8 +197,16 @@ fn decode_reply(payload: &[u8]) -> Result<Reply, CtlError> {
 
 fn print_json<T: serde::Serialize>(value: &T) -> Result<(), CtlError> {
     let text = serde_json::to_string_pretty(value).map_err(|e| CtlError::Failed(e.to_string()))?;
-    println!("{text}");
-    Ok(())
+    emit(&format!("{text}\n"))
+}
+
+/// Writes to stdout. A reader that went away (`| head`, `| grep -q`) is a normal end, not an error or a panic.
+fn emit(text: &str) -> Result<(), CtlError> {
+    let mut out = io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+        Err(e) if e.kind() != io::ErrorKind::BrokenPipe => Err(CtlError::Failed(format!("cannot write output: {e}"))),
+        _ => Ok(()),
+    }
 }
 
 fn unexpected(reply: Reply) -> CtlError {
@@ -230,6 +241,15 @@ pub fn run(cli: Cli) -> Result<(), CtlError> {
         Command::Assign { prompt, prompt_file, .. } => Some(read_prompt(prompt.clone(), prompt_file.clone())?),
         _ => None,
     };
+    if let Some(p) = &prompt
+        && p.len() > MAX_PROMPT_BYTES
+    {
+        return Err(CtlError::Failed(format!(
+            "the prompt is {} KiB; the limit is {} KiB — put the details in a file in the repository and point to it",
+            p.len() >> 10,
+            MAX_PROMPT_BYTES >> 10
+        )));
+    }
     let mut client = Client::connect(&paths)?;
     client.set_timeout(Some(Duration::from_secs(30)));
     match cli.command {
@@ -238,26 +258,19 @@ pub fn run(cli: Cli) -> Result<(), CtlError> {
             match client.call(Request::Assign { issue, llm, slot, prompt })? {
                 Reply::Assigned(a) if json => print_json(&a),
                 Reply::Assigned(a) => {
-                    println!("✓ Issue #{} → {} (pid {}, run {})", a.issue, a.slot, a.pid, a.run_id);
-                    Ok(())
+                    emit(&format!("✓ Issue #{} → {} (pid {}, run {})\n", a.issue, a.slot, a.pid, a.run_id))
                 }
                 other => Err(unexpected(other)),
             }
         }
         Command::Status { preview, json } => match client.call(Request::Status)? {
             Reply::Status(report) if json => print_json(&report),
-            Reply::Status(report) => {
-                print!("{}", render::status(&report, preview));
-                Ok(())
-            }
+            Reply::Status(report) => emit(&render::status(&report, preview)),
             other => Err(unexpected(other)),
         },
         Command::Instances { json } => match client.call(Request::Instances)? {
             Reply::Instances { providers } if json => print_json(&providers),
-            Reply::Instances { providers } => {
-                print!("{}", render::instances(&providers));
-                Ok(())
-            }
+            Reply::Instances { providers } => emit(&render::instances(&providers)),
             other => Err(unexpected(other)),
         },
         Command::Stop { slot, json } => {
@@ -266,8 +279,7 @@ pub fn run(cli: Cli) -> Result<(), CtlError> {
             match client.call(Request::Stop { slot })? {
                 reply @ Reply::Stopped { .. } if json => print_json(&reply),
                 Reply::Stopped { slot, issue, .. } => {
-                    println!("✓ Stopped {slot} (issue #{issue}); the slot is free");
-                    Ok(())
+                    emit(&format!("✓ Stopped {slot} (issue #{issue}); the slot is free\n"))
                 }
                 other => Err(unexpected(other)),
             }

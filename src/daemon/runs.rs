@@ -1,7 +1,7 @@
 //! The life of a run: start it in a reserved slot, follow its output into the preview, judge its outcome when it
 //! exits, record it, free the slot; and `stop`, which ends its whole process group.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -19,6 +19,8 @@ use crate::timefmt::rfc3339;
 
 /// Under a flood, followers read at most this often; a quiet run is read as soon as it writes.
 const BATCH_INTERVAL: Duration = Duration::from_millis(25);
+/// A batch this large means the run floods: read on the batch timer instead of per-write notifications.
+const FLOOD_BATCH: u64 = 64 << 10;
 /// How long `stop` waits for a run to finish after SIGKILL before it answers that something is stuck.
 const KILL_WAIT: Duration = Duration::from_secs(10);
 
@@ -113,10 +115,51 @@ struct Started {
     wake: Wake,
 }
 
-/// The follower's wake-up and the inotify watches that feed it.
+/// The follower's wake-up: inotify watches on the run's output files, dropped while the run floods (every watched
+/// write(2) costs the writer a notification in the kernel) and re-armed once it is quiet.
 struct Wake {
     notify: Arc<Notify>,
+    paths: Vec<PathBuf>,
     watches: Vec<inotify::WatchDescriptor>,
+}
+
+impl Wake {
+    fn arm(shared: &Shared, paths: Vec<PathBuf>) -> Result<Wake, String> {
+        let mut wake = Wake { notify: Arc::new(Notify::new()), paths, watches: Vec::new() };
+        wake.rearm(shared)?;
+        Ok(wake)
+    }
+
+    fn is_armed(&self) -> bool {
+        !self.watches.is_empty()
+    }
+
+    fn rearm(&mut self, shared: &Shared) -> Result<(), String> {
+        let mut failure = None;
+        for path in &self.paths {
+            match shared.watcher.watch(path, self.notify.clone()) {
+                Ok(wd) => self.watches.push(wd),
+                Err(e) => {
+                    failure = Some(format!(
+                        "cannot watch {} for output: {e} (raise fs.inotify.max_user_watches?)",
+                        path.display()
+                    ));
+                    break;
+                }
+            }
+        }
+        match failure {
+            Some(message) => {
+                self.disarm(shared);
+                Err(message)
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn disarm(&mut self, shared: &Shared) {
+        self.watches.drain(..).for_each(|wd| shared.watcher.unwatch(wd));
+    }
 }
 
 /// Prepares the run directory and spawns the CLI. Errors are the reason shown to the user.
@@ -169,20 +212,7 @@ fn launch(
     };
     ledger::write_json(&files.record(), &record).map_err(|e| disk("write the run record", e))?;
 
-    let notify = Arc::new(Notify::new());
-    let mut watches = Vec::new();
-    for path in [files.stdout(), files.stderr()] {
-        match shared.watcher.watch(&path, notify.clone()) {
-            Ok(wd) => watches.push(wd),
-            Err(e) => {
-                watches.into_iter().for_each(|wd| shared.watcher.unwatch(wd));
-                return Err(format!(
-                    "cannot watch {} for output: {e} (raise fs.inotify.max_user_watches?)",
-                    path.display()
-                ));
-            }
-        }
-    }
+    let mut wake = Wake::arm(shared, vec![files.stdout(), files.stderr()])?;
     let spawned = supervisor::spawn(&SpawnSpec {
         program: &launch.program,
         args: &launch.args,
@@ -195,7 +225,7 @@ fn launch(
     let child = match spawned {
         Ok(child) => child,
         Err(e) => {
-            watches.into_iter().for_each(|wd| shared.watcher.unwatch(wd));
+            wake.disarm(shared);
             let name = &provider.name;
             let program = &launch.program;
             return Err(match e {
@@ -218,11 +248,18 @@ fn launch(
         // The run is going; a missing pid in the record is a smaller loss than killing it.
         tracing::warn!(run = %run_id, "cannot record the pid of the run: {e}");
     }
-    Ok(Started { child, session_id: launch.session_id, wake: Wake { notify, watches } })
+    Ok(Started { child, session_id: launch.session_id, wake })
 }
 
 /// Follows a run until it exits, then judges, records and frees the slot.
-async fn follow_run(shared: Arc<Shared>, slot: String, run_id: String, format: EventFormat, child: Child, wake: Wake) {
+async fn follow_run(
+    shared: Arc<Shared>,
+    slot: String,
+    run_id: String,
+    format: EventFormat,
+    child: Child,
+    mut wake: Wake,
+) {
     let files = RunFiles::at(shared.paths.run_dir(&run_id));
     let keep = shared.preview_lines * 2 + 8;
     let mut preview = Preview::new(shared.preview_lines, shared.preview_chars);
@@ -244,15 +281,30 @@ async fn follow_run(shared: Arc<Shared>, slot: String, run_id: String, format: E
     };
 
     let exit = loop {
+        if wake.is_armed() {
+            tokio::select! {
+                biased;
+                exit = child.wait_exit() => break exit,
+                () = wake.notify.notified() => {}
+            }
+        }
+        read_all(&mut preview, &mut findings);
+        let batch = findings.new_bytes;
+        publish(&shared, &run_id, &preview, &mut findings, false);
+        if batch >= FLOOD_BATCH && wake.is_armed() {
+            wake.disarm(&shared);
+        } else if batch == 0 && !wake.is_armed() {
+            match wake.rearm(&shared) {
+                // Output written before the watch was back raised no event: look once more.
+                Ok(()) => wake.notify.notify_one(),
+                Err(e) => tracing::warn!(run = %run_id, "{e}; reading on a timer instead"),
+            }
+        }
+        // Coalesce a flood into a bounded number of reads; an exit is still seen at once.
         tokio::select! {
             biased;
             exit = child.wait_exit() => break exit,
-            () = wake.notify.notified() => {
-                read_all(&mut preview, &mut findings);
-                publish(&shared, &run_id, &preview, &mut findings, false);
-                // Coalesce a flood into a bounded number of reads.
-                tokio::time::sleep(BATCH_INTERVAL).await;
-            }
+            () = tokio::time::sleep(BATCH_INTERVAL) => {}
         }
     };
 
@@ -277,7 +329,7 @@ async fn follow_run(shared: Arc<Shared>, slot: String, run_id: String, format: E
     let record = finish_task(&shared, &run_id, state, reason, exit_info, outcome.as_ref());
     // Nothing signals the group from here on (finish_task released it), so the pid may be freed.
     child.reap();
-    wake.watches.into_iter().for_each(|wd| shared.watcher.unwatch(wd));
+    wake.disarm(&shared);
     if let Some(record) = record {
         write_exit_records(&shared, &files, &record);
     }

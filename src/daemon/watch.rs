@@ -5,10 +5,16 @@ use std::collections::HashMap;
 use std::io;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask, Watches};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
+
+/// After handling a batch of events the dispatcher pauses this long, so that a child doing one write(2) per line
+/// costs a bounded number of wake-ups: the kernel merges repeated events for a file while nobody reads them. The
+/// first write after a quiet spell is still seen at once.
+const COALESCE: Duration = Duration::from_millis(10);
 
 pub struct Watcher {
     watches: Mutex<Watches>,
@@ -65,7 +71,10 @@ async fn dispatch(mut fd: AsyncFd<Inotify>, targets: Arc<Mutex<HashMap<WatchDesc
             Err(_would_block) => continue,
         };
         match woken {
-            Ok(list) => list.iter().for_each(|n| n.notify_one()),
+            Ok(list) => {
+                list.iter().for_each(|n| n.notify_one());
+                tokio::time::sleep(COALESCE).await;
+            }
             Err(e) => {
                 tracing::error!("inotify read failed, output previews stop updating until restart: {e}");
                 return;
