@@ -275,7 +275,7 @@ pub fn git_root(dir: &Path) -> Option<PathBuf> {
 }
 
 /// Finds the config file: `explicit` (from `--config` or `$AUTODEV_CONFIG`), then `.autonomous/` and the plain
-/// file in `cwd` and in its git root, then the user's config dir. `Ok(None)` means built-in defaults.
+/// file in `cwd` and in its git root, then the user's config dir. `None` means built-in defaults.
 pub fn discover(explicit: Option<&Path>, cwd: &Path, user_config_dir: Option<&Path>) -> Option<PathBuf> {
     if let Some(p) = explicit {
         return Some(p.to_path_buf());
@@ -348,6 +348,32 @@ mod tests {
         let c = Config::parse(r#"{"llms":{"aider":{"cliPath":"aider"},"codex":{}}}"#, None).unwrap();
         let names: Vec<_> = c.providers().into_iter().map(|p| p.name).collect();
         assert_eq!(names, ["codex", "aider"]);
+    }
+
+    #[test]
+    fn discovery_order() {
+        let root = tempfile::tempdir().unwrap();
+        let repo = root.path().join("repo");
+        let sub = repo.join("src/deep");
+        std::fs::create_dir_all(&sub).unwrap();
+        std::fs::create_dir_all(repo.join(".git")).unwrap();
+        let user = root.path().join("user");
+        std::fs::create_dir_all(&user).unwrap();
+        assert_eq!(discover(None, &sub, Some(&user)), None, "nothing anywhere: built-in defaults");
+        std::fs::write(user.join("autonomous-config.json"), "{}").unwrap();
+        assert_eq!(discover(None, &sub, Some(&user)), Some(user.join("autonomous-config.json")));
+        std::fs::write(repo.join(".autonomous-config.json"), "{}").unwrap();
+        assert_eq!(discover(None, &sub, Some(&user)), Some(repo.join(".autonomous-config.json")), "git root");
+        std::fs::create_dir_all(repo.join(".autonomous")).unwrap();
+        std::fs::write(repo.join(".autonomous/.autonomous-config.json"), "{}").unwrap();
+        let nested = repo.join(".autonomous/.autonomous-config.json");
+        assert_eq!(discover(None, &sub, Some(&user)), Some(nested.clone()), ".autonomous/ first");
+        std::fs::write(sub.join(".autonomous-config.json"), "{}").unwrap();
+        assert_eq!(discover(None, &sub, Some(&user)), Some(sub.join(".autonomous-config.json")), "cwd first");
+        assert_eq!(discover(Some(Path::new("/x.json")), &sub, Some(&user)), Some("/x.json".into()));
+        // A config in .autonomous/ belongs to the directory above it, whose git root is the workspace.
+        let config = Config { path: Some(nested), raw: RawConfig::default(), unknown_keys: Vec::new() };
+        assert_eq!(config.workspace_dir(Path::new("/fallback")), repo);
     }
 
     #[test]

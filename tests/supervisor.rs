@@ -158,6 +158,11 @@ fn stop_ends_the_whole_tree_even_when_it_ignores_sigterm() {
     assert!(d.ctl(&["stop", "claude-1"]).contains("Stopped claude-1 (issue #7)"));
     assert!(!alive(pid), "the CLI survived stop");
     assert!(!alive(grandchild), "the grandchild survived stop");
+    let zombies = wait_until("the daemon to reap every child", || {
+        let children = std::fs::read_to_string(format!("/proc/{}/task/{}/children", d.pid(), d.pid())).ok()?;
+        children.trim().is_empty().then_some(children)
+    });
+    assert_eq!(zombies.trim(), "", "zombies left under the daemon");
     let row = d.slot("claude-1");
     assert_eq!(row["state"], "failed");
     assert_eq!(row["reason"], "stopped by autodevctl stop");
