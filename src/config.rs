@@ -81,12 +81,32 @@ pub struct SupervisorConfig {
     pub preview_lines: usize,
     /// Characters kept per preview line.
     pub preview_line_chars: usize,
+    /// What start-up does with a task whose run died unwatched.
+    pub on_abandoned: OnAbandoned,
 }
 
 impl Default for SupervisorConfig {
     fn default() -> Self {
-        SupervisorConfig { stop_grace_secs: 10.0, preview_lines: 10, preview_line_chars: 240 }
+        SupervisorConfig {
+            stop_grace_secs: 10.0,
+            preview_lines: 10,
+            preview_line_chars: 240,
+            on_abandoned: OnAbandoned::Ask,
+        }
     }
+}
+
+/// Policy for abandoned tasks found at start-up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnAbandoned {
+    /// Leave them for the user (`autodevctl resume` or `release`).
+    #[default]
+    Ask,
+    /// Resume them at once, at most 3 times per slot per hour.
+    Resume,
+    /// Mark them failed and free their slots.
+    Fail,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

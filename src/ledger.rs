@@ -91,6 +91,125 @@ pub struct RunRecord {
     pub daemon_pid: u32,
 }
 
+/// A busy slot's durable truth, `slots/<slot>.lock`. Present while the slot holds a task (starting, in progress,
+/// abandoned); absent when the slot is free. Read by the recovery pass after any crash.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SlotLock {
+    pub version: u32,
+    pub slot: String,
+    pub provider: String,
+    pub issue: u64,
+    /// The work on the issue; stays the same across resumes.
+    pub task_id: String,
+    /// The current run.
+    pub run_id: String,
+    /// Every run of the task, oldest first (the chain of resumes).
+    pub runs: Vec<String>,
+    /// `starting`, `in_progress` or `abandoned`.
+    pub state: String,
+    pub reason: Option<String>,
+    pub pid: Option<u32>,
+    pub pgid: Option<u32>,
+    /// Field 22 of /proc/<pid>/stat: with the boot id, tells this process from a later one with the same pid.
+    pub start_time: Option<u64>,
+    pub boot_id: String,
+    pub session_id: Option<String>,
+    pub cwd: PathBuf,
+    pub program: String,
+    pub args: Vec<String>,
+    /// The task's original prompt (first run), for a restart when no session was captured.
+    pub prompt_file: PathBuf,
+    pub stdout: PathBuf,
+    pub stderr: PathBuf,
+    /// When the task was assigned.
+    pub started_at: String,
+    pub run_started_at: String,
+    pub daemon_pid: u32,
+    /// When automatic resumes happened (policy `onAbandoned: resume` allows 3 per hour).
+    #[serde(default)]
+    pub auto_resumes: Vec<String>,
+}
+
+/// Where slot lockfiles live.
+pub fn slot_lock_path(slots_dir: &Path, slot: &str) -> PathBuf {
+    slots_dir.join(format!("{slot}.lock"))
+}
+
+/// Removes a slot's lockfile durably (the slot is free from then on, even after a crash).
+pub fn remove_slot_lock(slots_dir: &Path, slot: &str) -> io::Result<()> {
+    match std::fs::remove_file(slot_lock_path(slots_dir, slot)) {
+        Ok(()) => File::open(slots_dir)?.sync_all(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// A lockfile that could not be read as valid, moved aside.
+#[derive(Debug)]
+pub struct CorruptLock {
+    pub slot: String,
+    pub moved_to: PathBuf,
+    pub error: String,
+}
+
+/// Reads every lockfile. Torn or corrupt ones are moved aside to `<slot>.lock.corrupt[-N]`, never trusted.
+pub fn read_slot_locks(slots_dir: &Path) -> io::Result<(Vec<SlotLock>, Vec<CorruptLock>)> {
+    let (mut good, mut bad) = (Vec::new(), Vec::new());
+    let entries = match std::fs::read_dir(slots_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((good, bad)),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let path = entry?.path();
+        let Some(slot) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".lock")) else {
+            continue;
+        };
+        let slot = slot.to_string();
+        let parsed = std::fs::read(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| serde_json::from_slice::<SlotLock>(&bytes).map_err(|e| e.to_string()))
+            .and_then(|lock| {
+                if lock.slot != slot {
+                    Err(format!("it names slot {:?}", lock.slot))
+                } else if lock.version != RECORD_VERSION {
+                    Err(format!("unknown format version {}", lock.version))
+                } else {
+                    Ok(lock)
+                }
+            });
+        match parsed {
+            Ok(lock) => good.push(lock),
+            Err(error) => {
+                let moved_to = free_name(&path.with_extension("lock.corrupt"));
+                std::fs::rename(&path, &moved_to)?;
+                bad.push(CorruptLock { slot, moved_to, error });
+            }
+        }
+    }
+    if !bad.is_empty() {
+        File::open(slots_dir)?.sync_all()?;
+    }
+    good.sort_by(|a, b| a.slot.cmp(&b.slot));
+    Ok((good, bad))
+}
+
+/// `path`, or `path-2`, `path-3`, … whichever does not exist yet.
+fn free_name(path: &Path) -> PathBuf {
+    let mut candidate = path.to_path_buf();
+    let mut n = 2;
+    while candidate.exists() {
+        candidate = PathBuf::from(format!("{}-{n}", path.display()));
+        n += 1;
+    }
+    candidate
+}
+
+/// The kernel's id of this boot: a pid recorded under another boot id names nothing of ours.
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
 /// How a run ended: written once, when it has.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ExitRecord {
@@ -108,6 +227,38 @@ pub struct ExitRecord {
     pub session_id: Option<String>,
     pub cost_usd: Option<f64>,
     pub turns: Option<u64>,
+    #[serde(default)]
+    pub task_id: String,
+    #[serde(default)]
+    pub provider: String,
+    /// The runs of the task up to and including this one.
+    #[serde(default)]
+    pub runs: Vec<String>,
+    #[serde(default)]
+    pub cwd: PathBuf,
+    #[serde(default)]
+    pub prompt_file: PathBuf,
+}
+
+/// The last lines of the history (its tail is enough to know each slot's last task and whether a run is recorded).
+pub fn read_history_tail(path: &Path, max_bytes: u64) -> io::Result<Vec<ExitRecord>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let size = file.metadata()?.len();
+    let start = size.saturating_sub(max_bytes);
+    file.seek(SeekFrom::Start(start))?;
+    let mut text = Vec::new();
+    file.read_to_end(&mut text)?;
+    let mut lines = text.split(|b| *b == b'\n');
+    if start > 0 {
+        lines.next(); // a fragment
+    }
+    // A torn last line (crash during append) or a foreign line is skipped, not fatal.
+    Ok(lines.filter_map(|l| serde_json::from_slice(l).ok()).collect())
 }
 
 /// Appends one finished run to `history.jsonl` and syncs it. One line per run; a torn last line from a crash is

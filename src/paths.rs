@@ -55,6 +55,10 @@ impl Paths {
         self.runs_dir().join(run_id)
     }
 
+    pub fn slots_dir(&self) -> PathBuf {
+        self.state_dir.join("slots")
+    }
+
     pub fn history_file(&self) -> PathBuf {
         self.state_dir.join("history.jsonl")
     }

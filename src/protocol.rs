@@ -37,6 +37,16 @@ pub enum Request {
     Stop {
         slot: String,
     },
+    /// Continue a slot's abandoned, failed or stopped task in the same conversation.
+    Resume {
+        slot: String,
+    },
+    /// End a slot's abandoned task (as failed, or completed with `done`) and free the slot.
+    Release {
+        slot: String,
+        #[serde(default)]
+        done: bool,
+    },
     Logs {
         slot: String,
         /// Last N lines; `None` means the whole log.
@@ -68,6 +78,8 @@ pub enum Reply {
     Instances { providers: Vec<ProviderUsage> },
     Assigned(Assigned),
     Stopped { slot: String, issue: u64, run_id: String },
+    Resumed(Assigned),
+    Released { slot: String, issue: u64, state: SlotState },
     LogEnd { slot: String, run_id: String, state: SlotState },
     Error(ErrorReply),
 }
@@ -103,6 +115,9 @@ pub enum SlotState {
     Ready,
     Starting,
     InProgress,
+    /// Its run died while autodevd was not watching (crash, reboot, shutdown): the slot stays held by the issue
+    /// until the task is resumed or released.
+    Abandoned,
     Completed,
     Failed,
 }
@@ -113,14 +128,20 @@ impl SlotState {
             SlotState::Ready => "ready",
             SlotState::Starting => "starting",
             SlotState::InProgress => "in_progress",
+            SlotState::Abandoned => "abandoned",
             SlotState::Completed => "completed",
             SlotState::Failed => "failed",
         }
     }
 
-    /// A busy slot holds its issue; any other state lets `assign` take the slot.
-    pub fn is_busy(self) -> bool {
+    /// A run is going (or about to).
+    pub fn is_running(self) -> bool {
         matches!(self, SlotState::Starting | SlotState::InProgress)
+    }
+
+    /// The slot belongs to its issue: `assign` may not take it, and the issue may not go elsewhere.
+    pub fn holds_slot(self) -> bool {
+        matches!(self, SlotState::Starting | SlotState::InProgress | SlotState::Abandoned)
     }
 }
 
@@ -130,6 +151,9 @@ pub struct StatusReport {
     pub state_dir: String,
     pub config_path: Option<String>,
     pub slots: Vec<SlotStatus>,
+    /// Things the user should know that belong to no slot (e.g. a corrupt lockfile moved aside).
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 /// One row of `status`: the slot and its current (or last) task.
@@ -139,8 +163,13 @@ pub struct SlotStatus {
     pub provider: String,
     pub state: SlotState,
     pub issue: Option<u64>,
+    pub task_id: Option<String>,
     pub run_id: Option<String>,
+    /// Every run of the task, oldest first: resumes add to it.
+    pub runs: Vec<String>,
     pub pid: Option<u32>,
+    /// The run was adopted after a restart of autodevd: its exit code cannot be known.
+    pub adopted: bool,
     pub started_at: Option<String>,
     pub last_output_at: Option<String>,
     pub ended_at: Option<String>,
@@ -176,6 +205,9 @@ pub struct Assigned {
     pub pid: u32,
     pub session_id: Option<String>,
     pub cwd: String,
+    /// Said on a resume that had no session to continue and restarted the task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// One decoded frame.

@@ -4,11 +4,16 @@
 //! A process group id is only ours while its leader has not been reaped: until then the kernel cannot hand the
 //! number to anyone else. So an exited leader is kept as a zombie ([`Child::wait_exit`] does not reap) until the
 //! rest of its group is gone, and only then reaped ([`Child::reap`]). The daemon never signals a group after that.
+//!
+//! Every run also holds a *run lock*: a file the daemon flocks and whose descriptor the child inherits. The kernel
+//! keeps the lock while anything of the run lives, even after the daemon dies; and a process that has the file
+//! open is provably part of the run. Processes found that way are signalled through a pidfd, so a pid that is
+//! recycled in between can never be hit.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -90,6 +95,8 @@ pub struct SpawnSpec<'a> {
     pub stdin: Option<&'a Path>,
     pub stdout: &'a Path,
     pub stderr: &'a Path,
+    /// The run lock, inherited by the child (and its descendants) so it stays held while any of them lives.
+    pub run_lock: Option<&'a File>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -109,12 +116,15 @@ pub enum SpawnError {
 pub enum ExitInfo {
     Code(i32),
     Signal(i32),
+    /// The process was not our child (adopted after a restart): it ended, but how is not ours to know.
+    Unknown,
 }
 
 impl std::fmt::Display for ExitInfo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ExitInfo::Code(c) => write!(f, "exit code {c}"),
+            ExitInfo::Unknown => write!(f, "exit code unknown"),
             ExitInfo::Signal(s) => match Signal::try_from(*s) {
                 Ok(sig) => write!(f, "killed by {sig}"),
                 Err(_) => write!(f, "killed by signal {s}"),
@@ -123,10 +133,12 @@ impl std::fmt::Display for ExitInfo {
     }
 }
 
-/// A running child we spawned, leader of its own process group.
+/// A running process group leader we watch: spawned by us, or adopted after a restart.
 pub struct Child {
     pub pid: i32,
     pidfd: AsyncFd<OwnedFd>,
+    /// Spawned by this daemon: its exit status is ours to read, and it stays a zombie until reaped.
+    ours: bool,
 }
 
 /// Starts a child in its own process group. It is registered with the orphan reaper before this returns, so its
@@ -151,6 +163,18 @@ pub fn spawn(spec: &SpawnSpec) -> Result<Child, SpawnError> {
         .stdout(stdout)
         .stderr(stderr)
         .process_group(0);
+    if let Some(lock) = spec.run_lock {
+        let fd = lock.as_raw_fd();
+        // SAFETY: runs in the child between fork and exec; fcntl is async-signal-safe and touches only that fd.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
     // Hold the reaper off between fork and registration.
     let mut tracked = tracked();
     let child = command.spawn().map_err(|e| match e.kind() {
@@ -169,7 +193,12 @@ pub fn spawn(spec: &SpawnSpec) -> Result<Child, SpawnError> {
         let _ = waitpid(Pid::from_raw(pid), None);
         untrack(pid);
     })?;
-    Ok(Child { pid, pidfd })
+    Ok(Child { pid, pidfd, ours: true })
+}
+
+/// Watches a live process we did not spawn (a run adopted after a restart).
+pub fn adopt(pid: i32) -> io::Result<Child> {
+    Ok(Child { pid, pidfd: pidfd_open(pid).and_then(register_readable)?, ours: false })
 }
 
 fn append_file(path: &Path) -> io::Result<File> {
@@ -202,6 +231,9 @@ impl Child {
     pub async fn wait_exit(&self) -> io::Result<ExitInfo> {
         loop {
             let mut guard = self.pidfd.readable().await?;
+            if !self.ours {
+                return Ok(ExitInfo::Unknown);
+            }
             let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
             match waitid(Id::PIDFd(self.pidfd.get_ref().as_fd()), flags) {
                 Ok(WaitStatus::Exited(_, code)) => return Ok(ExitInfo::Code(code)),
@@ -214,8 +246,27 @@ impl Child {
 
     /// Reaps the exited child. Call once its group is empty; the group id may be reused afterwards.
     pub fn reap(self) {
-        let _ = waitpid(Pid::from_raw(self.pid), Some(WaitPidFlag::WNOHANG));
-        untrack(self.pid);
+        if self.ours {
+            let _ = waitpid(Pid::from_raw(self.pid), Some(WaitPidFlag::WNOHANG));
+            untrack(self.pid);
+        }
+    }
+
+    /// Whether this is a process we spawned (so its group id stays ours until reaped).
+    pub fn is_ours(&self) -> bool {
+        self.ours
+    }
+
+    /// Signals the leader's group while the leader is provably alive (its pidfd has not fired), so the group id
+    /// cannot belong to anyone else. Returns false when the leader is gone.
+    pub fn signal_group_if_alive(&self, signal: Signal) -> bool {
+        let mut poll = [nix::poll::PollFd::new(self.pidfd.get_ref().as_fd(), nix::poll::PollFlags::POLLIN)];
+        let exited = nix::poll::poll(&mut poll, nix::poll::PollTimeout::ZERO).map_or(true, |n| n > 0);
+        if exited && !self.ours {
+            return false;
+        }
+        signal_group(self.pid, signal);
+        true
     }
 }
 
@@ -313,5 +364,88 @@ pub fn reap_orphans() {
             continue;
         }
         let _ = waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG));
+    }
+}
+
+/// Opens (creating) a run's lock file and takes its lock for the run's lifetime.
+pub fn create_run_lock(path: &Path) -> io::Result<File> {
+    use fs2::FileExt;
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path)?;
+    file.try_lock_exclusive()?;
+    Ok(file)
+}
+
+/// Whether anything still holds a run's lock (some process of the run lives).
+pub fn run_lock_held(path: &Path) -> bool {
+    use fs2::FileExt;
+    let Ok(file) = std::fs::OpenOptions::new().read(true).open(path) else { return false };
+    match file.try_lock_exclusive() {
+        Ok(()) => {
+            let _ = FileExt::unlock(&file);
+            false
+        }
+        Err(_) => true,
+    }
+}
+
+/// Processes that have `lock` open, i.e. processes of that run. `pgid` narrows the search when known.
+pub fn run_lock_holders(lock: &Path, pgid: Option<i32>) -> Vec<i32> {
+    let Ok(target) = std::fs::canonicalize(lock) else { return Vec::new() };
+    let me = std::process::id() as i32;
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| *pid != me)
+        .filter(|pid| match (pgid, proc_stat(*pid)) {
+            (_, None) => false,
+            (_, Some(s)) if s.state == 'Z' || s.state == 'X' => false,
+            (Some(g), Some(s)) => s.pgrp == g,
+            (None, Some(_)) => true,
+        })
+        .filter(|pid| holds_file(*pid, &target))
+        .collect()
+}
+
+fn holds_file(pid: i32, target: &Path) -> bool {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return false };
+    fds.filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok()).any(|link| link == target)
+}
+
+/// Signals `pid` only if, at the moment of the signal, it is still the process that holds `lock`: the pidfd pins
+/// the process, so a recycled pid is never hit.
+fn signal_lock_holder(pid: i32, lock: &Path, signal: Signal) {
+    let Ok(pidfd) = pidfd_open(pid) else { return };
+    let Ok(target) = std::fs::canonicalize(lock) else { return };
+    if !holds_file(pid, &target) {
+        return;
+    }
+    // SAFETY: pidfd_send_signal takes an fd we own, a signal number, a null siginfo and flags; no memory is shared.
+    unsafe {
+        libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), signal as i32, std::ptr::null::<u8>(), 0);
+    }
+}
+
+/// Ends every process that still holds a run's lock: TERM, then KILL after `grace`. Used for runs whose group id
+/// is not provably ours any more (adopted runs, runs found dead at start-up).
+pub async fn clear_lock_holders(lock: &Path, pgid: Option<i32>, grace: Duration) -> usize {
+    let first = run_lock_holders(lock, pgid);
+    if first.is_empty() {
+        return 0;
+    }
+    first.iter().for_each(|pid| signal_lock_holder(*pid, lock, Signal::SIGTERM));
+    let deadline = Instant::now() + grace;
+    loop {
+        let left = run_lock_holders(lock, pgid);
+        if left.is_empty() {
+            return first.len();
+        }
+        if Instant::now() >= deadline {
+            left.iter().for_each(|pid| signal_lock_holder(*pid, lock, Signal::SIGKILL));
+            if Instant::now() >= deadline + Duration::from_secs(5) {
+                tracing::warn!(lock = %lock.display(), "processes of the run survive SIGKILL");
+                return first.len();
+            }
+        }
+        tokio::time::sleep(GROUP_POLL).await;
     }
 }

@@ -73,6 +73,21 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Continue a slot's abandoned, failed or stopped task in the same conversation
+    Resume {
+        slot: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// End a slot's abandoned task and free the slot (as failed; --done records it as completed)
+    Release {
+        slot: String,
+        /// The work is done: record the task as completed
+        #[arg(long)]
+        done: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Show a slot's output (its current or last run)
     Logs {
         slot: String,
@@ -284,6 +299,24 @@ pub fn run(cli: Cli) -> Result<(), CtlError> {
                 other => Err(unexpected(other)),
             }
         }
+        Command::Resume { slot, json } => match client.call(Request::Resume { slot })? {
+            Reply::Resumed(a) if json => print_json(&a),
+            Reply::Resumed(a) => {
+                let how = match &a.note {
+                    Some(note) => format!("\n  {note}"),
+                    None => format!(" in session {}", a.session_id.as_deref().unwrap_or("?")),
+                };
+                emit(&format!("✓ Resumed issue #{} in {} (pid {}, run {}){how}\n", a.issue, a.slot, a.pid, a.run_id))
+            }
+            other => Err(unexpected(other)),
+        },
+        Command::Release { slot, done, json } => match client.call(Request::Release { slot, done })? {
+            reply @ Reply::Released { .. } if json => print_json(&reply),
+            Reply::Released { slot, issue, state } => {
+                emit(&format!("✓ Released {slot}: issue #{issue} recorded as {}; the slot is free\n", state.as_str()))
+            }
+            other => Err(unexpected(other)),
+        },
         Command::Logs { slot, lines, follow, raw, stderr } => {
             if follow {
                 client.set_timeout(None);

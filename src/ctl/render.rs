@@ -22,7 +22,7 @@ fn cut(text: &str, max: usize) -> String {
 /// What a row says the slot is doing: the failure or result for a finished task, else the last preview line.
 fn activity(row: &SlotStatus) -> String {
     let text = match row.state {
-        SlotState::Completed | SlotState::Failed => row.reason.clone(),
+        SlotState::Completed | SlotState::Failed | SlotState::Abandoned => row.reason.clone(),
         _ => row.console_preview.last().cloned(),
     };
     cut(&text.unwrap_or_default(), ACTIVITY_CHARS)
@@ -31,8 +31,14 @@ fn activity(row: &SlotStatus) -> String {
 pub fn status(report: &StatusReport, with_preview: bool) -> String {
     let count = |state: SlotState| report.slots.iter().filter(|s| s.state == state).count();
     let mut parts = vec![format!("{} slots", report.slots.len())];
-    for state in [SlotState::InProgress, SlotState::Starting, SlotState::Failed, SlotState::Completed, SlotState::Ready]
-    {
+    for state in [
+        SlotState::InProgress,
+        SlotState::Starting,
+        SlotState::Abandoned,
+        SlotState::Failed,
+        SlotState::Completed,
+        SlotState::Ready,
+    ] {
         let n = count(state);
         if n > 0 {
             parts.push(format!("{n} {}", state.as_str().replace('_', " ")));
@@ -40,12 +46,15 @@ pub fn status(report: &StatusReport, with_preview: bool) -> String {
     }
     let mut out = String::new();
     let _ = writeln!(out, "{}   (autodevd pid {})", parts.join(" · "), report.daemon_pid);
+    for warning in &report.warnings {
+        let _ = writeln!(out, "! {warning}");
+    }
     let header = ["SLOT", "STATE", "ISSUE", "PID", "RUNNING", "OUTPUT", "SESSION", "ACTIVITY"];
     let rows: Vec<[String; 8]> = report
         .slots
         .iter()
         .map(|r| {
-            let running = match (&r.started_at, r.state.is_busy()) {
+            let running = match (&r.started_at, r.state.is_running()) {
                 (Some(s), true) => parse_rfc3339(s).map_or("-".into(), |t| short_duration(age(t))),
                 _ => "-".into(),
             };
@@ -55,7 +64,7 @@ pub fn status(report: &StatusReport, with_preview: bool) -> String {
                 r.issue.map_or("-".into(), |i| format!("#{i}")),
                 r.pid.map_or("-".into(), |p| p.to_string()),
                 running,
-                if r.state.is_busy() { ago(r.last_output_at.as_deref()) } else { "-".into() },
+                if r.state.is_running() { ago(r.last_output_at.as_deref()) } else { "-".into() },
                 r.session_id.as_deref().map_or("-".into(), |s| s.chars().take(8).collect()),
                 activity(r),
             ]

@@ -1,6 +1,7 @@
 //! autodevd: start-up (config, directories, the one-daemon lock, the socket), the main loop (connections and
 //! signals), and shutdown. Callable from tests and benchmarks through [`run`].
 
+mod recovery;
 mod runs;
 mod server;
 mod slots;
@@ -19,6 +20,7 @@ use tokio::net::UnixListener;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::config::Config;
+use crate::ledger;
 use crate::paths::{Paths, ensure_private_dir};
 use crate::provider::Provider;
 use crate::supervisor;
@@ -45,14 +47,27 @@ pub struct Shared {
     pub grace: Duration,
     pub preview_lines: usize,
     pub preview_chars: usize,
+    /// This boot's id: recorded with every pid, so a pid from before a reboot is never taken for ours.
+    pub boot_id: String,
     table: Mutex<SlotTable>,
     watcher: watch::Watcher,
+    /// What the recovery pass found that belongs to no slot.
+    warnings: Mutex<Vec<String>>,
 }
 
 impl Shared {
     /// The one lock over slot state. Held only for short, non-blocking work, never across an await.
     fn lock_table(&self) -> MutexGuard<'_, SlotTable> {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes a slot's lockfile atomically. Called from one task at a time per slot, so writes never reorder.
+    fn write_lock(&self, lock: &ledger::SlotLock) -> std::io::Result<()> {
+        ledger::write_json(&ledger::slot_lock_path(&self.paths.slots_dir(), &lock.slot), lock)
+    }
+
+    fn warnings(&self) -> Vec<String> {
+        self.warnings.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
@@ -98,6 +113,7 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
     ensure_private_dir(&paths.state_dir)?;
     ensure_private_dir(&paths.runtime_dir)?;
     ensure_private_dir(&paths.runs_dir())?;
+    ensure_private_dir(&paths.slots_dir())?;
     let _lock = take_daemon_lock(&paths)?;
     supervisor::become_subreaper();
 
@@ -108,6 +124,32 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
             socket_path.display()
         );
     }
+
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+    let workspace = config.workspace_dir(&cwd);
+    let providers: Vec<Provider> = config.providers().iter().map(Provider::from_entry).collect();
+    let config_name =
+        config.path.as_ref().map_or_else(|| ".autonomous-config.json".into(), |p| p.display().to_string());
+    let table = SlotTable::new(providers, config.raw.default_llm.clone(), config_name);
+    let sup = &config.raw.supervisor;
+    let shared = Arc::new(Shared {
+        workspace,
+        daemon_pid: std::process::id(),
+        grace: Duration::from_secs_f64(sup.stop_grace_secs),
+        preview_lines: sup.preview_lines,
+        preview_chars: sup.preview_line_chars,
+        boot_id: ledger::boot_id(),
+        table: Mutex::new(table),
+        watcher: watch::Watcher::start().context("cannot start inotify")?,
+        warnings: Mutex::new(Vec::new()),
+        paths: paths.clone(),
+        config,
+    });
+
+    // Every lockfile is settled before anyone can ask anything: no status reply shows a guess.
+    let warnings = recovery::recover(&shared).await;
+    *shared.warnings.lock().unwrap_or_else(|e| e.into_inner()) = warnings;
+
     // We hold the daemon lock, so a socket file left here belongs to a dead daemon.
     match std::fs::remove_file(&socket_path) {
         Ok(()) => tracing::info!("removed stale socket {}", socket_path.display()),
@@ -117,26 +159,7 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
     let listener =
         UnixListener::bind(&socket_path).with_context(|| format!("cannot listen on {}", socket_path.display()))?;
     std::fs::set_permissions(&socket_path, std::fs::Permissions::from_mode(0o600))?;
-
-    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
-    let workspace = config.workspace_dir(&cwd);
-    let providers: Vec<Provider> = config.providers().iter().map(Provider::from_entry).collect();
-    let config_name =
-        config.path.as_ref().map_or_else(|| ".autonomous-config.json".into(), |p| p.display().to_string());
-    let table = SlotTable::new(providers, config.raw.default_llm.clone(), config_name);
-    let slot_count = table.slots.len();
-    let sup = &config.raw.supervisor;
-    let shared = Arc::new(Shared {
-        workspace,
-        daemon_pid: std::process::id(),
-        grace: Duration::from_secs_f64(sup.stop_grace_secs),
-        preview_lines: sup.preview_lines,
-        preview_chars: sup.preview_line_chars,
-        table: Mutex::new(table),
-        watcher: watch::Watcher::start().context("cannot start inotify")?,
-        paths: paths.clone(),
-        config,
-    });
+    let slot_count = shared.lock_table().slots.len();
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -168,7 +191,7 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
     tracing::info!("{why}: stopping every run and exiting");
     drop(listener);
     let _ = std::fs::remove_file(&socket_path);
-    runs::stop_all(&shared, &format!("stopped: autodevd received {why}")).await;
+    runs::stop_all(&shared, &format!("autodevd received {why} and stopped the run")).await;
     supervisor::reap_orphans();
     tracing::info!("autodevd stopped");
     Ok(())

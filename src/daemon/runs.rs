@@ -1,5 +1,9 @@
-//! The life of a run: start it in a reserved slot, follow its output into the preview, judge its outcome when it
-//! exits, record it, free the slot; and `stop`, which ends its whole process group.
+//! The life of a run: start it (new, resumed or restarted) in a slot its task holds, follow its output into the
+//! preview, judge its outcome when it exits, record it, and keep the slot's lockfile true at every step; plus
+//! `stop`, `resume` and `release`.
+//!
+//! Lockfile order: written before the child can do any work, rewritten once the pid (and later the session id) is
+//! known, and at the end either rewritten as `abandoned` or removed, always after the run's exit record.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -9,8 +13,8 @@ use nix::sys::signal::Signal;
 use tokio::sync::{Notify, watch};
 
 use super::Shared;
-use super::slots::{RunSignal, SlotRequest, Task};
-use crate::ledger::{self, ExitRecord, RECORD_VERSION, RunFiles, RunRecord};
+use super::slots::{RunSignal, SlotRequest, StopReason, Task};
+use crate::ledger::{self, ExitRecord, RECORD_VERSION, RunFiles, RunRecord, SlotLock};
 use crate::output::{FileFollower, Findings, Preview, render_tail, scan_outcome};
 use crate::protocol::{Assigned, ErrorKind, ErrorReply, Reply, SlotState};
 use crate::provider::{EventFormat, LaunchContext, Outcome, Provider};
@@ -23,12 +27,24 @@ const BATCH_INTERVAL: Duration = Duration::from_millis(25);
 const FLOOD_BATCH: u64 = 64 << 10;
 /// How long `stop` waits for a run to finish after SIGKILL before it answers that something is stuck.
 const KILL_WAIT: Duration = Duration::from_secs(10);
+/// The lock file in a run's directory whose lock the run's processes hold.
+pub const RUN_LOCK: &str = "run.lock";
 
-fn failed(kind: ErrorKind, message: String, hint: Option<String>) -> ErrorReply {
+fn refuse(kind: ErrorKind, message: String, hint: Option<String>) -> ErrorReply {
     ErrorReply { kind, message, hint }
 }
 
-/// Handles `assign`: reserves a slot, starts the CLI, and starts following it.
+/// How a run continues its task.
+enum RunKind {
+    /// A new conversation with the task's prompt.
+    New,
+    /// The same conversation, with a continuation prompt.
+    Resume(String),
+    /// No session was captured: a new conversation with the original prompt.
+    Restart,
+}
+
+/// Handles `assign`: reserves a slot and starts the first run of a new task in it.
 pub async fn assign(
     shared: &Arc<Shared>,
     issue: u64,
@@ -37,94 +53,220 @@ pub async fn assign(
     prompt: &str,
 ) -> Result<Reply, ErrorReply> {
     if prompt.trim().is_empty() {
-        return Err(failed(ErrorKind::BadRequest, "the prompt is empty".into(), None));
+        return Err(refuse(ErrorKind::BadRequest, "the prompt is empty".into(), None));
     }
     let run_id = ulid::Ulid::new().to_string();
-    let run_files = RunFiles::at(shared.paths.run_dir(&run_id));
-    let started_at = SystemTime::now();
-    let (slot_name, provider) = {
+    let slot_name = {
         let mut table = shared.lock_table();
         let index = table.choose(&SlotRequest { issue, llm, slot })?;
-        let provider = table.providers[table.slots[index].provider].clone();
+        let provider = table.providers[table.slots[index].provider].name.clone();
         let slot = &mut table.slots[index];
-        slot.task = Some(Task {
+        let files = RunFiles::at(shared.paths.run_dir(&run_id));
+        let now = rfc3339(SystemTime::now());
+        let record = SlotLock {
+            version: RECORD_VERSION,
+            slot: slot.name.clone(),
+            provider,
             issue,
+            task_id: ulid::Ulid::new().to_string(),
             run_id: run_id.clone(),
-            run_dir: run_files.dir.clone(),
-            state: SlotState::Starting,
+            runs: vec![run_id.clone()],
+            state: "starting".into(),
             reason: None,
             pid: None,
-            started_at,
-            last_output_at: None,
-            ended_at: None,
+            pgid: None,
+            start_time: None,
+            boot_id: shared.boot_id.clone(),
             session_id: None,
-            exit_code: None,
-            cost_usd: None,
-            turns: None,
-            preview: Vec::new(),
-            stop_reason: None,
-            group_released: false,
-            signal: Arc::new(watch::channel(RunSignal::default()).0),
-        });
-        (slot.name.clone(), provider)
+            cwd: shared.workspace.clone(),
+            program: String::new(),
+            args: Vec::new(),
+            prompt_file: files.prompt(),
+            stdout: files.stdout(),
+            stderr: files.stderr(),
+            started_at: now.clone(),
+            run_started_at: now,
+            daemon_pid: shared.daemon_pid,
+            auto_resumes: Vec::new(),
+        };
+        slot.task = Some(Task::starting(record));
+        slot.name.clone()
     };
-    match launch(shared, &slot_name, &provider, issue, &run_id, prompt, started_at) {
+    start_run(shared, &slot_name, RunKind::New, prompt).await.map(Reply::Assigned)
+}
+
+/// Handles `resume`: a new run of the slot's abandoned, failed or stopped task, in the same conversation.
+pub async fn resume(shared: &Arc<Shared>, slot: &str, automatic: bool) -> Result<Reply, ErrorReply> {
+    let (kind, issue, previous_reason, prompt_file) = {
+        let mut table = shared.lock_table();
+        let Some(index) = table.slots.iter().position(|s| s.name == slot) else {
+            return Err(refuse(ErrorKind::NotFound, format!("unknown slot {slot:?}"), None));
+        };
+        let Some((issue, state)) = table.slots[index].task.as_ref().map(|t| (t.issue(), t.state)) else {
+            return Err(refuse(ErrorKind::Conflict, format!("slot {slot} has no task to resume (it is ready)"), None));
+        };
+        if !matches!(state, SlotState::Abandoned | SlotState::Failed) {
+            let hint = match state {
+                SlotState::Completed => "the task completed; assign the issue again for new work",
+                _ => "it is running; see `autodevctl logs` or stop it first",
+            };
+            return Err(refuse(
+                ErrorKind::Conflict,
+                format!("slot {slot} cannot be resumed: its task is {}", state.as_str()),
+                Some(hint.into()),
+            ));
+        }
+        if let Some(other) = table.holder_of(issue).filter(|s| s.name != slot) {
+            return Err(refuse(
+                ErrorKind::Conflict,
+                format!("issue #{issue} is now held by {}; resuming here would run two agents on it", other.name),
+                None,
+            ));
+        }
+        let provider = &table.providers[table.slots[index].provider];
+        if !provider.enabled {
+            return Err(refuse(
+                ErrorKind::Conflict,
+                format!("LLM {:?} is disabled", provider.name),
+                Some(format!("set llms.{}.enabled to true, then resume", provider.name)),
+            ));
+        }
+        let task = table.slots[index].task.as_mut().expect("checked above");
+        if supervisor::run_lock_held(&task.run_dir().join(RUN_LOCK)) {
+            return Err(refuse(
+                ErrorKind::Conflict,
+                format!("processes of the previous run in {slot} are still alive (being stopped)"),
+                Some("try again in a few seconds".into()),
+            ));
+        }
+        let run_id = ulid::Ulid::new().to_string();
+        let files = RunFiles::at(shared.paths.run_dir(&run_id));
+        let mut record = task.record.clone();
+        record.run_id = run_id.clone();
+        record.runs.push(run_id);
+        record.state = "starting".into();
+        record.reason = None;
+        (record.pid, record.pgid, record.start_time) = (None, None, None);
+        record.boot_id = shared.boot_id.clone();
+        record.stdout = files.stdout();
+        record.stderr = files.stderr();
+        record.run_started_at = rfc3339(SystemTime::now());
+        record.daemon_pid = shared.daemon_pid;
+        if automatic {
+            record.auto_resumes.push(rfc3339(SystemTime::now()));
+        }
+        let kind = match &record.session_id {
+            Some(session) => RunKind::Resume(session.clone()),
+            None => RunKind::Restart,
+        };
+        let previous_reason = task.reason.clone();
+        let prompt_file = record.prompt_file.clone();
+        *task = Task::starting(record);
+        (kind, issue, previous_reason, prompt_file)
+    };
+    let prompt = match &kind {
+        RunKind::Resume(_) => continuation_prompt(issue, previous_reason.as_deref()),
+        _ => match std::fs::read_to_string(&prompt_file) {
+            Ok(original) => original,
+            Err(e) => {
+                let reason = format!("cannot read the task's original prompt {}: {e}", prompt_file.display());
+                let run_id =
+                    shared.lock_table().get(slot).and_then(|s| s.task.as_ref()).map(|t| t.record.run_id.clone());
+                if let Some(run_id) = run_id {
+                    end_without_run(shared, &run_id, reason.clone());
+                }
+                return Err(refuse(ErrorKind::Failed, reason, None));
+            }
+        },
+    };
+    start_run(shared, slot, kind, &prompt).await.map(Reply::Resumed)
+}
+
+/// The message a resumed conversation continues with.
+fn continuation_prompt(issue: u64, reason: Option<&str>) -> String {
+    let why = reason.map(|r| format!(" ({r})")).unwrap_or_default();
+    format!(
+        "Your previous run on issue #{issue} was interrupted{why}. Continue the task from where you stopped: first \
+         check the state of the working directory (files you changed, commands that may not have finished), then \
+         carry on until the task is done."
+    )
+}
+
+/// Starts the run the slot's task record names (state `starting`). On failure the task ends as failed.
+async fn start_run(shared: &Arc<Shared>, slot: &str, kind: RunKind, prompt: &str) -> Result<Assigned, ErrorReply> {
+    let (provider, mut record) = {
+        let table = shared.lock_table();
+        let s = table.get(slot).expect("the slot was just reserved");
+        let task = s.task.as_ref().expect("the slot holds the task");
+        (table.providers[s.provider].clone(), task.record.clone())
+    };
+    let note = matches!(kind, RunKind::Restart)
+        .then(|| "no session was captured for this task: restarted it with its original prompt".to_string());
+    match launch(shared, &provider, &mut record, prompt, &kind) {
         Ok(started) => {
             let reply = Assigned {
-                slot: slot_name.clone(),
-                issue,
-                run_id: run_id.clone(),
+                slot: slot.to_string(),
+                issue: record.issue,
+                run_id: record.run_id.clone(),
                 pid: started.child.pid as u32,
-                session_id: started.session_id.clone(),
-                cwd: shared.workspace.display().to_string(),
+                session_id: record.session_id.clone(),
+                cwd: record.cwd.display().to_string(),
+                note,
             };
-            {
-                let mut table = shared.lock_table();
-                if let Some(task) = table.task_of_run(&run_id) {
-                    task.pid = Some(started.child.pid as u32);
-                    task.session_id = started.session_id;
-                    task.state = SlotState::InProgress;
-                }
+            let run_id = record.run_id.clone();
+            if let Some(task) = shared.lock_table().task_of_run(&run_id) {
+                task.record = record;
+                task.state = SlotState::InProgress;
             }
-            tracing::info!(slot = %slot_name, issue, run = %run_id, pid = started.child.pid, "run started");
-            let follower = tokio::spawn(follow_run(
-                shared.clone(),
-                slot_name,
-                run_id.clone(),
-                provider.format,
-                started.child,
-                started.wake,
-            ));
-            tokio::spawn(fail_run_if_follower_dies(shared.clone(), run_id, follower));
-            Ok(Reply::Assigned(reply))
+            tracing::info!(slot, issue = reply.issue, run = %run_id, pid = reply.pid, "run started");
+            follow(shared, run_id, provider.format, started.child, started.wake, Some(started.run_lock));
+            Ok(reply)
         }
         Err(reason) => {
-            tracing::warn!(slot = %slot_name, issue, "run could not start: {reason}");
-            let record = finish_task(shared, &run_id, SlotState::Failed, Some(reason.clone()), None, None);
-            if let Some(record) = record {
-                write_exit_records(shared, &run_files, &record);
-            }
-            Err(failed(ErrorKind::Failed, reason, None))
+            tracing::warn!(slot, issue = record.issue, "run could not start: {reason}");
+            end_without_run(shared, &record.run_id, reason.clone());
+            Err(refuse(ErrorKind::Failed, reason, None))
         }
     }
+}
+
+/// Ends a task whose run never started, as failed.
+fn end_without_run(shared: &Shared, run_id: &str, reason: String) {
+    if let Some(done) = finish_task(shared, run_id, SlotState::Failed, Some(reason), None, None) {
+        record_end(shared, &done);
+    }
+}
+
+/// Starts following a run (ours or adopted) on its own task, and makes sure a bug there cannot leave a ghost.
+pub(super) fn follow(
+    shared: &Arc<Shared>,
+    run_id: String,
+    format: EventFormat,
+    child: Child,
+    wake: Wake,
+    run_lock: Option<std::fs::File>,
+) {
+    let follower = tokio::spawn(follow_run(shared.clone(), run_id.clone(), format, child, wake, run_lock));
+    tokio::spawn(fail_run_if_follower_dies(shared.clone(), run_id, follower));
 }
 
 struct Started {
     child: Child,
-    session_id: Option<String>,
     wake: Wake,
+    /// Our descriptor of the run lock; the child holds another.
+    run_lock: std::fs::File,
 }
 
 /// The follower's wake-up: inotify watches on the run's output files, dropped while the run floods (every watched
 /// write(2) costs the writer a notification in the kernel) and re-armed once it is quiet.
-struct Wake {
+pub(super) struct Wake {
     notify: Arc<Notify>,
     paths: Vec<PathBuf>,
     watches: Vec<inotify::WatchDescriptor>,
 }
 
 impl Wake {
-    fn arm(shared: &Shared, paths: Vec<PathBuf>) -> Result<Wake, String> {
+    pub(super) fn arm(shared: &Shared, paths: Vec<PathBuf>) -> Result<Wake, String> {
         let mut wake = Wake { notify: Arc::new(Notify::new()), paths, watches: Vec::new() };
         wake.rearm(shared)?;
         Ok(wake)
@@ -162,18 +304,17 @@ impl Wake {
     }
 }
 
-/// Prepares the run directory and spawns the CLI. Errors are the reason shown to the user.
+/// Prepares the run directory, writes the lockfile, and spawns the CLI. Errors are the reason shown to the user.
 fn launch(
     shared: &Shared,
-    slot: &str,
     provider: &Provider,
-    issue: u64,
-    run_id: &str,
+    record: &mut SlotLock,
     prompt: &str,
-    started_at: SystemTime,
+    kind: &RunKind,
 ) -> Result<Started, String> {
     let disk = |what: &str, e: std::io::Error| format!("cannot {what} in {}: {e}", shared.paths.state_dir.display());
-    let files = RunFiles::create(&shared.paths.runs_dir(), run_id).map_err(|e| disk("create the run directory", e))?;
+    let files =
+        RunFiles::create(&shared.paths.runs_dir(), &record.run_id).map_err(|e| disk("create the run directory", e))?;
     ledger::write_atomic(&files.prompt(), prompt.as_bytes()).map_err(|e| disk("write the prompt", e))?;
     for path in [files.stdout(), files.stderr()] {
         std::fs::OpenOptions::new()
@@ -183,44 +324,59 @@ fn launch(
             .map_err(|e| disk("create the output files", e))?;
     }
     let prompt_file = files.prompt();
-    let launch = provider.launch_new(&LaunchContext { prompt, prompt_file: &prompt_file, issue, slot });
+    let ctx = LaunchContext { prompt, prompt_file: &prompt_file, issue: record.issue, slot: &record.slot };
+    let launch = match kind {
+        RunKind::Resume(session) => provider.launch_resume(&ctx, session),
+        RunKind::New | RunKind::Restart => provider.launch_new(&ctx),
+    };
+    if launch.session_id.is_some() {
+        record.session_id = launch.session_id.clone();
+    }
+    record.program = launch.program.clone();
+    record.args = launch.args.clone();
     let env = supervisor::child_env(
         &provider.passthrough_env,
         &provider.config_env,
         &[
-            ("AUTODEV_SLOT", slot.to_string()),
-            ("AUTODEV_ISSUE", issue.to_string()),
-            ("AUTODEV_RUN", run_id.to_string()),
+            ("AUTODEV_SLOT", record.slot.clone()),
+            ("AUTODEV_ISSUE", record.issue.to_string()),
+            ("AUTODEV_RUN", record.run_id.clone()),
+            ("AUTODEV_TASK", record.task_id.clone()),
             ("AUTODEV_SOCKET", shared.paths.socket().display().to_string()),
             ("AUTODEV_RUNTIME_DIR", shared.paths.runtime_dir.display().to_string()),
         ],
     );
-    let mut record = RunRecord {
+    let mut run_record = RunRecord {
         version: RECORD_VERSION,
-        run_id: run_id.to_string(),
-        slot: slot.to_string(),
+        run_id: record.run_id.clone(),
+        slot: record.slot.clone(),
         provider: provider.name.clone(),
-        issue,
+        issue: record.issue,
         program: launch.program.clone(),
         args: launch.args.clone(),
-        cwd: shared.workspace.clone(),
+        cwd: record.cwd.clone(),
         prompt_on_stdin: launch.prompt_on_stdin,
-        session_id: launch.session_id.clone(),
-        started_at: rfc3339(started_at),
+        session_id: record.session_id.clone(),
+        started_at: record.run_started_at.clone(),
         pid: None,
         daemon_pid: shared.daemon_pid,
     };
-    ledger::write_json(&files.record(), &record).map_err(|e| disk("write the run record", e))?;
+    ledger::write_json(&files.record(), &run_record).map_err(|e| disk("write the run record", e))?;
+    // The lockfile exists before the child can do anything: a crash from here on finds the task.
+    shared.write_lock(record).map_err(|e| disk("write the slot's lockfile", e))?;
+    let run_lock =
+        supervisor::create_run_lock(&files.dir.join(RUN_LOCK)).map_err(|e| disk("create the run lock", e))?;
 
     let mut wake = Wake::arm(shared, vec![files.stdout(), files.stderr()])?;
     let spawned = supervisor::spawn(&SpawnSpec {
         program: &launch.program,
         args: &launch.args,
-        cwd: &shared.workspace,
+        cwd: &record.cwd,
         env: &env,
         stdin: launch.prompt_on_stdin.then_some(prompt_file.as_path()),
         stdout: &files.stdout(),
         stderr: &files.stderr(),
+        run_lock: Some(&run_lock),
     });
     let child = match spawned {
         Ok(child) => child,
@@ -244,21 +400,29 @@ fn launch(
         }
     };
     record.pid = Some(child.pid as u32);
-    if let Err(e) = ledger::write_json(&files.record(), &record) {
-        // The run is going; a missing pid in the record is a smaller loss than killing it.
-        tracing::warn!(run = %run_id, "cannot record the pid of the run: {e}");
+    record.pgid = Some(child.pid as u32);
+    record.start_time = supervisor::proc_stat(child.pid).map(|s| s.start_time);
+    record.state = "in_progress".into();
+    // The run is going; a record that lags behind is a smaller loss than killing it. Recovery copes with a
+    // lockfile without a pid through the run lock.
+    if let Err(e) = shared.write_lock(record) {
+        tracing::error!(run = %record.run_id, "cannot record the pid in the lockfile: {e}");
     }
-    Ok(Started { child, session_id: launch.session_id, wake })
+    run_record.pid = record.pid;
+    if let Err(e) = ledger::write_json(&files.record(), &run_record) {
+        tracing::warn!(run = %record.run_id, "cannot record the pid of the run: {e}");
+    }
+    Ok(Started { child, wake, run_lock })
 }
 
-/// Follows a run until it exits, then judges, records and frees the slot.
+/// Follows a run until it exits, then judges, records and frees (or keeps) the slot.
 async fn follow_run(
     shared: Arc<Shared>,
-    slot: String,
     run_id: String,
     format: EventFormat,
     child: Child,
     mut wake: Wake,
+    run_lock: Option<std::fs::File>,
 ) {
     let files = RunFiles::at(shared.paths.run_dir(&run_id));
     let keep = shared.preview_lines * 2 + 8;
@@ -290,7 +454,7 @@ async fn follow_run(
         }
         read_all(&mut preview, &mut findings);
         let batch = findings.new_bytes;
-        publish(&shared, &run_id, &preview, &mut findings, false);
+        publish(&shared, &run_id, &preview, &mut findings);
         if batch >= FLOOD_BATCH && wake.is_armed() {
             wake.disarm(&shared);
         } else if batch == 0 && !wake.is_armed() {
@@ -308,13 +472,23 @@ async fn follow_run(
         }
     };
 
-    // The leader is gone but still unreaped, so its group id is ours: clear what is left of the tree.
-    supervisor::clear_group(child.pid, shared.grace).await;
+    let pgid = child.pid;
+    if child.is_ours() {
+        // Our leader is gone but still unreaped, so its group id is ours: clear what is left of the tree.
+        supervisor::clear_group(pgid, shared.grace).await;
+    } else {
+        // An adopted leader was reaped by someone else: its group id is no longer provably ours. What is left
+        // of the run is found through the run lock instead.
+        if let Some(task) = shared.lock_table().task_of_run(&run_id) {
+            task.group_released = true;
+        }
+        supervisor::clear_lock_holders(&files.dir.join(RUN_LOCK), Some(pgid), shared.grace).await;
+    }
     read_all(&mut preview, &mut findings);
     for f in followers.iter_mut() {
         f.finish(&mut preview, &mut findings);
     }
-    publish(&shared, &run_id, &preview, &mut findings, false);
+    publish(&shared, &run_id, &preview, &mut findings);
     let outcome = match findings.outcome.take() {
         Some(o) => Some(o),
         None => scan_outcome(&files.stdout(), format).unwrap_or(None),
@@ -324,14 +498,14 @@ async fn follow_run(
         .ok()
         .and_then(|(lines, _)| lines.into_iter().next());
     let (state, reason) = judge(format, &exit, outcome.as_ref(), stop_reason, last_stderr);
-    tracing::info!(slot = %slot, run = %run_id, state = state.as_str(), reason = reason.as_deref().unwrap_or(""), "run ended");
-    let exit_info = exit.ok();
-    let record = finish_task(&shared, &run_id, state, reason, exit_info, outcome.as_ref());
+    tracing::info!(run = %run_id, state = state.as_str(), reason = reason.as_deref().unwrap_or(""), "run ended");
+    let done = finish_task(&shared, &run_id, state, reason, exit.ok(), outcome.as_ref());
     // Nothing signals the group from here on (finish_task released it), so the pid may be freed.
     child.reap();
+    drop(run_lock);
     wake.disarm(&shared);
-    if let Some(record) = record {
-        write_exit_records(&shared, &files, &record);
+    if let Some(done) = done {
+        record_end(&shared, &done);
     }
 }
 
@@ -340,30 +514,37 @@ async fn fail_run_if_follower_dies(shared: Arc<Shared>, run_id: String, follower
     if let Err(e) = follower.await {
         tracing::error!(run = %run_id, "the follower of the run died: {e}");
         let reason = "autodevd lost track of this run (internal error, see its log)".to_string();
-        if let Some(record) = finish_task(&shared, &run_id, SlotState::Failed, Some(reason), None, None) {
-            write_exit_records(&shared, &RunFiles::at(shared.paths.run_dir(&run_id)), &record);
+        if let Some(done) = finish_task(&shared, &run_id, SlotState::Failed, Some(reason), None, None) {
+            record_end(&shared, &done);
         }
     }
 }
 
-/// Copies the follower's view into the slot, under the lock, and wakes `logs -f` readers.
-fn publish(shared: &Shared, run_id: &str, preview: &Preview, findings: &mut Findings, ended: bool) {
-    let mut table = shared.lock_table();
-    let Some(task) = table.task_of_run(run_id) else {
-        return;
+/// Copies the follower's view into the slot, under the lock, and wakes `logs -f` readers. A newly seen session id
+/// goes into the lockfile at once: it is what a resume needs.
+fn publish(shared: &Shared, run_id: &str, preview: &Preview, findings: &mut Findings) {
+    let new_session = {
+        let mut table = shared.lock_table();
+        let Some(task) = table.task_of_run(run_id) else { return };
+        if findings.new_bytes > 0 {
+            task.last_output_at = Some(SystemTime::now());
+            findings.new_bytes = 0;
+        }
+        task.preview = preview.lines();
+        task.signal.send_modify(|s| s.batches += 1);
+        match (&task.record.session_id, &findings.session_id) {
+            (None, Some(found)) if task.state.is_running() => {
+                task.record.session_id = Some(found.clone());
+                Some(task.record.clone())
+            }
+            _ => None,
+        }
     };
-    if findings.new_bytes > 0 {
-        task.last_output_at = Some(SystemTime::now());
-        findings.new_bytes = 0;
+    if let Some(record) = new_session
+        && let Err(e) = shared.write_lock(&record)
+    {
+        tracing::error!(run = %run_id, "cannot record the session id in the lockfile: {e}");
     }
-    task.preview = preview.lines();
-    if task.session_id.is_none() {
-        task.session_id = findings.session_id.clone();
-    }
-    task.signal.send_modify(|s| {
-        s.batches += 1;
-        s.ended |= ended;
-    });
 }
 
 /// Decides how a run went from its exit and its final event. A run is `completed` only when both agree.
@@ -371,11 +552,13 @@ fn judge(
     format: EventFormat,
     exit: &std::io::Result<ExitInfo>,
     outcome: Option<&Outcome>,
-    stop_reason: Option<String>,
+    stop_reason: Option<StopReason>,
     last_stderr: Option<String>,
 ) -> (SlotState, Option<String>) {
-    if let Some(reason) = stop_reason {
-        return (SlotState::Failed, Some(reason));
+    match stop_reason {
+        Some(StopReason::User) => return (SlotState::Failed, Some("stopped by autodevctl stop".into())),
+        Some(StopReason::Shutdown(why)) => return (SlotState::Abandoned, Some(why)),
+        None => {}
     }
     let with_stderr = |base: String| match &last_stderr {
         Some(line) => format!("{base}: {line}"),
@@ -388,26 +571,38 @@ fn judge(
         (Ok(ExitInfo::Code(0)), None) => {
             (SlotState::Failed, Some(with_stderr("exited 0 without a final result event".into())))
         }
+        // Adopted after a restart: the final event is all there is to go by; the exit code stays unknown.
+        (Ok(ExitInfo::Unknown), Some(o)) if o.success => {
+            (SlotState::Completed, Some(format!("{} (exit code unknown: adopted after a restart)", o.summary)))
+        }
+        (Ok(ExitInfo::Unknown), None) => (
+            SlotState::Failed,
+            Some(with_stderr("ended without a final result event; exit code unknown (adopted after a restart)".into())),
+        ),
         (Ok(exit), Some(o)) if !o.success => (SlotState::Failed, Some(format!("{exit}, {}", o.summary))),
         (Ok(exit), Some(_)) => (SlotState::Failed, Some(format!("{exit} after a successful result"))),
         (Ok(exit), None) => (SlotState::Failed, Some(with_stderr(exit.to_string()))),
     }
 }
 
-/// Ends the task of `run_id` in memory and returns what to record on disk.
-fn finish_task(
+/// What a finished run leaves to write to disk.
+pub(super) struct RunEnd {
+    exit: ExitRecord,
+    /// `Some` keeps the slot held (abandoned): the lockfile is rewritten; `None` frees it: the lockfile goes.
+    keep_lock: Option<SlotLock>,
+}
+
+/// Ends the current run of `run_id`'s task in memory and returns what to record on disk.
+pub(super) fn finish_task(
     shared: &Shared,
     run_id: &str,
     state: SlotState,
     reason: Option<String>,
     exit: Option<ExitInfo>,
     outcome: Option<&Outcome>,
-) -> Option<ExitRecord> {
+) -> Option<RunEnd> {
     let mut table = shared.lock_table();
-    let (slot, task) = table
-        .slots
-        .iter_mut()
-        .find_map(|s| s.task.as_mut().filter(|t| t.run_id == run_id).map(|t| (s.name.clone(), t)))?;
+    let task = table.task_of_run(run_id)?;
     let now = SystemTime::now();
     task.state = state;
     task.reason = reason.clone();
@@ -422,57 +617,84 @@ fn finish_task(
         task.turns = o.turns;
     }
     task.signal.send_modify(|s| s.ended = true);
-    Some(ExitRecord {
-        version: RECORD_VERSION,
-        run_id: run_id.to_string(),
-        slot,
-        issue: task.issue,
-        state: state.as_str().to_string(),
-        reason,
-        exit_code: task.exit_code,
-        signal: match exit {
-            Some(ExitInfo::Signal(s)) => Some(s),
-            _ => None,
+    let keep_lock = (state == SlotState::Abandoned).then(|| {
+        task.record.state = "abandoned".into();
+        task.record.reason = reason.clone();
+        task.record.clone()
+    });
+    let record = &task.record;
+    Some(RunEnd {
+        exit: ExitRecord {
+            version: RECORD_VERSION,
+            run_id: run_id.to_string(),
+            slot: record.slot.clone(),
+            issue: record.issue,
+            state: state.as_str().to_string(),
+            reason,
+            exit_code: task.exit_code,
+            signal: match exit {
+                Some(ExitInfo::Signal(s)) => Some(s),
+                _ => None,
+            },
+            started_at: rfc3339(task.run_started_at),
+            ended_at: rfc3339(now),
+            duration_secs: now.duration_since(task.run_started_at).unwrap_or_default().as_secs(),
+            session_id: record.session_id.clone(),
+            cost_usd: task.cost_usd,
+            turns: task.turns,
+            task_id: record.task_id.clone(),
+            provider: record.provider.clone(),
+            runs: record.runs.clone(),
+            cwd: record.cwd.clone(),
+            prompt_file: record.prompt_file.clone(),
         },
-        started_at: rfc3339(task.started_at),
-        ended_at: rfc3339(now),
-        duration_secs: now.duration_since(task.started_at).unwrap_or_default().as_secs(),
-        session_id: task.session_id.clone(),
-        cost_usd: task.cost_usd,
-        turns: task.turns,
+        keep_lock,
     })
 }
 
-fn write_exit_records(shared: &Shared, files: &RunFiles, record: &ExitRecord) {
-    if let Err(e) = ledger::write_json(&files.exit_record(), record) {
-        tracing::error!(run = %record.run_id, "cannot write {}: {e}", files.exit_record().display());
+/// Writes a run's end: the exit record, the history line, then the lockfile (rewritten or removed). In that
+/// order, so a crash in between is finished by the recovery pass from the exit record.
+pub(super) fn record_end(shared: &Shared, end: &RunEnd) {
+    let exit = &end.exit;
+    let files = RunFiles::at(shared.paths.run_dir(&exit.run_id));
+    if let Err(e) = ledger::write_json(&files.exit_record(), exit) {
+        tracing::error!(run = %exit.run_id, "cannot write {}: {e}", files.exit_record().display());
     }
-    if let Err(e) = ledger::append_history(&shared.paths.history_file(), record) {
-        tracing::error!(run = %record.run_id, "cannot append to {}: {e}", shared.paths.history_file().display());
+    if let Err(e) = ledger::append_history(&shared.paths.history_file(), exit) {
+        tracing::error!(run = %exit.run_id, "cannot append to {}: {e}", shared.paths.history_file().display());
+    }
+    let result = match &end.keep_lock {
+        Some(lock) => shared.write_lock(lock),
+        None => ledger::remove_slot_lock(&shared.paths.slots_dir(), &exit.slot),
+    };
+    if let Err(e) = result {
+        tracing::error!(slot = %exit.slot, "cannot update the slot's lockfile: {e}");
     }
 }
 
 /// Handles `stop`: TERM to the run's process group, KILL after the grace period, and answers once it is over.
-pub async fn stop(shared: &Shared, slot: &str, why: &str) -> Result<Reply, ErrorReply> {
+pub async fn stop(shared: &Shared, slot: &str, why: StopReason) -> Result<Reply, ErrorReply> {
     let (pgid, run_id, issue, mut ended) = {
         let mut table = shared.lock_table();
         let Some(s) = table.get_mut(slot) else {
-            return Err(failed(ErrorKind::NotFound, format!("unknown slot {slot:?}"), None));
+            return Err(refuse(ErrorKind::NotFound, format!("unknown slot {slot:?}"), None));
         };
         let Some(task) = s.task.as_mut().filter(|t| t.state == SlotState::InProgress) else {
             let state = s.state();
-            return Err(failed(
+            let hint = (state == SlotState::Abandoned)
+                .then(|| format!("its run is gone already: `autodevctl resume {slot}` or `autodevctl release {slot}`"));
+            return Err(refuse(
                 ErrorKind::Conflict,
                 format!("slot {slot} is not running (it is {})", state.as_str()),
-                None,
+                hint,
             ));
         };
-        let pgid = task.pid.expect("an in-progress task has a pid") as i32;
-        task.stop_reason = Some(why.to_string());
+        let pgid = task.record.pgid.expect("an in-progress task has a process group") as i32;
+        task.stop_reason = Some(why);
         if !task.group_released {
             supervisor::signal_group(pgid, Signal::SIGTERM);
         }
-        (pgid, task.run_id.clone(), task.issue, task.signal.subscribe())
+        (pgid, task.record.run_id.clone(), task.issue(), task.signal.subscribe())
     };
     if tokio::time::timeout(shared.grace, wait_ended(&mut ended)).await.is_err() {
         let mut table = shared.lock_table();
@@ -484,7 +706,7 @@ pub async fn stop(shared: &Shared, slot: &str, why: &str) -> Result<Reply, Error
         }
     }
     if tokio::time::timeout(KILL_WAIT, wait_ended(&mut ended)).await.is_err() {
-        return Err(failed(
+        return Err(refuse(
             ErrorKind::Failed,
             format!("run {run_id} in {slot} survived SIGKILL for {KILL_WAIT:?} (stuck in the kernel?)"),
             None,
@@ -498,7 +720,36 @@ async fn wait_ended(rx: &mut watch::Receiver<RunSignal>) {
     let _ = rx.wait_for(|s| s.ended).await;
 }
 
-/// Stops every running run (daemon shutdown).
+/// Handles `release`: ends an abandoned task (failed, or completed with `done`) and frees its slot.
+pub fn release(shared: &Shared, slot: &str, done: bool) -> Result<Reply, ErrorReply> {
+    let (run_id, issue, state) = {
+        let table = shared.lock_table();
+        let Some(s) = table.get(slot) else {
+            return Err(refuse(ErrorKind::NotFound, format!("unknown slot {slot:?}"), None));
+        };
+        match &s.task {
+            Some(t) if t.state == SlotState::Abandoned => {
+                (t.record.run_id.clone(), t.issue(), if done { SlotState::Completed } else { SlotState::Failed })
+            }
+            Some(t) if t.state.is_running() => {
+                return Err(refuse(
+                    ErrorKind::Conflict,
+                    format!("slot {slot} is running issue #{}", t.issue()),
+                    Some(format!("stop it first: `autodevctl stop {slot}`")),
+                ));
+            }
+            _ => return Err(refuse(ErrorKind::Conflict, format!("slot {slot} holds no task; it is free"), None)),
+        }
+    };
+    let reason = format!("released by autodevctl release{}", if done { " --done" } else { "" });
+    if let Some(end) = finish_task(shared, &run_id, state, Some(reason), None, None) {
+        record_end(shared, &end);
+    }
+    tracing::info!(slot, issue, state = state.as_str(), "task released");
+    Ok(Reply::Released { slot: slot.to_string(), issue, state })
+}
+
+/// Stops every running run (daemon shutdown); their tasks stay abandoned and resumable.
 pub async fn stop_all(shared: &Arc<Shared>, why: &str) {
     let busy: Vec<String> = shared
         .lock_table()
@@ -510,9 +761,9 @@ pub async fn stop_all(shared: &Arc<Shared>, why: &str) {
     let mut stops = tokio::task::JoinSet::new();
     for slot in busy {
         let shared = shared.clone();
-        let why = why.to_string();
+        let reason = StopReason::Shutdown(format!("{why}; resume with `autodevctl resume {slot}`"));
         stops.spawn(async move {
-            if let Err(e) = stop(&shared, &slot, &why).await {
+            if let Err(e) = stop(&shared, &slot, reason).await {
                 tracing::warn!(slot, "stop at shutdown: {}", e.message);
             }
         });
@@ -521,7 +772,7 @@ pub async fn stop_all(shared: &Arc<Shared>, why: &str) {
 }
 
 /// The run directory's stdout or stderr, for `logs`.
-pub fn log_path(run_dir: &Path, stderr: bool) -> std::path::PathBuf {
+pub fn log_path(run_dir: &Path, stderr: bool) -> PathBuf {
     let files = RunFiles::at(run_dir.to_path_buf());
     if stderr { files.stderr() } else { files.stdout() }
 }

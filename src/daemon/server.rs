@@ -10,7 +10,7 @@ use tokio::sync::watch;
 
 use super::Shared;
 use super::runs;
-use super::slots::RunSignal;
+use super::slots::{RunSignal, StopReason};
 use crate::output::{LineAssembler, render_lines, render_tail, tail_offset};
 use crate::protocol::{
     self, ErrorKind, ErrorReply, Frame, FrameError, MAX_REQUEST_FRAME, PROTOCOL_VERSION, Reply, Request, SlotState,
@@ -84,14 +84,15 @@ async fn handle(shared: &Arc<Shared>, request: Request, stream: &mut UnixStream)
             state_dir: shared.paths.state_dir.display().to_string(),
             config_path: shared.config.path.as_ref().map(|p| p.display().to_string()),
             slots: shared.lock_table().status_rows(),
+            warnings: shared.warnings(),
         }),
         Request::Instances => Reply::Instances { providers: shared.lock_table().usage() },
         Request::Assign { issue, llm, slot, prompt } => {
             runs::assign(shared, issue, llm.as_deref(), slot.as_deref(), &prompt).await.unwrap_or_else(Reply::Error)
         }
-        Request::Stop { slot } => {
-            runs::stop(shared, &slot, "stopped by autodevctl stop").await.unwrap_or_else(Reply::Error)
-        }
+        Request::Stop { slot } => runs::stop(shared, &slot, StopReason::User).await.unwrap_or_else(Reply::Error),
+        Request::Resume { slot } => runs::resume(shared, &slot, false).await.unwrap_or_else(Reply::Error),
+        Request::Release { slot, done } => runs::release(shared, &slot, done).unwrap_or_else(Reply::Error),
         Request::Logs { slot, lines, follow, raw, stderr } => {
             return stream_logs(shared, stream, &slot, lines, follow, raw, stderr).await;
         }
@@ -117,9 +118,9 @@ async fn stream_logs(
             Some(s) => match &s.task {
                 None => Err(format!("slot {slot} has not run anything yet")),
                 Some(t) => Ok((
-                    runs::log_path(&t.run_dir, stderr),
+                    runs::log_path(&t.run_dir(), stderr),
                     if stderr { EventFormat::Text } else { table.providers[s.provider].format },
-                    t.run_id.clone(),
+                    t.record.run_id.clone(),
                     t.signal.subscribe(),
                 )),
             },

@@ -9,6 +9,7 @@ use std::time::SystemTime;
 
 use tokio::sync::watch;
 
+use crate::ledger::SlotLock;
 use crate::protocol::{ErrorKind, ErrorReply, ProviderUsage, SlotState, SlotStatus, SlotUse};
 use crate::provider::Provider;
 use crate::timefmt::rfc3339;
@@ -23,27 +24,76 @@ pub struct RunSignal {
 /// The work on one issue in one slot, and its current (or last) run.
 #[derive(Debug)]
 pub struct Task {
-    pub issue: u64,
-    pub run_id: String,
-    pub run_dir: PathBuf,
+    /// What survives a crash: written to `slots/<slot>.lock` while the slot holds the task.
+    pub record: SlotLock,
     pub state: SlotState,
     pub reason: Option<String>,
-    pub pid: Option<u32>,
-    pub started_at: SystemTime,
+    /// When the current run started.
+    pub run_started_at: SystemTime,
     pub last_output_at: Option<SystemTime>,
     pub ended_at: Option<SystemTime>,
-    pub session_id: Option<String>,
     pub exit_code: Option<i32>,
     pub cost_usd: Option<f64>,
     pub turns: Option<u64>,
     /// The console preview as of the follower's last batch.
     pub preview: Vec<String>,
-    /// Set by `stop` (or shutdown) so the outcome says who ended the run.
-    pub stop_reason: Option<String>,
-    /// Set (under the table lock) just before the run's leader is reaped: from then on its process group id
-    /// may belong to a stranger and must not be signalled.
+    /// Set by `stop` (or shutdown) so the outcome says who ended the run and what it becomes.
+    pub stop_reason: Option<StopReason>,
+    /// Set (under the table lock) once the run's process group id may belong to a stranger: after our leader
+    /// is reaped, or once an adopted leader has exited. From then on the group is never signalled.
     pub group_released: bool,
+    /// Adopted after a restart: not our child, so its exit code cannot be known.
+    pub adopted: bool,
     pub signal: Arc<watch::Sender<RunSignal>>,
+}
+
+/// Why a run was stopped, which decides what the task becomes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    /// `autodevctl stop`: the task fails (it can still be resumed).
+    User,
+    /// autodevd is shutting down: the task is abandoned, resumable after the restart.
+    Shutdown(String),
+}
+
+impl Task {
+    /// A task as a new run starts: `record` already names the run.
+    pub fn starting(record: SlotLock) -> Task {
+        Task {
+            record,
+            state: SlotState::Starting,
+            reason: None,
+            run_started_at: SystemTime::now(),
+            last_output_at: None,
+            ended_at: None,
+            exit_code: None,
+            cost_usd: None,
+            turns: None,
+            preview: Vec::new(),
+            stop_reason: None,
+            group_released: false,
+            adopted: false,
+            signal: Arc::new(watch::channel(RunSignal::default()).0),
+        }
+    }
+
+    /// A task that holds its slot with no run going (found abandoned, or ended before this daemon started).
+    pub fn idle(record: SlotLock, state: SlotState, reason: Option<String>) -> Task {
+        let mut task = Task::starting(record);
+        task.state = state;
+        task.reason = reason;
+        task.ended_at = Some(SystemTime::now());
+        task.signal.send_modify(|s| s.ended = true);
+        task
+    }
+
+    pub fn issue(&self) -> u64 {
+        self.record.issue
+    }
+
+    pub fn run_dir(&self) -> PathBuf {
+        self.record.stdout.parent().map(PathBuf::from).unwrap_or_default()
+    }
 }
 
 #[derive(Debug)]
@@ -52,6 +102,8 @@ pub struct Slot {
     /// Index into the daemon's provider list.
     pub provider: usize,
     pub task: Option<Task>,
+    /// Not in the config any more (fewer slots configured): kept only while a lockfile holds it.
+    pub extra: bool,
 }
 
 impl Slot {
@@ -59,8 +111,8 @@ impl Slot {
         self.task.as_ref().map_or(SlotState::Ready, |t| t.state)
     }
 
-    pub fn is_busy(&self) -> bool {
-        self.state().is_busy()
+    pub fn is_held(&self) -> bool {
+        self.state().holds_slot()
     }
 }
 
@@ -91,7 +143,12 @@ impl SlotTable {
             .iter()
             .enumerate()
             .flat_map(|(i, p)| {
-                (1..=p.slots).map(move |n| Slot { name: format!("{}-{n}", p.name), provider: i, task: None })
+                (1..=p.slots).map(move |n| Slot {
+                    name: format!("{}-{n}", p.name),
+                    provider: i,
+                    task: None,
+                    extra: false,
+                })
             })
             .collect();
         SlotTable { slots, providers, default_llm, config_name }
@@ -105,14 +162,25 @@ impl SlotTable {
         self.slots.iter_mut().find(|s| s.name == name)
     }
 
-    /// The slot whose current run is `run_id`.
+    /// The task whose current run is `run_id`.
     pub fn task_of_run(&mut self, run_id: &str) -> Option<&mut Task> {
-        self.slots.iter_mut().filter_map(|s| s.task.as_mut()).find(|t| t.run_id == run_id)
+        self.slots.iter_mut().filter_map(|s| s.task.as_mut()).find(|t| t.record.run_id == run_id)
     }
 
-    /// The busy slot holding `issue`, if any.
+    /// The slot holding `issue`, if any.
     pub fn holder_of(&self, issue: u64) -> Option<&Slot> {
-        self.slots.iter().find(|s| s.is_busy() && s.task.as_ref().is_some_and(|t| t.issue == issue))
+        self.slots.iter().find(|s| s.is_held() && s.task.as_ref().is_some_and(|t| t.issue() == issue))
+    }
+
+    /// The slot a lockfile names, added as an extra slot if the config no longer has it. `None` when the
+    /// provider itself is gone from the config.
+    pub fn slot_for_lock(&mut self, name: &str, provider: &str) -> Option<&mut Slot> {
+        if let Some(index) = self.slots.iter().position(|s| s.name == name) {
+            return Some(&mut self.slots[index]);
+        }
+        let provider = self.providers.iter().position(|p| p.name == provider)?;
+        self.slots.push(Slot { name: name.to_string(), provider, task: None, extra: true });
+        self.slots.last_mut()
     }
 
     fn provider_index(&self, name: &str) -> Result<usize, ErrorReply> {
@@ -147,10 +215,15 @@ impl SlotTable {
     /// same lock.
     pub fn choose(&self, req: &SlotRequest) -> Result<usize, ErrorReply> {
         if let Some(holder) = self.holder_of(req.issue) {
+            let hint = if holder.state() == SlotState::Abandoned {
+                format!("its run was abandoned: `autodevctl resume {0}` or `autodevctl release {0}`", holder.name)
+            } else {
+                format!("stop it first with `autodevctl stop {}`", holder.name)
+            };
             return Err(refuse(
                 ErrorKind::Conflict,
                 format!("issue #{} is already assigned to {}", req.issue, holder.name),
-                Some(format!("stop it first with `autodevctl stop {}`", holder.name)),
+                Some(hint),
             ));
         }
         if let Some(name) = req.slot {
@@ -170,16 +243,18 @@ impl SlotTable {
                 ));
             }
             self.provider_index(&provider.name)?;
-            if let Some(task) = slot.task.as_ref().filter(|t| t.state.is_busy()) {
+            if let Some(task) = slot.task.as_ref().filter(|t| t.state.holds_slot()) {
+                let what = if task.state == SlotState::Abandoned { "holds the abandoned" } else { "is busy with" };
                 return Err(refuse(
                     ErrorKind::Conflict,
-                    format!("slot {name} is busy with issue #{}", task.issue),
+                    format!("slot {name} {what} issue #{}", task.issue()),
                     Some("pick another slot, or leave out --slot to get a free one".into()),
                 ));
             }
             return Ok(index);
         }
-        let first_free = |provider: usize| self.slots.iter().position(|s| s.provider == provider && !s.is_busy());
+        let first_free =
+            |provider: usize| self.slots.iter().position(|s| s.provider == provider && !s.extra && !s.is_held());
         if let Some(llm) = req.llm.or(self.default_llm.as_deref()) {
             let provider = self.provider_index(llm)?;
             return first_free(provider).ok_or_else(|| self.no_free_slot(provider));
@@ -222,8 +297,11 @@ impl SlotTable {
                 provider,
                 state: SlotState::Ready,
                 issue: None,
+                task_id: None,
                 run_id: None,
+                runs: Vec::new(),
                 pid: None,
+                adopted: false,
                 started_at: None,
                 last_output_at: None,
                 ended_at: None,
@@ -239,13 +317,16 @@ impl SlotTable {
             slot: slot.name.clone(),
             provider,
             state: t.state,
-            issue: Some(t.issue),
-            run_id: Some(t.run_id.clone()),
-            pid: t.pid.filter(|_| t.state.is_busy()),
-            started_at: Some(rfc3339(t.started_at)),
+            issue: Some(t.issue()),
+            task_id: Some(t.record.task_id.clone()),
+            run_id: Some(t.record.run_id.clone()),
+            runs: t.record.runs.clone(),
+            pid: t.record.pid.filter(|_| t.state.is_running()),
+            adopted: t.adopted,
+            started_at: Some(rfc3339(t.run_started_at)),
             last_output_at: t.last_output_at.map(rfc3339),
             ended_at: t.ended_at.map(rfc3339),
-            session_id: t.session_id.clone(),
+            session_id: t.record.session_id.clone(),
             exit_code: t.exit_code,
             reason: t.reason.clone(),
             cost_usd: t.cost_usd,
@@ -266,13 +347,13 @@ impl SlotTable {
                     .map(|s| SlotUse {
                         slot: s.name.clone(),
                         state: s.state(),
-                        issue: s.task.as_ref().filter(|t| t.state.is_busy()).map(|t| t.issue),
+                        issue: s.task.as_ref().filter(|t| t.state.holds_slot()).map(|t| t.issue()),
                     })
                     .collect();
                 ProviderUsage {
                     provider: p.name.clone(),
                     enabled: p.enabled,
-                    used: slots.iter().filter(|s| s.state.is_busy()).count(),
+                    used: slots.iter().filter(|s| s.state.holds_slot()).count(),
                     max: p.slots,
                     slots,
                 }
@@ -293,25 +374,38 @@ mod tests {
     }
 
     fn occupy(t: &mut SlotTable, index: usize, issue: u64) {
-        t.slots[index].task = Some(Task {
+        let mut task = Task::starting(test_record(issue));
+        task.state = SlotState::InProgress;
+        t.slots[index].task = Some(task);
+    }
+
+    pub fn test_record(issue: u64) -> SlotLock {
+        SlotLock {
+            version: 1,
+            slot: String::new(),
+            provider: String::new(),
             issue,
+            task_id: format!("t{issue}"),
             run_id: format!("r{issue}"),
-            run_dir: PathBuf::new(),
-            state: SlotState::InProgress,
+            runs: vec![format!("r{issue}")],
+            state: "in_progress".into(),
             reason: None,
             pid: Some(1),
-            started_at: SystemTime::now(),
-            last_output_at: None,
-            ended_at: None,
+            pgid: Some(1),
+            start_time: None,
+            boot_id: String::new(),
             session_id: None,
-            exit_code: None,
-            cost_usd: None,
-            turns: None,
-            preview: Vec::new(),
-            stop_reason: None,
-            group_released: false,
-            signal: Arc::new(watch::channel(RunSignal::default()).0),
-        });
+            cwd: PathBuf::new(),
+            program: String::new(),
+            args: Vec::new(),
+            prompt_file: PathBuf::new(),
+            stdout: PathBuf::new(),
+            stderr: PathBuf::new(),
+            started_at: String::new(),
+            run_started_at: String::new(),
+            daemon_pid: 1,
+            auto_resumes: Vec::new(),
+        }
     }
 
     fn req(issue: u64, llm: Option<&'static str>, slot: Option<&'static str>) -> SlotRequest<'static> {
