@@ -45,7 +45,7 @@ fn wait_done(d: &Daemon, slot: &str, limit: Duration) -> Value {
     loop {
         let Reply::Status(report) = client.call(Request::Status).unwrap() else { panic!("not a status reply") };
         let row = report.slots.into_iter().find(|s| s.slot == slot).expect("slot exists");
-        if !row.state.is_busy() {
+        if !row.state.is_running() {
             return serde_json::to_value(row).unwrap();
         }
         assert!(start.elapsed() < limit, "{slot} still busy after {limit:?}");
