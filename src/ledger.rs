@@ -191,6 +191,7 @@ pub fn read_slot_locks(slots_dir: &Path) -> io::Result<(Vec<SlotLock>, Vec<Corru
         File::open(slots_dir)?.sync_all()?;
     }
     good.sort_by(|a, b| a.slot.cmp(&b.slot));
+    bad.sort_by(|a, b| a.slot.cmp(&b.slot));
     Ok((good, bad))
 }
 

@@ -189,14 +189,17 @@ async fn recover_one(
 }
 
 /// The pid of the run's leader if it is alive and provably the process the lockfile names: same pid, same start
-/// time, same boot. A lockfile written before the pid was known is matched through the run lock: the holder that
+/// time, same boot, and the run lock held. A lockfile written before the pid was known is matched through the run lock: the holder that
 /// leads its own process group is the leader.
 fn live_leader(lock: &mut SlotLock, run_lock: &std::path::Path, leftovers: bool) -> Option<u32> {
     match lock.pid {
-        Some(pid) => {
+        // Same pid, start time and boot is the process we started; the run lock being held proves it is still
+        // a run of ours and not a lockfile someone wrote by hand about a stranger.
+        Some(pid) if leftovers => {
             let stat = supervisor::proc_stat(pid as i32)?;
             (stat.state != 'Z' && Some(stat.start_time) == lock.start_time).then_some(pid)
         }
+        Some(_) => None,
         None if leftovers => {
             let leader = supervisor::run_lock_holders(run_lock, None)
                 .into_iter()

@@ -132,6 +132,16 @@ pub async fn resume(shared: &Arc<Shared>, slot: &str, automatic: bool) -> Result
             ));
         }
         let task = table.slots[index].task.as_mut().expect("checked above");
+        if let Some(pid) = task.record.pid.filter(|_| task.record.boot_id == shared.boot_id)
+            && supervisor::proc_stat(pid as i32)
+                .is_some_and(|s| s.state != 'Z' && Some(s.start_time) == task.record.start_time)
+        {
+            return Err(refuse(
+                ErrorKind::Conflict,
+                format!("process {pid} of the previous run in {slot} is still alive; resuming would run it twice"),
+                Some(format!("end it first (kill {pid}), then resume")),
+            ));
+        }
         if supervisor::run_lock_held(&task.run_dir().join(RUN_LOCK)) {
             return Err(refuse(
                 ErrorKind::Conflict,
@@ -246,6 +256,8 @@ pub(super) fn follow(
     wake: Wake,
     run_lock: Option<std::fs::File>,
 ) {
+    // Read once at the start: an adopted run's preview continues from its log at once.
+    wake.notify.notify_one();
     let follower = tokio::spawn(follow_run(shared.clone(), run_id.clone(), format, child, wake, run_lock));
     tokio::spawn(fail_run_if_follower_dies(shared.clone(), run_id, follower));
 }

@@ -181,6 +181,13 @@ impl Daemon {
         std::fs::read_to_string(self.stderr_path()).unwrap_or_default()
     }
 
+    /// Kills the daemon with SIGKILL (a crash) and waits for it; its children live on.
+    pub fn kill9(&mut self) {
+        let mut child = self.process.take().expect("daemon running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
     /// Sends SIGTERM and waits for the daemon to exit; returns its exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut child = self.process.take().expect("daemon running");

@@ -1,0 +1,409 @@
+//! Lockfiles and abandoned work end to end: crashes of the daemon (kill -9), of the child, forged and corrupt
+//! lockfiles, reboots, shutdown, resume and release, and a crash loop.
+
+mod common;
+
+use std::process::{Command, Stdio};
+
+use autodev::ledger::SlotLock;
+use common::{Daemon, alive, fake_config, wait_until};
+use serde_json::{Value, json};
+
+fn stderr_of(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn lockfile(d: &Daemon, slot: &str) -> Option<SlotLock> {
+    let text = std::fs::read_to_string(d.state_dir().join("slots").join(format!("{slot}.lock"))).ok()?;
+    Some(serde_json::from_str(&text).expect("a lockfile autodevd wrote parses"))
+}
+
+/// Waits until the run in `slot` has printed `line` (so it is past its start-up).
+fn wait_preview(d: &Daemon, slot: &str, line: &str) -> Value {
+    wait_until(&format!("{slot} to print {line:?}"), || {
+        let row = d.slot(slot);
+        row["console_preview"].as_array()?.iter().any(|l| l == line).then_some(row)
+    })
+}
+
+fn same_process_alive(pid: i64, start: u64) -> bool {
+    alive(pid) && autodev::supervisor::proc_stat(pid as i32).is_some_and(|s| s.start_time == start)
+}
+
+/// SIGKILLs `pid` and waits until it is dead (a signal is delivered asynchronously; a restart that came first
+/// would rightly adopt the still-living run).
+fn kill(pid: i64) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+    wait_until(&format!("process {pid} to die"), || (!alive(pid)).then_some(()));
+}
+
+#[test]
+fn lockfile_tells_the_whole_story_and_goes_when_the_slot_is_free() {
+    let d = Daemon::start(&fake_config(1));
+    d.assign(12, &[], "@say working\n@sleep 30");
+    let row = wait_preview(&d, "claude-1", "working");
+    let lock = lockfile(&d, "claude-1").expect("a busy slot has a lockfile");
+    assert_eq!((lock.slot.as_str(), lock.issue, lock.state.as_str()), ("claude-1", 12, "in_progress"));
+    assert_eq!(Some(lock.run_id.as_str()), row["run_id"].as_str());
+    assert_eq!(lock.runs, vec![lock.run_id.clone()]);
+    assert_eq!(lock.pid, row["pid"].as_u64().map(|p| p as u32));
+    assert_eq!(lock.pgid, lock.pid);
+    let stat = autodev::supervisor::proc_stat(lock.pid.unwrap() as i32).unwrap();
+    assert_eq!(lock.start_time, Some(stat.start_time));
+    assert_eq!(lock.boot_id, std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap().trim());
+    assert_eq!(lock.session_id.as_deref(), row["session_id"].as_str());
+    assert_eq!(lock.daemon_pid, d.pid());
+    assert!(lock.args.contains(&"--session-id".to_string()));
+    assert_eq!(lock.cwd, d.workspace);
+    d.ctl(&["stop", "claude-1"]);
+    assert!(lockfile(&d, "claude-1").is_none(), "a free slot has no lockfile");
+}
+
+#[test]
+fn a_crash_of_the_daemon_loses_nothing_live_runs_are_adopted() {
+    let mut d = Daemon::start(&fake_config(1));
+    d.assign(1, &[], "@say before the crash\n@sleep 3\n@say after the crash");
+    let row = wait_preview(&d, "claude-1", "before the crash");
+    let pid = row["pid"].as_i64().unwrap();
+    d.kill9();
+    assert!(alive(pid), "the child must outlive a crash of the daemon");
+    d.launch();
+    let adopted = d.slot("claude-1");
+    assert_eq!(adopted["state"], "in_progress", "{adopted}");
+    assert_eq!(adopted["adopted"], true);
+    assert_eq!(adopted["pid"], pid);
+    assert_eq!(adopted["run_id"], row["run_id"]);
+    assert!(adopted["console_preview"].as_array().unwrap().contains(&json!("before the crash")), "{adopted}");
+    let done = d.wait_state("claude-1", "completed");
+    let preview = done["console_preview"].as_array().unwrap();
+    assert!(preview.contains(&json!("after the crash")), "the preview continues from the log: {done}");
+    assert_eq!(done["exit_code"], Value::Null, "an adopted run's exit code is unknown, never 0");
+    assert!(done["reason"].as_str().unwrap().contains("exit code unknown"), "{done}");
+    assert!(lockfile(&d, "claude-1").is_none());
+    // `stop` works on an adopted run too.
+    d.assign(2, &[], "@ignore-term\n@grandchild\n@say up\n@sleep 60");
+    let row = wait_preview(&d, "claude-1", "up");
+    let record = d.record(row["run_id"].as_str().unwrap());
+    let grandchild = wait_until("the grandchild", || d.record(row["run_id"].as_str().unwrap())["grandchild"].as_i64());
+    d.kill9();
+    d.launch();
+    assert_eq!(d.slot("claude-1")["state"], "in_progress");
+    d.ctl(&["stop", "claude-1"]);
+    assert!(!alive(record["pid"].as_i64().unwrap()) && !alive(grandchild), "stop left part of an adopted run");
+    assert_eq!(d.slot("claude-1")["state"], "failed");
+}
+
+#[test]
+fn a_run_that_died_with_the_daemon_is_abandoned_and_resumes_its_conversation() {
+    let mut d = Daemon::start(&fake_config(1));
+    for (slot, llm) in [("claude-1", "claude"), ("gemini-1", "gemini"), ("codex-1", "codex")] {
+        let issue = match llm {
+            "claude" => 1,
+            "gemini" => 2,
+            _ => 3,
+        };
+        d.assign(issue, &["--llm", llm], "@say first run\n@sleep 60");
+        wait_preview(&d, slot, "first run");
+    }
+    let before: Vec<Value> = ["claude-1", "gemini-1", "codex-1"].iter().map(|s| d.slot(s)).collect();
+    d.kill9();
+    for row in &before {
+        kill(row["pid"].as_i64().unwrap());
+    }
+    d.launch();
+    for (row, slot) in before.iter().zip(["claude-1", "gemini-1", "codex-1"]) {
+        let now = d.slot(slot);
+        assert_eq!(now["state"], "abandoned", "{now}");
+        assert!(now["reason"].as_str().unwrap().contains("ended while autodevd was not running"), "{now}");
+        assert_eq!(now["session_id"], row["session_id"], "the session id is kept");
+        assert_eq!(now["issue"], row["issue"]);
+        assert_eq!(lockfile(&d, slot).unwrap().state, "abandoned");
+    }
+    // The slot stays held by its issue: neither the slot nor the issue can be taken.
+    let out = d.try_ctl(&["assign", "9", "--slot", "claude-1", "--prompt", "x"]);
+    assert!(stderr_of(&out).contains("slot claude-1 holds the abandoned issue #1"), "{}", stderr_of(&out));
+    let out = d.try_ctl(&["assign", "1", "--llm", "codex", "--prompt", "x"]);
+    assert!(stderr_of(&out).contains("issue #1 is already assigned to claude-1"), "{}", stderr_of(&out));
+    assert!(d.ctl(&["status"]).contains("abandoned"));
+
+    for (row, slot) in before.iter().zip(["claude-1", "gemini-1", "codex-1"]) {
+        let out: Value = serde_json::from_str(&d.ctl(&["resume", slot, "--json"])).unwrap();
+        assert_eq!(out["session_id"], row["session_id"]);
+        let done = d.wait_state(slot, "completed");
+        let argv: Vec<String> =
+            serde_json::from_value(d.record(done["run_id"].as_str().unwrap())["argv"].clone()).unwrap();
+        let session = row["session_id"].as_str().unwrap().to_string();
+        let resumed = match slot {
+            "codex-1" => argv.windows(2).any(|w| w == ["resume".to_string(), session.clone()]),
+            _ => argv.windows(2).any(|w| w == ["--resume".to_string(), session.clone()]),
+        };
+        assert!(resumed, "{slot} was not resumed in session {session}: {argv:?}");
+        assert!(!argv.contains(&"--session-id".to_string()), "{argv:?}");
+        let prompt = d.record(done["run_id"].as_str().unwrap())["prompt"].as_str().unwrap().to_string();
+        assert!(prompt.contains("interrupted"), "a continuation prompt: {prompt}");
+        assert_eq!(done["runs"].as_array().unwrap().len(), 2, "the chain of runs: {done}");
+        assert_eq!(done["task_id"], row["task_id"]);
+        assert_eq!(done["cwd"], Value::Null, "cwd is not a status field");
+        assert!(lockfile(&d, slot).is_none());
+    }
+    let history = std::fs::read_to_string(d.state_dir().join("history.jsonl")).unwrap();
+    let claude_lines: Vec<Value> = history
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|l| l["slot"] == "claude-1")
+        .collect();
+    assert_eq!(claude_lines.last().unwrap()["runs"].as_array().unwrap().len(), 2, "history shows the chain");
+}
+
+#[test]
+fn a_forged_lockfile_about_a_stranger_never_signals_it() {
+    let mut d = Daemon::start(&fake_config(3));
+    d.terminate();
+    // A live process nobody asked autodevd to run, and lockfiles naming it: with its true identity (pid, start
+    // time, boot), with a wrong start time (pid reuse), and from another boot.
+    let mut stranger = Command::new("sleep").arg("1000").stdin(Stdio::null()).spawn().unwrap();
+    let pid = stranger.id();
+    let start_time = autodev::supervisor::proc_stat(pid as i32).unwrap().start_time;
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap().trim().to_string();
+    let state = d.state_dir();
+    let forge = |slot: &str, start: u64, boot_id: &str| {
+        let run = state.join("runs").join(format!("forged-{slot}"));
+        std::fs::create_dir_all(&run).unwrap();
+        let lock = json!({
+            "version": 1, "slot": slot, "provider": "claude", "issue": 50 + slot.len() as u64 + start % 7,
+            "task_id": "t", "run_id": format!("forged-{slot}"), "runs": [format!("forged-{slot}")],
+            "state": "in_progress", "reason": null, "pid": pid, "pgid": pid, "start_time": start, "boot_id": boot_id,
+            "session_id": "s-1", "cwd": "/", "program": "claude", "args": [], "prompt_file": run.join("prompt"),
+            "stdout": run.join("stdout"), "stderr": run.join("stderr"), "started_at": "2026-11-21T00:00:00Z",
+            "run_started_at": "2026-11-21T00:00:00Z", "daemon_pid": 1
+        });
+        std::fs::write(state.join("slots").join(format!("{slot}.lock")), lock.to_string()).unwrap();
+    };
+    forge("claude-1", start_time, &boot);
+    forge("claude-2", start_time + 1, &boot);
+    forge("claude-3", start_time, "00000000-0000-0000-0000-000000000000");
+    d.launch();
+    for slot in ["claude-1", "claude-2", "claude-3"] {
+        let row = d.slot(slot);
+        assert_eq!(row["state"], "abandoned", "{slot}: {row}");
+    }
+    assert!(d.slot("claude-3")["reason"].as_str().unwrap().contains("machine restarted"));
+    assert!(stranger.try_wait().unwrap().is_none(), "the stranger was signalled");
+    let out = d.try_ctl(&["stop", "claude-1"]);
+    assert!(stderr_of(&out).contains("not running (it is abandoned)"), "{}", stderr_of(&out));
+    let out = d.try_ctl(&["resume", "claude-1"]);
+    let err = stderr_of(&out);
+    assert!(err.contains(&format!("process {pid} of the previous run in claude-1 is still alive")), "{err}");
+    d.ctl(&["release", "claude-1"]);
+    d.terminate();
+    assert!(stranger.try_wait().unwrap().is_none(), "the stranger was signalled");
+    stranger.kill().unwrap();
+    stranger.wait().unwrap();
+}
+
+#[test]
+fn a_corrupt_lockfile_is_moved_aside_and_reported() {
+    let mut d = Daemon::start(&fake_config(2));
+    d.terminate();
+    let slots = d.state_dir().join("slots");
+    std::fs::write(slots.join("claude-1.lock"), b"{\"version\":1,\"slot\":\"claude-1\",\"iss").unwrap();
+    std::fs::write(slots.join("claude-2.lock"), b"\x00\xffnot json").unwrap();
+    d.launch();
+    let status = d.status();
+    let warnings = status["warnings"].as_array().unwrap();
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert!(warnings[0].as_str().unwrap().contains("claude-1: its lockfile was unreadable"), "{warnings:?}");
+    assert!(slots.join("claude-1.lock.corrupt").exists() && slots.join("claude-2.lock.corrupt").exists());
+    assert!(d.ctl(&["status"]).contains("! slot claude-1: its lockfile was unreadable"));
+    assert_eq!(d.assign(3, &[], "@say fine"), "claude-1", "the daemon carries on");
+}
+
+#[test]
+fn sigterm_leaves_no_child_and_every_task_resumable() {
+    let mut d = Daemon::start(&fake_config(1));
+    d.assign(1, &[], "@grandchild\n@say hello\n@sleep 60");
+    d.assign(2, &["--llm", "codex"], "@ignore-term\n@say hello\n@sleep 60");
+    let rows = [wait_preview(&d, "claude-1", "hello"), wait_preview(&d, "codex-1", "hello")];
+    let pids: Vec<i64> = rows.iter().map(|r| r["pid"].as_i64().unwrap()).collect();
+    assert!(d.terminate().success());
+    assert!(pids.iter().all(|p| !alive(*p)));
+    d.launch();
+    for (row, slot) in rows.iter().zip(["claude-1", "codex-1"]) {
+        let now = d.slot(slot);
+        assert_eq!(now["state"], "abandoned", "{now}");
+        assert!(now["reason"].as_str().unwrap().contains("SIGTERM"), "{now}");
+        assert_eq!(now["session_id"], row["session_id"]);
+    }
+    d.ctl(&["resume", "codex-1"]);
+    let done = d.wait_state("codex-1", "completed");
+    assert_eq!(done["runs"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn resume_and_release_refuse_what_they_cannot_do() {
+    let d = Daemon::start(&fake_config(1));
+    let out = d.try_ctl(&["resume", "claude-1"]);
+    assert!(stderr_of(&out).contains("slot claude-1 has no task to resume"), "{}", stderr_of(&out));
+    d.assign(1, &[], "@say busy\n@sleep 30");
+    wait_preview(&d, "claude-1", "busy");
+    let out = d.try_ctl(&["resume", "claude-1"]);
+    assert!(stderr_of(&out).contains("cannot be resumed: its task is in_progress"), "{}", stderr_of(&out));
+    let out = d.try_ctl(&["release", "claude-1"]);
+    assert!(stderr_of(&out).contains("slot claude-1 is running issue #1"), "{}", stderr_of(&out));
+    d.ctl(&["stop", "claude-1"]);
+    // A stopped task can be resumed: same conversation, same slot.
+    let session = d.slot("claude-1")["session_id"].clone();
+    let resumed: Value = serde_json::from_str(&d.ctl(&["resume", "claude-1", "--json"])).unwrap();
+    assert_eq!(resumed["session_id"], session);
+    d.wait_state("claude-1", "completed");
+    let out = d.try_ctl(&["resume", "claude-1"]);
+    assert!(stderr_of(&out).contains("its task is completed"), "{}", stderr_of(&out));
+    let out = d.try_ctl(&["release", "claude-9"]);
+    assert!(stderr_of(&out).contains("unknown slot"), "{}", stderr_of(&out));
+}
+
+#[test]
+fn release_frees_an_abandoned_slot_as_failed_or_done() {
+    let mut d = Daemon::start(&fake_config(1));
+    d.assign(1, &[], "@say a\n@sleep 60");
+    d.assign(2, &["--llm", "codex"], "@say b\n@sleep 60");
+    let pids = [
+        wait_preview(&d, "claude-1", "a")["pid"].as_i64().unwrap(),
+        wait_preview(&d, "codex-1", "b")["pid"].as_i64().unwrap(),
+    ];
+    d.kill9();
+    pids.iter().for_each(|p| kill(*p));
+    d.launch();
+    assert!(d.ctl(&["release", "claude-1"]).contains("recorded as failed"));
+    assert!(d.ctl(&["release", "codex-1", "--done"]).contains("recorded as completed"));
+    assert_eq!(d.slot("claude-1")["state"], "failed");
+    assert_eq!(d.slot("codex-1")["state"], "completed");
+    assert!(lockfile(&d, "claude-1").is_none() && lockfile(&d, "codex-1").is_none());
+    assert_eq!(d.assign(1, &[], "@say again"), "claude-1", "the issue and the slot are free again");
+}
+
+#[test]
+fn a_task_without_a_session_restarts_with_its_original_prompt() {
+    let bin = common::fixtures().join("bin/plain");
+    let config = json!({ "llms": { "tool": { "cliPath": bin.display().to_string() } } });
+    let mut d = Daemon::start(&config);
+    d.assign(4, &[], "the original task\n@say go\n@sleep 60");
+    let pid = wait_preview(&d, "tool-1", "go")["pid"].as_i64().unwrap();
+    d.kill9();
+    kill(pid);
+    d.launch();
+    assert_eq!(d.slot("tool-1")["state"], "abandoned");
+    let out = d.ctl(&["resume", "tool-1"]);
+    assert!(out.contains("no session was captured for this task: restarted it with its original prompt"), "{out}");
+    let row = wait_preview(&d, "tool-1", "go");
+    assert!(d.record(row["run_id"].as_str().unwrap())["prompt"].as_str().unwrap().starts_with("the original task"));
+}
+
+#[test]
+fn policy_resume_resumes_at_most_three_times_an_hour_and_policy_fail_frees() {
+    let mut config = fake_config(1);
+    config["supervisor"]["onAbandoned"] = json!("resume");
+    let mut d = Daemon::start(&config);
+    d.assign(1, &[], "@replay-on-resume\n@say alive\n@sleep 60");
+    for round in 1..=4 {
+        let row = wait_preview(&d, "claude-1", "alive");
+        d.kill9();
+        kill(row["pid"].as_i64().unwrap());
+        d.launch();
+        let now = d.slot("claude-1");
+        if round <= 3 {
+            assert_eq!(now["state"], "in_progress", "round {round}: {now}");
+            assert_eq!(now["runs"].as_array().unwrap().len(), round + 1);
+        } else {
+            assert_eq!(now["state"], "abandoned", "round {round}: {now}");
+            assert!(now["reason"].as_str().unwrap().contains("3 automatic resumes in the last hour"), "{now}");
+        }
+    }
+    d.kill9();
+    let mut text: Value = serde_json::from_str(&std::fs::read_to_string(d.config_path.clone()).unwrap()).unwrap();
+    text["supervisor"]["onAbandoned"] = json!("fail");
+    std::fs::write(&d.config_path, text.to_string()).unwrap();
+    d.launch();
+    let row = d.slot("claude-1");
+    assert_eq!(row["state"], "failed");
+    assert!(row["reason"].as_str().unwrap().contains("failed by policy onAbandoned=fail"), "{row}");
+    assert!(lockfile(&d, "claude-1").is_none());
+}
+
+/// A hundred crashes of the daemon at random moments across assign, run, exit and resume. After each restart every
+/// task is in exactly one state, no slot holds two tasks, no issue two slots; after a final stop no process is left.
+#[test]
+fn crash_loop_keeps_every_invariant() {
+    let mut config = fake_config(2);
+    config["llms"]["gemini"]["enabled"] = json!(false);
+    let mut d = Daemon::start(&config);
+    let mut seed = 0x2545_F491_4F6C_DD1Du64;
+    let mut rand = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    // (pid, start time): a pid alone could be reused by an unrelated process during the test.
+    let mut seen: Vec<(i64, u64)> = Vec::new();
+    for cycle in 0..100u64 {
+        // Some work: new assignments, resumes of abandoned or failed tasks, stops.
+        for _ in 0..rand(3) + 1 {
+            let issue = rand(6) + 1;
+            let action = rand(4);
+            let slot = ["claude-1", "claude-2", "codex-1", "codex-2"][rand(4) as usize];
+            let prompt = format!("--prompt=@say cycle {cycle}\n@sleep 0.{}", rand(9));
+            let args: Vec<String> = match action {
+                0 | 1 => vec!["assign".into(), issue.to_string(), prompt],
+                2 => vec!["resume".into(), slot.into()],
+                _ => vec!["release".into(), slot.into()],
+            };
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let _ = d.try_ctl(&args);
+        }
+        // A crash at a random moment (the point of this test is the randomness of the moment).
+        std::thread::sleep(std::time::Duration::from_millis(rand(150)));
+        for row in d.status()["slots"].as_array().unwrap() {
+            if let Some(pid) = row["pid"].as_i64()
+                && let Some(stat) = autodev::supervisor::proc_stat(pid as i32)
+            {
+                seen.push((pid, stat.start_time));
+            }
+        }
+        d.kill9();
+        if rand(2) == 0 {
+            // The children die with it sometimes (OOM killer, reboot-like).
+            for (pid, start) in &seen {
+                if same_process_alive(*pid, *start) {
+                    kill(*pid);
+                }
+            }
+        }
+        d.launch();
+        let status = d.status();
+        let rows = status["slots"].as_array().unwrap();
+        let mut issues_held = std::collections::HashSet::new();
+        for row in rows {
+            let state = row["state"].as_str().unwrap();
+            assert!(
+                ["ready", "in_progress", "abandoned", "completed", "failed"].contains(&state),
+                "cycle {cycle}: {row}"
+            );
+            if ["in_progress", "abandoned"].contains(&state) {
+                let issue = row["issue"].as_u64().unwrap();
+                assert!(issues_held.insert(issue), "cycle {cycle}: issue #{issue} holds two slots: {status}");
+                assert!(lockfile(&d, row["slot"].as_str().unwrap()).is_some(), "cycle {cycle}: {row}");
+            } else {
+                assert!(lockfile(&d, row["slot"].as_str().unwrap()).is_none(), "cycle {cycle}: {row}");
+            }
+            if state == "in_progress" {
+                assert!(alive(row["pid"].as_i64().unwrap()), "cycle {cycle}: a ghost run: {row}");
+            }
+        }
+    }
+    // A final stop: every run ends, and nothing of any run is left.
+    assert!(d.terminate().success());
+    for (pid, start) in seen {
+        assert!(!same_process_alive(pid, start), "process {pid} outlived the final stop");
+    }
+}
