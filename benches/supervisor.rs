@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use autodev::ctl::Client;
 use autodev::paths::Paths;
-use autodev::protocol::{Reply, Request};
+use autodev::protocol::{Reply, Request, SlotState};
 use common::{Daemon, fixtures};
 use serde_json::{Value, json};
 
@@ -85,6 +85,8 @@ fn writer(spec: &str) {
             }
         }
         "per-line" => (0..total / line.len()).for_each(|_| out.write_all(&line).unwrap()),
+        // A silent run: `sleep SECS` (the number is seconds here).
+        "sleep" => std::thread::sleep(Duration::from_secs(total as u64)),
         other => panic!("unknown writer mode {other}"),
     }
 }
@@ -227,30 +229,102 @@ fn idle_cpu(report: &mut Vec<String>, slots: u32, secs: u64) {
     ));
 }
 
+/// Start-up recovery: autodevd killed with 256 lockfiles in its state dir (a third alive runs to adopt, a third
+/// dead runs, a third corrupt files), restarted; the time until `status` answers.
+fn recovery_startup(report: &mut Vec<String>) {
+    let (alive, dead, corrupt) = (86usize, 85usize, 85usize);
+    let mut config = writer_config();
+    config["llms"]["bench"]["maxConcurrentIssues"] = json!(alive + dead);
+    let mut d = Daemon::start(&config);
+    for i in 0..alive {
+        d.assign(6000 + i as u64, &["--slot", &format!("bench-{}", i + 1)], "sleep 900");
+    }
+    let template: autodev::ledger::SlotLock =
+        serde_json::from_str(&std::fs::read_to_string(d.state_dir().join("slots/bench-1.lock")).unwrap()).unwrap();
+    let mut gone = Command::new("true").spawn().unwrap();
+    let dead_pid = gone.id();
+    gone.wait().unwrap();
+    let rounds = if quick() { 3 } else { 15 };
+    let mut times = Vec::new();
+    for _ in 0..rounds {
+        d.kill9();
+        let slots = d.state_dir().join("slots");
+        for i in 0..dead {
+            let slot = format!("bench-{}", alive + i + 1);
+            let mut lock = template.clone();
+            (lock.slot, lock.issue, lock.pid, lock.pgid) =
+                (slot.clone(), 7000 + i as u64, Some(dead_pid), Some(dead_pid));
+            lock.run_id = format!("dead-{i}");
+            lock.stdout = d.state_dir().join("runs").join(&lock.run_id).join("stdout");
+            std::fs::write(slots.join(format!("{slot}.lock")), serde_json::to_vec(&lock).unwrap()).unwrap();
+        }
+        for i in 0..corrupt {
+            std::fs::write(slots.join(format!("bench-{}.lock", 500 + i)), b"{\"version\": 1, \"slot\": tor").unwrap();
+        }
+        let paths = Paths::resolve(Some(&d.state_dir()), Some(&d.runtime_dir())).unwrap();
+        let start = Instant::now();
+        d.process = Some(d.daemon_command().spawn().unwrap());
+        let report = loop {
+            if let Ok(mut client) = Client::connect(&paths)
+                && let Ok(Reply::Status(report)) = client.call(Request::Status)
+            {
+                break report;
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "autodevd did not answer");
+            std::thread::sleep(Duration::from_micros(200));
+        };
+        times.push(start.elapsed().as_secs_f64() * 1000.0);
+        let count = |state: SlotState| report.slots.iter().filter(|s| s.state == state).count();
+        assert_eq!((count(SlotState::InProgress), count(SlotState::Abandoned)), (alive, dead));
+        assert_eq!(report.warnings.len(), corrupt);
+    }
+    report.push(format!(
+        "| start-up recovery of 256 lockfiles ({alive} alive, {dead} dead, {corrupt} corrupt) until `status` answers, \
+         whole daemon start | median **{:.1} ms** ({rounds} restarts) |",
+        median(times)
+    ));
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--writer") {
         return writer(&args[i + 1]);
     }
+    // BENCH_ONLY=capture,status,memory,idle,latency,recovery runs only those sections.
+    let only = std::env::var("BENCH_ONLY").ok();
+    let wanted = |name: &str| only.as_deref().is_none_or(|o| o.split(',').any(|x| x == name));
     let (gib, rounds) = if quick() { (64u64 << 20, 2) } else { (1u64 << 30, 5) };
     let mut capture = vec![
         "| child output | child alone, to a file | under autodevd | ratio | daemon CPU per run |".to_string(),
         "|---|---|---|---|---|".to_string(),
     ];
-    capture_cost(&mut capture, &format!("{} MiB of 100-byte lines", gib >> 20), &format!("lines {gib}"), rounds);
-    let per_line = if quick() { 8u64 << 20 } else { 200u64 << 20 };
-    capture_cost(
-        &mut capture,
-        &format!("{} MiB, one write(2) per line", per_line >> 20),
-        &format!("per-line {per_line}"),
-        rounds,
-    );
+    if wanted("capture") {
+        capture_cost(&mut capture, &format!("{} MiB of 100-byte lines", gib >> 20), &format!("lines {gib}"), rounds);
+        let per_line = if quick() { 8u64 << 20 } else { 200u64 << 20 };
+        capture_cost(
+            &mut capture,
+            &format!("{} MiB, one write(2) per line", per_line >> 20),
+            &format!("per-line {per_line}"),
+            rounds,
+        );
+    }
 
     let mut other = vec!["| figure | result |".to_string(), "|---|---|".to_string()];
-    status_latency(&mut other, 64);
-    flood_memory(&mut other, 64, if quick() { 4 << 20 } else { 64 << 20 });
-    idle_cpu(&mut other, 64, if quick() { 5 } else { 60 });
-    start_to_finished(&mut other);
+    if wanted("status") {
+        status_latency(&mut other, 64);
+    }
+    if wanted("memory") {
+        flood_memory(&mut other, 64, if quick() { 4 << 20 } else { 64 << 20 });
+    }
+    if wanted("idle") {
+        idle_cpu(&mut other, 64, if quick() { 5 } else { 60 });
+    }
+    if wanted("latency") {
+        start_to_finished(&mut other);
+    }
+    if wanted("recovery") {
+        recovery_startup(&mut other);
+    }
 
     println!("\n## Capture cost (medians of {rounds} alternating rounds)\n");
     println!("{}", capture.join("\n"));

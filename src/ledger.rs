@@ -105,7 +105,8 @@ pub struct SlotLock {
     pub run_id: String,
     /// Every run of the task, oldest first (the chain of resumes).
     pub runs: Vec<String>,
-    /// `starting`, `in_progress` or `abandoned`.
+    /// `starting`, `in_progress` or `abandoned`, as last written. Recovery re-derives the truth from the process
+    /// (a run recorded `in_progress` whose process is gone is abandoned).
     pub state: String,
     pub reason: Option<String>,
     pub pid: Option<u32>,

