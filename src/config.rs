@@ -39,7 +39,7 @@ pub struct RawConfig {
     // Sections that later issues act on, or that belong to the tool the format comes from. Kept opaque so
     // that a user's existing file never warns about keys it is entitled to have.
     pub github: Value,
-    pub worktree: Value,
+    pub worktree: WorktreeConfig,
     pub project: Value,
     pub requirements: Value,
     pub push: Value,
@@ -114,6 +114,58 @@ pub enum OnAbandoned {
 pub struct WorkspaceConfig {
     /// Working directory of runs; relative paths are taken from the config file's directory.
     pub dir: Option<PathBuf>,
+}
+
+/// `worktree`: each task works in its own git worktree.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct WorktreeConfig {
+    pub enabled: bool,
+    /// Where worktrees go; relative to the repository's parent. Default: `<repo>.autodev` beside the repository.
+    pub base_dir: Option<PathBuf>,
+    /// The worktree directory's name; `{slot}` and `{provider}` are replaced.
+    pub naming_pattern: String,
+    pub branch_prefix: String,
+    pub cleanup: CleanupConfig,
+}
+
+impl Default for WorktreeConfig {
+    fn default() -> Self {
+        WorktreeConfig {
+            enabled: true,
+            base_dir: None,
+            naming_pattern: "{slot}".into(),
+            branch_prefix: "autodev/issue-".into(),
+            cleanup: CleanupConfig::default(),
+        }
+    }
+}
+
+/// `worktree.cleanup`: remove a task's worktree when it ends (only ever when that loses nothing).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct CleanupConfig {
+    /// `true`/`"remove"`/`"delete"` removes; `false`/`"keep"` keeps.
+    pub on_complete: Value,
+    pub on_error: Value,
+}
+
+impl CleanupConfig {
+    pub fn remove_on_complete(&self) -> bool {
+        wants_removal(&self.on_complete)
+    }
+
+    pub fn remove_on_error(&self) -> bool {
+        wants_removal(&self.on_error)
+    }
+}
+
+fn wants_removal(v: &Value) -> bool {
+    match v {
+        Value::Bool(b) => *b,
+        Value::String(s) => matches!(s.as_str(), "remove" | "delete" | "cleanup" | "true"),
+        _ => false,
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -217,6 +269,16 @@ impl Config {
         }
         if !(1..=1000).contains(&sup.preview_lines) {
             return Err(invalid("supervisor.previewLines".into(), "must be between 1 and 1000".into()));
+        }
+        let wt = &self.raw.worktree;
+        if wt.naming_pattern.is_empty() || wt.naming_pattern.contains('/') || wt.naming_pattern.contains("..") {
+            return Err(invalid(
+                "worktree.namingPattern".into(),
+                "must be a plain directory name such as {slot}".into(),
+            ));
+        }
+        if wt.branch_prefix.contains("..") || wt.branch_prefix.contains(' ') || wt.branch_prefix.starts_with('-') {
+            return Err(invalid("worktree.branchPrefix".into(), "is not usable in a git branch name".into()));
         }
         if !(16..=10_000).contains(&sup.preview_line_chars) {
             return Err(invalid("supervisor.previewLineChars".into(), "must be between 16 and 10000".into()));

@@ -129,6 +129,11 @@ pub struct SlotLock {
     /// When automatic resumes happened (policy `onAbandoned: resume` allows 3 per hour).
     #[serde(default)]
     pub auto_resumes: Vec<String>,
+    /// The task's git worktree (its `cwd`) and branch, when it has one.
+    #[serde(default)]
+    pub worktree: Option<PathBuf>,
+    #[serde(default)]
+    pub branch: Option<String>,
 }
 
 /// Where slot lockfiles live.
@@ -240,6 +245,10 @@ pub struct ExitRecord {
     pub cwd: PathBuf,
     #[serde(default)]
     pub prompt_file: PathBuf,
+    #[serde(default)]
+    pub worktree: Option<PathBuf>,
+    #[serde(default)]
+    pub branch: Option<String>,
 }
 
 /// The last lines of the history (its tail is enough to know each slot's last task and whether a run is recorded).

@@ -11,3 +11,4 @@ pub mod protocol;
 pub mod provider;
 pub mod supervisor;
 pub mod timefmt;
+pub mod workspace;

@@ -47,6 +47,11 @@ pub enum Request {
         #[serde(default)]
         done: bool,
     },
+    /// Every worktree autodev made; with `prune`, remove the ones that are safe to remove.
+    Workspaces {
+        #[serde(default)]
+        prune: bool,
+    },
     Logs {
         slot: String,
         /// Last N lines; `None` means the whole log.
@@ -80,6 +85,7 @@ pub enum Reply {
     Stopped { slot: String, issue: u64, run_id: String },
     Resumed(Assigned),
     Released { slot: String, issue: u64, state: SlotState },
+    Workspaces(WorkspacesReport),
     LogEnd { slot: String, run_id: String, state: SlotState },
     Error(ErrorReply),
 }
@@ -167,6 +173,9 @@ pub struct SlotStatus {
     pub run_id: Option<String>,
     /// Every run of the task, oldest first: resumes add to it.
     pub runs: Vec<String>,
+    /// The task's git worktree and branch, when it has one.
+    pub worktree: Option<String>,
+    pub branch: Option<String>,
     pub pid: Option<u32>,
     /// The run was adopted after a restart of autodevd: its exit code cannot be known.
     pub adopted: bool,
@@ -179,6 +188,24 @@ pub struct SlotStatus {
     pub cost_usd: Option<f64>,
     pub turns: Option<u64>,
     pub console_preview: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkspacesReport {
+    /// The repository the worktrees belong to; `None` when the workspace is not a git repository.
+    pub repository: Option<String>,
+    pub worktrees: Vec<WorktreeStatus>,
+    /// With `prune`: what was removed, and what was kept and why.
+    pub removed: Vec<String>,
+    pub kept: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorktreeStatus {
+    #[serde(flatten)]
+    pub info: crate::workspace::WorktreeInfo,
+    /// The slot whose task works in it now (running or abandoned), if any.
+    pub in_use_by: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -449,3 +449,27 @@ pub async fn clear_lock_holders(lock: &Path, pgid: Option<i32>, grace: Duration)
         tokio::time::sleep(GROUP_POLL).await;
     }
 }
+
+/// Runs a helper command (git, a CLI's --help) to completion and returns its output. The pid is registered with
+/// the orphan reaper under the same lock as the spawn, so the reaper never takes its exit status; after `timeout`
+/// it is killed.
+pub fn run_command(command: &mut Command, timeout: Duration) -> io::Result<std::process::Output> {
+    command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut tracked = tracked();
+    let child = command.spawn()?;
+    let pid = child.id() as i32;
+    tracked.get_or_insert_with(HashSet::new).insert(pid);
+    drop(tracked);
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if done_rx.recv_timeout(timeout).is_err() {
+            // Still running: the pid cannot have been reused, the child is unreaped until wait_with_output.
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    });
+    let output = child.wait_with_output();
+    let _ = done_tx.send(());
+    let _ = watchdog.join();
+    untrack(pid);
+    output
+}

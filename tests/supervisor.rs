@@ -148,7 +148,7 @@ fn stop_ends_the_whole_tree_even_when_it_ignores_sigterm() {
     d.assign(7, &[], "@ignore-term\n@grandchild\n@say started\n@sleep 60");
     let row = wait_until("the run to start its grandchild", || {
         let row = d.slot("claude-1");
-        let record_path = d.workspace.join(format!("fake-record-{}.json", row["run_id"].as_str()?));
+        let record_path = d.records.join(format!("fake-record-{}.json", row["run_id"].as_str()?));
         let record: Value = serde_json::from_str(&std::fs::read_to_string(record_path).ok()?).ok()?;
         record.get("grandchild").is_some().then_some(row)
     });

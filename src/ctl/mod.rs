@@ -88,6 +88,13 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The git worktrees autodev made: slot, issue, branch, clean/uncommitted/unpushed, size
+    Workspaces {
+        #[command(subcommand)]
+        action: Option<WorkspacesAction>,
+        #[arg(long, global = true)]
+        json: bool,
+    },
     /// Show a slot's output (its current or last run)
     Logs {
         slot: String,
@@ -114,6 +121,12 @@ pub enum Command {
 
 /// The largest prompt `assign` sends: the request frame limit less room for the rest of the request.
 const MAX_PROMPT_BYTES: usize = protocol::MAX_REQUEST_FRAME - (64 << 10);
+
+#[derive(Debug, Subcommand)]
+pub enum WorkspacesAction {
+    /// Remove the worktrees that are safe to remove (no task uses them; no uncommitted or unpushed work)
+    Prune,
+}
 
 /// Why a command did not succeed, mapped to an exit code.
 #[derive(Debug, thiserror::Error)]
@@ -317,6 +330,15 @@ pub fn run(cli: Cli) -> Result<(), CtlError> {
             }
             other => Err(unexpected(other)),
         },
+        Command::Workspaces { action, json } => {
+            let prune = matches!(action, Some(WorkspacesAction::Prune));
+            client.set_timeout(Some(Duration::from_secs(300)));
+            match client.call(Request::Workspaces { prune })? {
+                Reply::Workspaces(report) if json => print_json(&report),
+                Reply::Workspaces(report) => emit(&render::workspaces(&report)),
+                other => Err(unexpected(other)),
+            }
+        }
         Command::Logs { slot, lines, follow, raw, stderr } => {
             if follow {
                 client.set_timeout(None);

@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use crate::protocol::{ProviderUsage, SlotState, SlotStatus, StatusReport};
+use crate::protocol::{ProviderUsage, SlotState, SlotStatus, StatusReport, WorkspacesReport};
 use crate::timefmt::{age, parse_rfc3339, short_duration};
 
 /// Width of the ACTIVITY column's text.
@@ -49,8 +49,8 @@ pub fn status(report: &StatusReport, with_preview: bool) -> String {
     for warning in &report.warnings {
         let _ = writeln!(out, "! {warning}");
     }
-    let header = ["SLOT", "STATE", "ISSUE", "PID", "RUNNING", "OUTPUT", "SESSION", "ACTIVITY"];
-    let rows: Vec<[String; 8]> = report
+    let header = ["SLOT", "STATE", "ISSUE", "PID", "RUNNING", "OUTPUT", "SESSION", "BRANCH", "ACTIVITY"];
+    let rows: Vec<[String; 9]> = report
         .slots
         .iter()
         .map(|r| {
@@ -66,6 +66,7 @@ pub fn status(report: &StatusReport, with_preview: bool) -> String {
                 running,
                 if r.state.is_running() { ago(r.last_output_at.as_deref()) } else { "-".into() },
                 r.session_id.as_deref().map_or("-".into(), |s| s.chars().take(8).collect()),
+                r.branch.as_deref().map_or("-".into(), |b| cut(b, 32)),
                 activity(r),
             ]
         })
@@ -90,6 +91,9 @@ pub fn status(report: &StatusReport, with_preview: bool) -> String {
     let _ = writeln!(out, "{}", line(&header.map(String::from)));
     for (row, slot) in rows.iter().zip(&report.slots) {
         let _ = writeln!(out, "{}", line(row));
+        if with_preview && let Some(worktree) = &slot.worktree {
+            let _ = writeln!(out, "    ⎇ {} in {worktree}", slot.branch.as_deref().unwrap_or("?"));
+        }
         if with_preview && !slot.console_preview.is_empty() {
             for p in &slot.console_preview {
                 let _ = writeln!(out, "    │ {p}");
@@ -109,6 +113,44 @@ pub fn instances(providers: &[ProviderUsage]) -> String {
         let held: Vec<String> = p.slots.iter().filter_map(|s| s.issue.map(|i| format!("#{i} ({})", s.slot))).collect();
         let held = if held.is_empty() { "-".to_string() } else { held.join(", ") };
         let _ = writeln!(out, "{:<10} {}/{}   {held}", p.provider, p.used, p.max);
+    }
+    out
+}
+
+fn human_size(bytes: u64) -> String {
+    match bytes {
+        0..1024 => format!("{bytes} B"),
+        1024..1_048_576 => format!("{:.1} KiB", bytes as f64 / 1024.0),
+        1_048_576..1_073_741_824 => format!("{:.1} MiB", bytes as f64 / 1_048_576.0),
+        _ => format!("{:.1} GiB", bytes as f64 / 1_073_741_824.0),
+    }
+}
+
+pub fn workspaces(report: &WorkspacesReport) -> String {
+    let mut out = String::new();
+    let Some(repo) = &report.repository else {
+        return "the workspace is not a git repository: runs work in it directly, without worktrees\n".into();
+    };
+    let _ = writeln!(out, "{} worktree(s) of {repo}", report.worktrees.len());
+    for w in &report.worktrees {
+        let issue = w.info.issue.map_or("-".into(), |i| format!("#{i}"));
+        let used = w.in_use_by.as_deref().map_or(String::new(), |s| format!("  (in use by {s})"));
+        let _ = writeln!(
+            out,
+            "{:<10} {:<6} {:<12} {:>10}  {}  {}{used}",
+            w.info.slot.as_deref().unwrap_or("-"),
+            issue,
+            w.info.state,
+            human_size(w.info.size_bytes),
+            w.info.branch.as_deref().unwrap_or("(detached)"),
+            w.info.path
+        );
+    }
+    for r in &report.removed {
+        let _ = writeln!(out, "removed {r}");
+    }
+    for k in &report.kept {
+        let _ = writeln!(out, "kept    {k}");
     }
     out
 }

@@ -112,6 +112,8 @@ fn record_of_exit(shared: &Shared, exit: &ExitRecord) -> SlotLock {
         run_started_at: exit.started_at.clone(),
         daemon_pid: 0,
         auto_resumes: Vec::new(),
+        worktree: exit.worktree.clone(),
+        branch: exit.branch.clone(),
     }
 }
 

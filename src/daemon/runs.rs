@@ -16,10 +16,11 @@ use super::Shared;
 use super::slots::{RunSignal, SlotRequest, StopReason, Task};
 use crate::ledger::{self, ExitRecord, RECORD_VERSION, RunFiles, RunRecord, SlotLock};
 use crate::output::{FileFollower, Findings, Preview, render_tail, scan_outcome};
-use crate::protocol::{Assigned, ErrorKind, ErrorReply, Reply, SlotState};
+use crate::protocol::{Assigned, ErrorKind, ErrorReply, Reply, SlotState, WorkspacesReport, WorktreeStatus};
 use crate::provider::{EventFormat, LaunchContext, Outcome, Provider};
 use crate::supervisor::{self, Child, ExitInfo, SpawnError, SpawnSpec};
 use crate::timefmt::rfc3339;
+use crate::workspace;
 
 /// Under a flood, followers read at most this often; a quiet run is read as soon as it writes.
 const BATCH_INTERVAL: Duration = Duration::from_millis(25);
@@ -56,7 +57,7 @@ pub async fn assign(
         return Err(refuse(ErrorKind::BadRequest, "the prompt is empty".into(), None));
     }
     let run_id = ulid::Ulid::new().to_string();
-    let slot_name = {
+    let (slot_name, previous) = {
         let mut table = shared.lock_table();
         let index = table.choose(&SlotRequest { issue, llm, slot })?;
         let provider = table.providers[table.slots[index].provider].name.clone();
@@ -88,16 +89,63 @@ pub async fn assign(
             run_started_at: now,
             daemon_pid: shared.daemon_pid,
             auto_resumes: Vec::new(),
+            worktree: None,
+            branch: None,
         };
-        slot.task = Some(Task::starting(record));
-        slot.name.clone()
+        // The slot's last finished task is kept aside, to come back if the worktree cannot be made.
+        let previous = slot.task.replace(Task::starting(record));
+        (slot.name.clone(), previous)
     };
-    start_run(shared, &slot_name, RunKind::New, prompt).await.map(Reply::Assigned)
+    let mut prompt = prompt.to_string();
+    if let Err(e) = prepare_worktree(shared, &slot_name, issue, &mut prompt).await {
+        if let Some(slot) = shared.lock_table().get_mut(&slot_name) {
+            slot.task = previous;
+        }
+        return Err(refuse(ErrorKind::Failed, format!("cannot prepare a git worktree for {slot_name}: {e}"), None));
+    }
+    start_run(shared, &slot_name, RunKind::New, &prompt).await.map(Reply::Assigned)
+}
+
+/// Puts a new task in its own git worktree when the workspace is a git repository (and `worktree.enabled`):
+/// records it as the task's cwd and tells the agent its branch at the end of the prompt.
+async fn prepare_worktree(shared: &Arc<Shared>, slot: &str, issue: u64, prompt: &mut String) -> Result<(), String> {
+    let config = shared.config.raw.worktree.clone();
+    if !config.enabled {
+        return Ok(());
+    }
+    let workspace = shared.workspace.clone();
+    // The title is the prompt's first line until issues come from GitHub.
+    let title = prompt.lines().find(|l| !l.trim().is_empty()).unwrap_or_default().to_string();
+    let slot_name = slot.to_string();
+    let prepared = tokio::task::spawn_blocking(move || {
+        let Some(root) = workspace::repo_root(&workspace) else { return Ok(None) };
+        workspace::prepare(&root, &config, &slot_name, issue, &title).map(Some)
+    })
+    .await
+    .map_err(|e| format!("internal error: {e}"))??;
+    let Some(prepared) = prepared else { return Ok(()) };
+    for note in &prepared.notes {
+        tracing::warn!(slot, "{note}");
+    }
+    let from = prepared.base.as_deref().map(|b| format!(" (a new branch from {b})")).unwrap_or_default();
+    prompt.push_str(&format!(
+        "\n\n---\nYou work in the git worktree {} on branch {}{from}. Commit your work to this branch; do not \
+         switch branches or touch other worktrees.\n",
+        prepared.path.display(),
+        prepared.branch
+    ));
+    let mut table = shared.lock_table();
+    if let Some(task) = table.get_mut(slot).and_then(|s| s.task.as_mut()) {
+        task.record.cwd = prepared.path.clone();
+        task.record.worktree = Some(prepared.path);
+        task.record.branch = Some(prepared.branch);
+    }
+    Ok(())
 }
 
 /// Handles `resume`: a new run of the slot's abandoned, failed or stopped task, in the same conversation.
 pub async fn resume(shared: &Arc<Shared>, slot: &str, automatic: bool) -> Result<Reply, ErrorReply> {
-    let (kind, issue, previous_reason, prompt_file) = {
+    let (kind, issue, previous_reason, prompt_file, branch) = {
         let mut table = shared.lock_table();
         let Some(index) = table.slots.iter().position(|s| s.name == slot) else {
             return Err(refuse(ErrorKind::NotFound, format!("unknown slot {slot:?}"), None));
@@ -171,11 +219,12 @@ pub async fn resume(shared: &Arc<Shared>, slot: &str, automatic: bool) -> Result
         };
         let previous_reason = task.reason.clone();
         let prompt_file = record.prompt_file.clone();
+        let branch = record.branch.clone();
         *task = Task::starting(record);
-        (kind, issue, previous_reason, prompt_file)
+        (kind, issue, previous_reason, prompt_file, branch)
     };
     let prompt = match &kind {
-        RunKind::Resume(_) => continuation_prompt(issue, previous_reason.as_deref()),
+        RunKind::Resume(_) => continuation_prompt(issue, previous_reason.as_deref(), branch.as_deref()),
         _ => match std::fs::read_to_string(&prompt_file) {
             Ok(original) => original,
             Err(e) => {
@@ -193,12 +242,13 @@ pub async fn resume(shared: &Arc<Shared>, slot: &str, automatic: bool) -> Result
 }
 
 /// The message a resumed conversation continues with.
-fn continuation_prompt(issue: u64, reason: Option<&str>) -> String {
+fn continuation_prompt(issue: u64, reason: Option<&str>, branch: Option<&str>) -> String {
     let why = reason.map(|r| format!(" ({r})")).unwrap_or_default();
+    let on = branch.map(|b| format!(" You are still on branch {b}; keep committing there.")).unwrap_or_default();
     format!(
         "Your previous run on issue #{issue} was interrupted{why}. Continue the task from where you stopped: first \
          check the state of the working directory (files you changed, commands that may not have finished), then \
-         carry on until the task is done."
+         carry on until the task is done.{on}"
     )
 }
 
@@ -518,7 +568,85 @@ async fn follow_run(
     wake.disarm(&shared);
     if let Some(done) = done {
         record_end(&shared, &done);
+        cleanup_worktree(&shared, &done.exit).await;
     }
+}
+
+/// Honours `worktree.cleanup.onComplete` / `onError`: removes the finished task's worktree, only if it holds
+/// nothing that exists nowhere else. The branch always stays.
+async fn cleanup_worktree(shared: &Shared, exit: &ExitRecord) {
+    let cleanup = &shared.config.raw.worktree.cleanup;
+    let wanted = match exit.state.as_str() {
+        "completed" => cleanup.remove_on_complete(),
+        "failed" => cleanup.remove_on_error(),
+        _ => false,
+    };
+    let Some(path) = exit.worktree.clone().filter(|_| wanted) else { return };
+    let workspace = shared.workspace.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let root = workspace::repo_root(&workspace).ok_or("the workspace is no longer a git repository")?;
+        workspace::remove_if_safe(&root, &path).map_err(|e| e.to_string())
+    })
+    .await;
+    match result {
+        Ok(Ok(true)) => tracing::info!(slot = %exit.slot, "removed the worktree of the finished task"),
+        Ok(Ok(false)) => tracing::info!(slot = %exit.slot, "kept the worktree: it holds unsaved work"),
+        Ok(Err(e)) => tracing::warn!(slot = %exit.slot, "worktree clean-up: {e}"),
+        Err(e) => tracing::warn!(slot = %exit.slot, "worktree clean-up: {e}"),
+    }
+}
+
+/// Handles `workspaces`: every worktree autodev made, and with `prune` removes those that are safe to remove
+/// (no task holds them, nothing in them exists nowhere else).
+pub async fn workspaces(shared: &Shared, prune: bool) -> Result<Reply, ErrorReply> {
+    let in_use: Vec<(std::path::PathBuf, String)> = shared
+        .lock_table()
+        .slots
+        .iter()
+        .filter(|s| s.is_held())
+        .filter_map(|s| Some((s.task.as_ref()?.record.worktree.clone()?, s.name.clone())))
+        .collect();
+    let workspace = shared.workspace.clone();
+    let config = shared.config.raw.worktree.clone();
+    let report = tokio::task::spawn_blocking(move || -> Result<WorkspacesReport, String> {
+        let Some(root) = workspace::repo_root(&workspace) else {
+            return Ok(WorkspacesReport {
+                repository: None,
+                worktrees: Vec::new(),
+                removed: Vec::new(),
+                kept: Vec::new(),
+            });
+        };
+        let user = |path: &str| {
+            let canonical = std::fs::canonicalize(path).ok();
+            in_use.iter().find(|(p, _)| std::fs::canonicalize(p).ok() == canonical).map(|(_, s)| s.clone())
+        };
+        let (mut removed, mut kept) = (Vec::new(), Vec::new());
+        let mut worktrees = Vec::new();
+        for info in workspace::list(&root, &config)? {
+            let in_use_by = user(&info.path);
+            if prune {
+                match (&in_use_by, info.state.as_str()) {
+                    (Some(slot), _) => kept.push(format!("{}: in use by {slot}", info.path)),
+                    (None, "clean") => match workspace::remove_if_safe(&root, Path::new(&info.path)) {
+                        Ok(true) => {
+                            removed.push(info.path.clone());
+                            continue;
+                        }
+                        Ok(false) => kept.push(format!("{}: holds unsaved work", info.path)),
+                        Err(e) => kept.push(format!("{}: {e}", info.path)),
+                    },
+                    (None, state) => kept.push(format!("{}: {state}", info.path)),
+                }
+            }
+            worktrees.push(WorktreeStatus { info, in_use_by });
+        }
+        Ok(WorkspacesReport { repository: Some(root.display().to_string()), worktrees, removed, kept })
+    })
+    .await
+    .map_err(|e| refuse(ErrorKind::Failed, format!("internal error: {e}"), None))?
+    .map_err(|e| refuse(ErrorKind::Failed, e, None))?;
+    Ok(Reply::Workspaces(report))
 }
 
 /// A bug in the follower must not leave a ghost "in_progress" slot: if it panics, the run is recorded as failed.
@@ -659,6 +787,8 @@ pub(super) fn finish_task(
             runs: record.runs.clone(),
             cwd: record.cwd.clone(),
             prompt_file: record.prompt_file.clone(),
+            worktree: record.worktree.clone(),
+            branch: record.branch.clone(),
         },
         keep_lock,
     })

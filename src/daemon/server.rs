@@ -93,6 +93,7 @@ async fn handle(shared: &Arc<Shared>, request: Request, stream: &mut UnixStream)
         Request::Stop { slot } => runs::stop(shared, &slot, StopReason::User).await.unwrap_or_else(Reply::Error),
         Request::Resume { slot } => runs::resume(shared, &slot, false).await.unwrap_or_else(Reply::Error),
         Request::Release { slot, done } => runs::release(shared, &slot, done).unwrap_or_else(Reply::Error),
+        Request::Workspaces { prune } => runs::workspaces(shared, prune).await.unwrap_or_else(Reply::Error),
         Request::Logs { slot, lines, follow, raw, stderr } => {
             return stream_logs(shared, stream, &slot, lines, follow, raw, stderr).await;
         }

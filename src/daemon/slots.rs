@@ -300,6 +300,8 @@ impl SlotTable {
                 task_id: None,
                 run_id: None,
                 runs: Vec::new(),
+                worktree: None,
+                branch: None,
                 pid: None,
                 adopted: false,
                 started_at: None,
@@ -321,6 +323,8 @@ impl SlotTable {
             task_id: Some(t.record.task_id.clone()),
             run_id: Some(t.record.run_id.clone()),
             runs: t.record.runs.clone(),
+            worktree: t.record.worktree.as_ref().map(|p| p.display().to_string()),
+            branch: t.record.branch.clone(),
             pid: t.record.pid.filter(|_| t.state.is_running()),
             adopted: t.adopted,
             started_at: Some(rfc3339(t.run_started_at)),
@@ -405,6 +409,8 @@ mod tests {
             run_started_at: String::new(),
             daemon_pid: 1,
             auto_resumes: Vec::new(),
+            worktree: None,
+            branch: None,
         }
     }
 

@@ -50,6 +50,8 @@ pub struct Daemon {
     pub dir: tempfile::TempDir,
     pub process: Option<Child>,
     pub workspace: PathBuf,
+    /// Where the fake CLIs write their records (outside any worktree).
+    pub records: PathBuf,
     pub config_path: PathBuf,
 }
 
@@ -69,16 +71,26 @@ impl Daemon {
 
     /// Writes `config` and starts autodevd; returns once it answers `status`.
     pub fn start(config: &Value) -> Daemon {
+        Daemon::start_in(config, None)
+    }
+
+    /// Starts with `workspace` (e.g. a git clone) as the runs' working directory.
+    pub fn start_in(config: &Value, workspace: Option<&Path>) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
-        let workspace = dir.path().join("work");
+        let workspace = workspace.map(Path::to_path_buf).unwrap_or_else(|| dir.path().join("work"));
+        let records = dir.path().join("records");
         std::fs::create_dir_all(&workspace).unwrap();
+        std::fs::create_dir_all(&records).unwrap();
         let mut config = config.clone();
         if config.get("workspace").is_none() {
             config["workspace"] = serde_json::json!({ "dir": workspace.display().to_string() });
         }
+        for llm in config["llms"].as_object_mut().into_iter().flat_map(|m| m.values_mut()) {
+            llm["env"]["FAKE_RECORD_DIR"] = serde_json::json!(records.display().to_string());
+        }
         let config_path = dir.path().join("autonomous-config.json");
         std::fs::write(&config_path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
-        let mut daemon = Daemon { dir, process: None, workspace, config_path };
+        let mut daemon = Daemon { dir, process: None, workspace, records, config_path };
         daemon.launch();
         daemon
     }
@@ -172,7 +184,7 @@ impl Daemon {
 
     /// The fake CLI's record of the run (argv, env, prompt, pid).
     pub fn record(&self, run_id: &str) -> Value {
-        let path = self.workspace.join(format!("fake-record-{run_id}.json"));
+        let path = self.records.join(format!("fake-record-{run_id}.json"));
         let text = wait_until("the fake CLI's record", || std::fs::read_to_string(&path).ok());
         serde_json::from_str(&text).unwrap()
     }

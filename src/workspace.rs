@@ -1,0 +1,372 @@
+//! Git worktrees: every task works in a worktree of its slot, on a branch of its issue, so concurrent agents never
+//! trample each other. A worktree holding work that exists nowhere else (uncommitted changes, commits on no other
+//! branch or remote) is never reset or removed.
+//!
+//! git runs as the user's own `git` (their config, hooks, credentials), always with an argv, never through a shell.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::config::WorktreeConfig;
+use crate::supervisor::run_command;
+
+/// A local git command should be quick; a stuck one (a hook waiting for input) is ended.
+const GIT_TIMEOUT: Duration = Duration::from_secs(60);
+/// `git fetch` may find the network gone: then autodev works offline from the local default branch.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(20);
+/// Longest slug of an issue title in a branch name.
+const SLUG_MAX: usize = 40;
+
+/// The worktree a task runs in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prepared {
+    pub path: PathBuf,
+    pub branch: String,
+    /// What a new branch was started from (`origin/main`, `main`), or `None` for an existing branch.
+    pub base: Option<String>,
+    /// Things to tell the user (offline, a worktree left aside because it holds unsaved work).
+    pub notes: Vec<String>,
+}
+
+/// The state of one worktree autodev made.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct WorktreeInfo {
+    pub path: String,
+    pub slot: Option<String>,
+    pub issue: Option<u64>,
+    pub branch: Option<String>,
+    /// `clean`, `uncommitted` or `unpushed`.
+    pub state: String,
+    pub size_bytes: u64,
+}
+
+fn git(dir: &Path, args: &[&str]) -> Result<String, String> {
+    git_with_timeout(dir, args, GIT_TIMEOUT)
+}
+
+fn git_with_timeout(dir: &Path, args: &[&str], timeout: Duration) -> Result<String, String> {
+    let mut command = Command::new("git");
+    command.arg("-C").arg(dir).args(args).env("GIT_TERMINAL_PROMPT", "0");
+    let output = run_command(&mut command, timeout).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => {
+            "git is not installed (needed for worktrees; or set worktree.enabled to false)".into()
+        }
+        _ => format!("cannot run git: {e}"),
+    })?;
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).trim_end().to_string())
+    } else {
+        let err = String::from_utf8_lossy(&output.stderr);
+        let err = err.lines().find(|l| !l.trim().is_empty()).unwrap_or("no message").trim();
+        Err(format!("git {} failed in {}: {err}", args.join(" "), dir.display()))
+    }
+}
+
+/// The top of the git repository holding `dir`, if it is in one.
+pub fn repo_root(dir: &Path) -> Option<PathBuf> {
+    git(dir, &["rev-parse", "--show-toplevel"]).ok().map(PathBuf::from)
+}
+
+/// `fix the login bug!` → `fix-the-login-bug`, at most [`SLUG_MAX`] characters, cut at a dash.
+pub fn slug(text: &str) -> String {
+    let mut out = String::new();
+    for c in text.chars().flat_map(char::to_lowercase) {
+        if c.is_ascii_alphanumeric() {
+            out.push(c);
+        } else if !out.ends_with('-') && !out.is_empty() {
+            out.push('-');
+        }
+    }
+    let mut out = out.trim_end_matches('-').to_string();
+    if out.len() > SLUG_MAX {
+        out.truncate(SLUG_MAX);
+        if let Some(cut) = out.rfind('-') {
+            out.truncate(cut);
+        }
+    }
+    out
+}
+
+/// Where a slot's worktrees live.
+pub fn base_dir(root: &Path, config: &WorktreeConfig) -> PathBuf {
+    let parent = root.parent().unwrap_or(root);
+    match &config.base_dir {
+        Some(dir) if dir.is_absolute() => dir.clone(),
+        Some(dir) => parent.join(dir),
+        None => {
+            let name = root.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "repo".into());
+            parent.join(format!("{name}.autodev"))
+        }
+    }
+}
+
+fn dir_name(config: &WorktreeConfig, slot: &str) -> String {
+    let provider = slot.rsplit_once('-').map_or(slot, |(p, _)| p);
+    config.naming_pattern.replace("{slot}", slot).replace("{provider}", provider)
+}
+
+/// The default branch to start from: `origin/<default>` after a successful fetch, else the local one.
+fn start_point(root: &Path, notes: &mut Vec<String>) -> String {
+    let remote_head = git(root, &["symbolic-ref", "--short", "refs/remotes/origin/HEAD"]).ok();
+    let default = remote_head
+        .as_deref()
+        .and_then(|r| r.strip_prefix("origin/"))
+        .map(str::to_string)
+        .or_else(|| git(root, &["config", "init.defaultBranch"]).ok().filter(|b| local_branch_exists(root, b)))
+        .or_else(|| ["main", "master"].iter().find(|b| local_branch_exists(root, b)).map(|b| b.to_string()));
+    let has_origin = git(root, &["remote", "get-url", "origin"]).is_ok();
+    if let (true, Some(default)) = (has_origin, &default) {
+        match git_with_timeout(root, &["fetch", "--quiet", "origin", default], FETCH_TIMEOUT) {
+            Ok(_) => return format!("origin/{default}"),
+            Err(e) => notes.push(format!("origin did not answer ({e}); started from the local {default}")),
+        }
+    }
+    default.filter(|b| local_branch_exists(root, b)).unwrap_or_else(|| "HEAD".into())
+}
+
+fn local_branch_exists(root: &Path, branch: &str) -> bool {
+    git(root, &["rev-parse", "--verify", "--quiet", &format!("refs/heads/{branch}")]).is_ok()
+}
+
+/// The branch that already holds this issue's work, if any: `<prefix><issue>` or `<prefix><issue>-<slug>`.
+fn issue_branch(root: &Path, prefix: &str, issue: u64) -> Option<String> {
+    let exact = format!("{prefix}{issue}");
+    let listed = git(
+        root,
+        &[
+            "for-each-ref",
+            "--format=%(refname:short)",
+            &format!("refs/heads/{exact}"),
+            &format!("refs/heads/{exact}-*"),
+        ],
+    )
+    .ok()?;
+    listed.lines().map(str::to_string).find(|b| b == &exact || b.starts_with(&format!("{exact}-")))
+}
+
+/// Whether `path` is a worktree of `root` (listed by git, not merely a directory).
+fn is_worktree(root: &Path, path: &Path) -> bool {
+    let Ok(list) = git(root, &["worktree", "list", "--porcelain"]) else { return false };
+    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    list.lines().filter_map(|l| l.strip_prefix("worktree ")).any(|w| Path::new(w) == path)
+}
+
+/// What a worktree holds that exists nowhere else: `None` if nothing (safe to reset or remove).
+pub fn unsaved_work(path: &Path) -> Result<Option<&'static str>, String> {
+    if !git(path, &["status", "--porcelain", "--untracked-files=normal"])?.is_empty() {
+        return Ok(Some("uncommitted"));
+    }
+    // Commits are safe when some ref other than this worktree's own branch contains them.
+    let own = git(path, &["symbolic-ref", "--quiet", "HEAD"]).unwrap_or_default();
+    let containing = git(path, &["for-each-ref", "--contains", "HEAD", "--format=%(refname)"])?;
+    let elsewhere = containing.lines().any(|r| r != own && !r.ends_with("/HEAD"));
+    Ok(if elsewhere { None } else { Some("unpushed") })
+}
+
+/// Gets the worktree for a task of `issue` in `slot`: the slot's worktree reused when that loses nothing, else a
+/// fresh one; on the issue's existing branch, else on a new branch from the newest default branch.
+pub fn prepare(root: &Path, config: &WorktreeConfig, slot: &str, issue: u64, title: &str) -> Result<Prepared, String> {
+    let mut notes = Vec::new();
+    let base = base_dir(root, config);
+    std::fs::create_dir_all(&base)
+        .map_err(|e| format!("cannot create the worktree directory {}: {e}", base.display()))?;
+    let existing = issue_branch(root, &config.branch_prefix, issue);
+    let (mut branch, start) = match &existing {
+        Some(b) => (b.clone(), None),
+        None => {
+            let slug = slug(title);
+            let name = if slug.is_empty() {
+                format!("{}{issue}", config.branch_prefix)
+            } else {
+                format!("{}{issue}-{slug}", config.branch_prefix)
+            };
+            (name, Some(start_point(root, &mut notes)))
+        }
+    };
+
+    // The slot's worktree, or the first free `<name>-N` beside it if the slot's own holds unsaved work.
+    let name = dir_name(config, slot);
+    let mut path = base.join(&name);
+    let mut n = 2;
+    loop {
+        if !path.exists() {
+            break;
+        }
+        if is_worktree(root, &path) {
+            let current = git(&path, &["symbolic-ref", "--quiet", "--short", "HEAD"]).ok();
+            if current.as_deref() == Some(branch.as_str()) {
+                // The issue's own earlier work, in the slot's own worktree: carry on there.
+                return Ok(Prepared { path, branch, base: None, notes });
+            }
+            match unsaved_work(&path)? {
+                None => {
+                    switch_branch(root, &path, &mut branch, start.as_deref(), &mut notes)?;
+                    return Ok(Prepared { path, branch, base: start, notes });
+                }
+                Some(what) => notes.push(format!(
+                    "worktree {} has {what} work on {}: left as it is (needs attention); using a new worktree",
+                    path.display(),
+                    current.as_deref().unwrap_or("a detached HEAD")
+                )),
+            }
+        }
+        path = base.join(format!("{name}-{n}"));
+        n += 1;
+    }
+    add_worktree(root, &path, &mut branch, start.as_deref(), &mut notes)?;
+    Ok(Prepared { path, branch, base: start, notes })
+}
+
+/// Puts a reused worktree on `branch` (new from `start`, or existing).
+fn switch_branch(
+    root: &Path,
+    path: &Path,
+    branch: &mut String,
+    start: Option<&str>,
+    notes: &mut Vec<String>,
+) -> Result<(), String> {
+    let result = match start {
+        Some(start) => git(path, &["switch", "--quiet", "-c", branch, start]),
+        None => git(path, &["switch", "--quiet", branch]),
+    };
+    match result {
+        Ok(_) => Ok(()),
+        Err(e) if start.is_none() => {
+            // The issue's branch is checked out in another worktree: continue from its tip on a branch of our own.
+            let taken = branch.clone();
+            *branch = free_branch_name(root, &taken)?;
+            notes.push(format!("branch {taken} is checked out elsewhere ({e}); continuing it on {branch}"));
+            git(path, &["switch", "--quiet", "-c", branch, &taken]).map(drop)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn add_worktree(
+    root: &Path,
+    path: &Path,
+    branch: &mut String,
+    start: Option<&str>,
+    notes: &mut Vec<String>,
+) -> Result<(), String> {
+    let path_str = path.to_string_lossy();
+    let result = match start {
+        Some(start) => git(root, &["worktree", "add", "--quiet", "-b", branch, &path_str, start]),
+        None => git(root, &["worktree", "add", "--quiet", &path_str, branch]),
+    };
+    match result {
+        Ok(_) => Ok(()),
+        Err(e) if start.is_none() => {
+            let taken = branch.clone();
+            *branch = free_branch_name(root, &taken)?;
+            notes.push(format!("branch {taken} is checked out elsewhere ({e}); continuing it on {branch}"));
+            git(root, &["worktree", "add", "--quiet", "-b", branch, &path_str, &taken]).map(drop)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// `<branch>-2`, `<branch>-3`, … whichever does not exist.
+fn free_branch_name(root: &Path, branch: &str) -> Result<String, String> {
+    (2..1000)
+        .map(|n| format!("{branch}-{n}"))
+        .find(|b| !local_branch_exists(root, b))
+        .ok_or_else(|| format!("no free branch name after {branch}"))
+}
+
+/// Every worktree autodev made for `root` (those under its base dir), with what they hold.
+pub fn list(root: &Path, config: &WorktreeConfig) -> Result<Vec<WorktreeInfo>, String> {
+    let base = std::fs::canonicalize(base_dir(root, config)).unwrap_or_else(|_| base_dir(root, config));
+    let listed = git(root, &["worktree", "list", "--porcelain"])?;
+    let mut out = Vec::new();
+    let mut current: Option<(PathBuf, Option<String>)> = None;
+    for line in listed.lines().chain(std::iter::once("")) {
+        if let Some(p) = line.strip_prefix("worktree ") {
+            current = Some((PathBuf::from(p), None));
+        } else if let Some(b) = line.strip_prefix("branch refs/heads/") {
+            if let Some(c) = current.as_mut() {
+                c.1 = Some(b.to_string());
+            }
+        } else if line.is_empty()
+            && let Some((path, branch)) = current.take()
+            && path.starts_with(&base)
+            && path.exists()
+        {
+            let state = match unsaved_work(&path) {
+                Ok(None) => "clean".to_string(),
+                Ok(Some(what)) => what.to_string(),
+                Err(e) => format!("unknown ({e})"),
+            };
+            let dir = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let slot = Some(
+                dir.rsplit_once('-')
+                    .filter(|(_, n)| n.parse::<u32>().is_ok() && dir.matches('-').count() > 1)
+                    .map_or(dir.clone(), |(s, _)| s.to_string()),
+            );
+            let issue = branch
+                .as_deref()
+                .and_then(|b| b.strip_prefix(&config.branch_prefix))
+                .and_then(|rest| rest.split('-').next().and_then(|n| n.parse().ok()));
+            out.push(WorktreeInfo {
+                size_bytes: dir_size(&path),
+                path: path.display().to_string(),
+                slot,
+                issue,
+                branch,
+                state,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Removes a worktree if it holds nothing that exists nowhere else. Its branch stays.
+pub fn remove_if_safe(root: &Path, path: &Path) -> Result<bool, String> {
+    if unsaved_work(path)?.is_some() {
+        return Ok(false);
+    }
+    git(root, &["worktree", "remove", &path.to_string_lossy()])?;
+    Ok(true)
+}
+
+/// Bytes of the files under `dir` (not following links).
+fn dir_size(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for entry in entries.flatten() {
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => stack.push(entry.path()),
+                Ok(t) if t.is_file() => total += entry.metadata().map_or(0, |m| m.len()),
+                _ => {}
+            }
+        }
+    }
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slugs_are_branch_safe() {
+        assert_eq!(slug("Fix the login bug!"), "fix-the-login-bug");
+        assert_eq!(slug("  --weird__name.. ~^: "), "weird-name");
+        assert_eq!(slug("@say hello"), "say-hello");
+        let long = slug("a very long title that goes on and on past forty characters for sure");
+        assert!(long.len() <= SLUG_MAX && !long.ends_with('-'), "{long}");
+        assert_eq!(slug("日本語"), "");
+    }
+
+    #[test]
+    fn default_base_dir_is_a_sibling() {
+        let config = WorktreeConfig::default();
+        assert_eq!(base_dir(Path::new("/src/repo"), &config), PathBuf::from("/src/repo.autodev"));
+        assert_eq!(dir_name(&config, "claude-2"), "claude-2");
+    }
+}

@@ -1,0 +1,201 @@
+//! Git worktrees end to end, on real repositories in temp dirs with a bare repository as `origin`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{Daemon, fake_config};
+use serde_json::{Value, json};
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git").arg("-C").arg(dir).args(args).output().unwrap();
+    assert!(out.status.success(), "git {args:?} in {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A bare `origin` and a clone of it with one commit on main; returns (root temp dir, clone path).
+fn repo_with_origin(origin: bool) -> (tempfile::TempDir, PathBuf) {
+    let top = tempfile::tempdir().unwrap();
+    let clone = top.path().join("repo");
+    std::fs::create_dir_all(&clone).unwrap();
+    git(&clone, &["init", "--quiet", "-b", "main"]);
+    git(&clone, &["config", "user.email", "dev@example.invalid"]);
+    git(&clone, &["config", "user.name", "Dev"]);
+    std::fs::write(clone.join("README.md"), "hello\n").unwrap();
+    git(&clone, &["add", "-A"]);
+    git(&clone, &["commit", "--quiet", "-m", "first"]);
+    if origin {
+        let bare = top.path().join("origin.git");
+        git(top.path(), &["init", "--quiet", "--bare", "-b", "main", bare.to_str().unwrap()]);
+        git(&clone, &["remote", "add", "origin", bare.to_str().unwrap()]);
+        git(&clone, &["push", "--quiet", "-u", "origin", "main"]);
+        git(&clone, &["remote", "set-head", "origin", "main"]);
+    }
+    (top, clone)
+}
+
+fn config() -> Value {
+    fake_config(2)
+}
+
+fn run_record(d: &Daemon, row: &Value) -> Value {
+    d.record(row["run_id"].as_str().unwrap())
+}
+
+#[test]
+fn concurrent_tasks_work_in_their_own_worktrees_and_branches() {
+    let (top, repo) = repo_with_origin(true);
+    let d = Daemon::start_in(&config(), Some(&repo));
+    d.assign(1, &[], "Fix the login bug\n@write one.txt from task one\n@commit task one\n@sleep 0.5");
+    d.assign(2, &[], "Add a logout button\n@write two.txt from task two\n@commit task two\n@sleep 0.5");
+    let one = d.wait_state("claude-1", "completed");
+    let two = d.wait_state("claude-2", "completed");
+    let base = top.path().join("repo.autodev");
+    assert_eq!(one["worktree"], json!(base.join("claude-1").display().to_string()));
+    assert_eq!(two["worktree"], json!(base.join("claude-2").display().to_string()));
+    assert_eq!(one["branch"], "autodev/issue-1-fix-the-login-bug");
+    assert_eq!(two["branch"], "autodev/issue-2-add-a-logout-button");
+    let (r1, r2) = (run_record(&d, &one), run_record(&d, &two));
+    assert_eq!(r1["cwd"], one["worktree"]);
+    assert_eq!(r1["files"], json!(["README.md", "one.txt"]), "task one sees only its own files");
+    assert_eq!(r2["files"], json!(["README.md", "two.txt"]), "task two sees only its own files");
+    assert!(r1["prompt"].as_str().unwrap().contains("on branch autodev/issue-1-fix-the-login-bug"), "told its branch");
+    assert_eq!(git(&repo, &["log", "-1", "--format=%s", "autodev/issue-1-fix-the-login-bug"]), "task one");
+    assert_eq!(git(&repo, &["log", "-1", "--format=%s", "autodev/issue-2-add-a-logout-button"]), "task two");
+    assert!(!repo.join("one.txt").exists() && !repo.join("two.txt").exists(), "the main checkout is untouched");
+    assert_eq!(git(&repo, &["status", "--porcelain"]), "");
+    let listed: Value = serde_json::from_str(&d.ctl(&["workspaces", "--json"])).unwrap();
+    let states: Vec<(&str, &str)> = listed["worktrees"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| (w["slot"].as_str().unwrap(), w["state"].as_str().unwrap()))
+        .collect();
+    assert_eq!(states, [("claude-1", "unpushed"), ("claude-2", "unpushed")]);
+    assert!(d.ctl(&["status", "--preview"]).contains("⎇ autodev/issue-1-fix-the-login-bug in"));
+}
+
+#[test]
+fn a_clean_worktree_is_reused_and_one_with_unsaved_work_never_is() {
+    let (top, repo) = repo_with_origin(true);
+    let d = Daemon::start_in(&config(), Some(&repo));
+    let base = top.path().join("repo.autodev");
+    // A task that pushes its work leaves a worktree that loses nothing when reset: reused.
+    d.assign(1, &["--slot", "claude-1"], "Pushed work\n@write p.txt x\n@commit p\n@push");
+    d.wait_state("claude-1", "completed");
+    d.assign(2, &["--slot", "claude-1"], "Next task\n@say hi");
+    let row = d.wait_state("claude-1", "completed");
+    assert_eq!(row["worktree"], json!(base.join("claude-1").display().to_string()), "{row}");
+    assert_eq!(row["branch"], "autodev/issue-2-next-task");
+    assert_eq!(run_record(&d, &row)["files"], json!(["README.md"]), "the new branch starts from main");
+    // Uncommitted work: never reset; the next task gets a fresh worktree.
+    d.assign(3, &["--slot", "claude-1"], "Dirty\n@write wip.txt unsaved");
+    d.wait_state("claude-1", "completed");
+    d.assign(4, &["--slot", "claude-1"], "After dirty\n@say hi");
+    let row = d.wait_state("claude-1", "completed");
+    assert_eq!(row["worktree"], json!(base.join("claude-1-2").display().to_string()), "{row}");
+    assert_eq!(std::fs::read_to_string(base.join("claude-1/wip.txt")).unwrap(), "unsaved\n", "the work is kept");
+    // Unpushed commits: never reset either.
+    d.assign(5, &["--slot", "claude-1"], "Unpushed\n@write u.txt y\n@commit u");
+    d.wait_state("claude-1", "completed");
+    d.assign(6, &["--slot", "claude-1"], "After unpushed\n@say hi");
+    let row = d.wait_state("claude-1", "completed");
+    assert_eq!(row["worktree"], json!(base.join("claude-1-3").display().to_string()), "{row}");
+
+    // Prune removes only what is safe: the clean claude-1-3 goes; dirty claude-1 and unpushed claude-1-2 stay.
+    let pruned: Value = serde_json::from_str(&d.ctl(&["workspaces", "prune", "--json"])).unwrap();
+    assert_eq!(pruned["removed"], json!([base.join("claude-1-3").display().to_string()]), "{pruned}");
+    assert!(base.join("claude-1/wip.txt").exists());
+    assert!(base.join("claude-1-2").exists());
+    let kept = pruned["kept"].as_array().unwrap();
+    assert!(kept.iter().any(|k| k.as_str().unwrap().ends_with("claude-1: uncommitted")), "{pruned}");
+    assert!(kept.iter().any(|k| k.as_str().unwrap().ends_with("claude-1-2: unpushed")), "{pruned}");
+    assert_eq!(git(&repo, &["log", "-1", "--format=%s", "autodev/issue-5-unpushed"]), "u", "branches stay");
+}
+
+#[test]
+fn resume_lands_in_the_same_worktree_and_branch() {
+    let (_top, repo) = repo_with_origin(true);
+    let d = Daemon::start_in(&config(), Some(&repo));
+    d.assign(8, &[], "Long task\n@write half.txt done-half\n@ignore-term\n@say halfway\n@sleep 60");
+    let row = common::wait_until("halfway", || {
+        let row = d.slot("claude-1");
+        row["console_preview"].as_array()?.iter().any(|l| l == "halfway").then_some(row)
+    });
+    d.ctl(&["stop", "claude-1"]);
+    d.ctl(&["resume", "claude-1"]);
+    let resumed = d.wait_state("claude-1", "completed");
+    assert_eq!(resumed["worktree"], row["worktree"]);
+    assert_eq!(resumed["branch"], row["branch"]);
+    let record = run_record(&d, &resumed);
+    assert_eq!(record["cwd"], row["worktree"]);
+    assert_eq!(record["files"], json!(["README.md", "half.txt"]), "the earlier work is there");
+    let worktree = PathBuf::from(row["worktree"].as_str().unwrap());
+    assert_eq!(git(&worktree, &["branch", "--show-current"]), row["branch"].as_str().unwrap());
+    // The same issue again in the same slot carries on in its worktree and branch.
+    d.assign(8, &[], "More of the same\n@say again");
+    let again = d.wait_state("claude-1", "completed");
+    assert_eq!((&again["worktree"], &again["branch"]), (&row["worktree"], &row["branch"]));
+}
+
+#[test]
+fn offline_and_without_origin_branches_start_from_local_main() {
+    let (_top, repo) = repo_with_origin(false);
+    let d = Daemon::start_in(&config(), Some(&repo));
+    d.assign(1, &[], "No remote\n@say hi");
+    let row = d.wait_state("claude-1", "completed");
+    assert_eq!(row["branch"], "autodev/issue-1-no-remote");
+
+    let (_top2, repo2) = repo_with_origin(true);
+    git(&repo2, &["commit", "--quiet", "--allow-empty", "-m", "local only"]);
+    git(&repo2, &["remote", "set-url", "origin", "/nonexistent/origin.git"]);
+    let d2 = Daemon::start_in(&config(), Some(&repo2));
+    d2.assign(2, &[], "Offline\n@say hi");
+    let row = d2.wait_state("claude-1", "completed");
+    let worktree = PathBuf::from(row["worktree"].as_str().unwrap());
+    assert_eq!(git(&worktree, &["log", "-1", "--format=%s"]), "local only", "started from the local main");
+    assert!(d2.daemon_log().contains("origin did not answer"), "{}", d2.daemon_log());
+}
+
+#[test]
+fn a_branch_checked_out_elsewhere_is_continued_on_a_new_name() {
+    let (top, repo) = repo_with_origin(true);
+    // The issue's branch exists and someone has it checked out in a worktree of their own.
+    git(&repo, &["branch", "autodev/issue-5-by-hand"]);
+    let theirs = top.path().join("theirs");
+    git(&repo, &["worktree", "add", "--quiet", theirs.to_str().unwrap(), "autodev/issue-5-by-hand"]);
+    std::fs::write(theirs.join("mine.txt"), "do not touch\n").unwrap();
+    let d = Daemon::start_in(&config(), Some(&repo));
+    d.assign(5, &[], "Clash\n@say hi");
+    let row = d.wait_state("claude-1", "completed");
+    assert_eq!(row["branch"], "autodev/issue-5-by-hand-2", "{row}");
+    assert_eq!(std::fs::read_to_string(theirs.join("mine.txt")).unwrap(), "do not touch\n");
+    assert_eq!(git(&theirs, &["branch", "--show-current"]), "autodev/issue-5-by-hand");
+}
+
+#[test]
+fn cleanup_on_complete_removes_only_what_is_safe() {
+    let (top, repo) = repo_with_origin(true);
+    let mut config = config();
+    config["worktree"] = json!({ "cleanup": { "onComplete": true, "onError": "keep" } });
+    let d = Daemon::start_in(&config, Some(&repo));
+    let base = top.path().join("repo.autodev");
+    d.assign(1, &["--slot", "claude-1"], "Nothing to keep\n@say done");
+    d.wait_state("claude-1", "completed");
+    common::wait_until("the clean worktree to be removed", || (!base.join("claude-1").exists()).then_some(()));
+    d.assign(2, &["--slot", "claude-2"], "Keep me\n@write w.txt wip");
+    d.wait_state("claude-2", "completed");
+    assert!(base.join("claude-2/w.txt").exists(), "a worktree with unsaved work was removed");
+    assert!(d.daemon_log().contains("kept the worktree: it holds unsaved work"), "{}", d.daemon_log());
+}
+
+#[test]
+fn a_directory_that_is_not_a_git_repository_runs_without_worktrees() {
+    let d = Daemon::start(&config());
+    d.assign(1, &[], "@say plain");
+    let row = d.wait_state("claude-1", "completed");
+    assert_eq!((row["worktree"].clone(), row["branch"].clone()), (Value::Null, Value::Null));
+    assert_eq!(run_record(&d, &row)["cwd"], json!(d.workspace.display().to_string()));
+    assert!(d.ctl(&["workspaces"]).contains("not a git repository"));
+}
