@@ -24,6 +24,8 @@ pub const HEAD_WINDOW: u64 = 64 << 10;
 /// How far back from the end the final result event is looked for when a run ends.
 pub const RESULT_SCAN_WINDOW: u64 = 4 << 20;
 const READ_CHUNK: usize = 64 << 10;
+/// How far back `logs -n` and the end-of-run stderr summary read at most.
+const RENDER_TAIL_MAX: u64 = 8 << 20;
 
 /// One complete line, cut to [`LINE_CAP`] bytes; `dropped` counts the bytes cut off.
 pub struct Line<'a> {
@@ -344,7 +346,9 @@ pub fn render_tail(path: &Path, format: EventFormat, n: usize, max_chars: usize)
             assembler.resync();
         }
         let mut rendered = render_lines(&mut assembler, &data[..complete], format, max_chars, false);
-        if rendered.len() >= n || start == 0 {
+        // A log whose tail renders to few lines (progress bars, tool results) is not read whole: past the cap,
+        // what was found is what is shown.
+        if rendered.len() >= n || start == 0 || window >= RENDER_TAIL_MAX {
             let skip = rendered.len().saturating_sub(n);
             return Ok((rendered.split_off(skip), start + complete as u64));
         }
@@ -368,8 +372,8 @@ pub fn tail_offset(path: &Path, n: usize) -> io::Result<u64> {
         if let Some(i) = memchr::memrchr_iter(b'\n', body).nth(n - 1) {
             return Ok(start + i as u64 + 1);
         }
-        if start == 0 {
-            return Ok(0);
+        if start == 0 || window >= RENDER_TAIL_MAX {
+            return Ok(start);
         }
         window = window.saturating_mul(4);
     }

@@ -76,7 +76,11 @@ pub fn ensure_private_dir(dir: &Path) -> anyhow::Result<()> {
         .mode(0o700)
         .create(dir)
         .with_context(|| format!("cannot create directory {}", dir.display()))?;
-    let meta = std::fs::metadata(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+    // Not following links: a link planted in a shared /tmp could be swapped after the check.
+    let meta = std::fs::symlink_metadata(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+    if meta.file_type().is_symlink() {
+        bail!("{} is a symbolic link; autodev keeps its state and socket only in real directories", dir.display());
+    }
     let me = nix::unistd::getuid().as_raw();
     if meta.uid() != me {
         bail!("{} belongs to uid {}, not to you (uid {me}): choose another directory", dir.display(), meta.uid());

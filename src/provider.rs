@@ -11,9 +11,8 @@ use serde_json::Value;
 use crate::config::ProviderEntry;
 use crate::timefmt::short_duration;
 
-/// Prompts at most this long go to gemini as an argument; longer ones go on stdin (argv strings are capped at
-/// 128 KiB by the kernel).
-const GEMINI_ARG_PROMPT_MAX: usize = 64 << 10;
+/// gemini's `-p` text, appended to the task it reads on stdin.
+const GEMINI_PROMPT_TAIL: &str = "Carry out the task given above.";
 
 /// How a provider's stdout is to be read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -233,7 +232,7 @@ impl Provider {
     }
 
     /// Adds the prompt the way this CLI takes it; returns whether the prompt goes on stdin.
-    fn push_prompt(&self, args: &mut Vec<String>, prompt: &str) -> bool {
+    fn push_prompt(&self, args: &mut Vec<String>, _prompt: &str) -> bool {
         match self.format {
             // claude -p with no prompt argument reads the prompt from stdin: no argv limit, no flag injection.
             EventFormat::Claude => true,
@@ -242,13 +241,10 @@ impl Provider {
                 args.push("-".into());
                 true
             }
-            // gemini appends -p to stdin; `--prompt=` keeps a prompt that starts with '-' a value, not a flag.
-            EventFormat::Gemini if prompt.len() <= GEMINI_ARG_PROMPT_MAX => {
-                args.push(format!("--prompt={prompt}"));
-                false
-            }
+            // gemini reads stdin and appends -p to it. The task goes on stdin, not in argv, where every local user
+            // could read it in /proc/*/cmdline (and argv is capped at 128 KiB).
             EventFormat::Gemini => {
-                args.push("--prompt=Carry out the task given above.".into());
+                args.push(format!("--prompt={GEMINI_PROMPT_TAIL}"));
                 true
             }
             EventFormat::Text => true,
@@ -639,8 +635,8 @@ mod tests {
         assert_eq!(&resumed.args[resumed.args.len() - 3..], ["resume", "T1", "-"]);
 
         let gemini = provider("{}", "gemini").launch_new(&ctx);
-        assert_eq!(gemini.args.last().unwrap(), "--prompt=--help me");
-        assert!(!gemini.prompt_on_stdin);
+        assert_eq!(gemini.args.last().unwrap(), "--prompt=Carry out the task given above.");
+        assert!(gemini.prompt_on_stdin, "the task never goes in argv");
     }
 
     #[test]

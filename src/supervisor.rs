@@ -220,6 +220,15 @@ fn register_readable(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
     unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }.map_err(io::Error::from)
 }
 
+/// Reaps and forgets a child whose watcher is gone (after an internal error), once it has exited.
+pub fn forget_child(pid: i32) {
+    if let Ok(WaitStatus::StillAlive) | Err(_) = waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
+        // Still running (or not ours): leave it tracked so the reaper does not steal a status a watcher expects.
+        return;
+    }
+    untrack(pid);
+}
+
 fn untrack(pid: i32) {
     if let Some(set) = tracked().as_mut() {
         set.remove(&pid);
@@ -256,18 +265,6 @@ impl Child {
     pub fn is_ours(&self) -> bool {
         self.ours
     }
-
-    /// Signals the leader's group while the leader is provably alive (its pidfd has not fired), so the group id
-    /// cannot belong to anyone else. Returns false when the leader is gone.
-    pub fn signal_group_if_alive(&self, signal: Signal) -> bool {
-        let mut poll = [nix::poll::PollFd::new(self.pidfd.get_ref().as_fd(), nix::poll::PollFlags::POLLIN)];
-        let exited = nix::poll::poll(&mut poll, nix::poll::PollTimeout::ZERO).map_or(true, |n| n > 0);
-        if exited && !self.ours {
-            return false;
-        }
-        signal_group(self.pid, signal);
-        true
-    }
 }
 
 /// Sends `signal` to process group `pgid`. The caller guarantees the group is ours (its leader is unreaped).
@@ -300,7 +297,7 @@ pub struct ProcStat {
 pub fn proc_stat(pid: i32) -> Option<ProcStat> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may hold spaces and parentheses: fields start after the last ')'.
-    let rest = &text[text.rfind(')')? + 2..];
+    let rest = text.get(text.rfind(')')? + 2..)?;
     let fields: Vec<&str> = rest.split_whitespace().collect();
     Some(ProcStat {
         state: fields.first()?.chars().next()?,
@@ -454,7 +451,8 @@ pub async fn clear_lock_holders(lock: &Path, pgid: Option<i32>, grace: Duration)
 /// the orphan reaper under the same lock as the spawn, so the reaper never takes its exit status; after `timeout`
 /// it is killed.
 pub fn run_command(command: &mut Command, timeout: Duration) -> io::Result<std::process::Output> {
-    command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    // Its own group, so a timeout also ends what it started (ssh, credential helpers, hooks) and the pipes close.
+    command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
     let mut tracked = tracked();
     let child = command.spawn()?;
     let pid = child.id() as i32;
@@ -463,8 +461,8 @@ pub fn run_command(command: &mut Command, timeout: Duration) -> io::Result<std::
     let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
     let watchdog = std::thread::spawn(move || {
         if done_rx.recv_timeout(timeout).is_err() {
-            // Still running: the pid cannot have been reused, the child is unreaped until wait_with_output.
-            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+            // Still running: unreaped until wait_with_output returns, so the group id is still the command's.
+            let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
         }
     });
     let output = child.wait_with_output();

@@ -38,7 +38,7 @@ pub struct WorktreeInfo {
     pub slot: Option<String>,
     pub issue: Option<u64>,
     pub branch: Option<String>,
-    /// `clean`, `uncommitted` or `unpushed`.
+    /// `clean`, `uncommitted`, `ignored files` or `unpushed`.
     pub state: String,
     pub size_bytes: u64,
 }
@@ -158,6 +158,10 @@ fn is_worktree(root: &Path, path: &Path) -> bool {
 pub fn unsaved_work(path: &Path) -> Result<Option<&'static str>, String> {
     if !git(path, &["status", "--porcelain", "--untracked-files=normal"])?.is_empty() {
         return Ok(Some("uncommitted"));
+    }
+    // Ignored files (.env.local, build output) are gone with the worktree too; some cannot be made again.
+    if git(path, &["status", "--porcelain", "--ignored"])?.lines().any(|l| l.starts_with("!!")) {
+        return Ok(Some("ignored files"));
     }
     // Commits are safe when some ref other than this worktree's own branch contains them.
     let own = git(path, &["symbolic-ref", "--quiet", "HEAD"]).unwrap_or_default();

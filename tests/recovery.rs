@@ -167,11 +167,12 @@ fn a_forged_lockfile_about_a_stranger_never_signals_it() {
     let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap().trim().to_string();
     let state = d.state_dir();
     let forge = |slot: &str, start: u64, boot_id: &str| {
-        let run = state.join("runs").join(format!("forged-{slot}"));
+        let run_id = format!("01FORGED{:0>18}", slot.len() as u64 * 1000 + start % 1000 + slot.as_bytes()[7] as u64);
+        let run = state.join("runs").join(&run_id);
         std::fs::create_dir_all(&run).unwrap();
         let lock = json!({
             "version": 1, "slot": slot, "provider": "claude", "issue": 50 + slot.len() as u64 + start % 7,
-            "task_id": "t", "run_id": format!("forged-{slot}"), "runs": [format!("forged-{slot}")],
+            "task_id": "t", "run_id": run_id, "runs": [run_id],
             "state": "in_progress", "reason": null, "pid": pid, "pgid": pid, "start_time": start, "boot_id": boot_id,
             "session_id": "s-1", "cwd": "/", "program": "claude", "args": [], "prompt_file": run.join("prompt"),
             "stdout": run.join("stdout"), "stderr": run.join("stderr"), "started_at": "2026-11-21T00:00:00Z",
@@ -406,4 +407,22 @@ fn crash_loop_keeps_every_invariant() {
     for (pid, start) in seen {
         assert!(!same_process_alive(pid, start), "process {pid} outlived the final stop");
     }
+}
+
+#[test]
+fn an_issue_stays_held_when_its_llm_leaves_the_config() {
+    let mut d = Daemon::start(&fake_config(1));
+    d.assign(3, &["--llm", "codex"], "@say hi\n@sleep 60");
+    let pid = wait_preview(&d, "codex-1", "hi")["pid"].as_i64().unwrap();
+    d.kill9();
+    kill(pid);
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&d.config_path).unwrap()).unwrap();
+    config["llms"].as_object_mut().unwrap().remove("codex");
+    std::fs::write(&d.config_path, config.to_string()).unwrap();
+    d.launch();
+    let status = d.status();
+    assert!(status["warnings"][0].as_str().unwrap().contains("LLM \"codex\" is no longer in the config"), "{status}");
+    let out = d.try_ctl(&["assign", "3", "--prompt", "again"]);
+    assert!(stderr_of(&out).contains("issue #3 is held by codex-1"), "{}", stderr_of(&out));
+    assert!(lockfile(&d, "codex-1").is_some(), "the lockfile is kept as it is");
 }

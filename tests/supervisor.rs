@@ -418,3 +418,13 @@ fn a_reader_that_goes_away_is_not_an_error() {
     assert!(out.status.success(), "{}", stderr_of(&out));
     assert!(!stderr_of(&out).contains("panicked"), "{}", stderr_of(&out));
 }
+
+#[test]
+fn a_process_that_left_the_group_but_holds_the_run_lock_is_stopped_too() {
+    let d = Daemon::start(&fake_config(1));
+    d.assign(3, &[], "@escape\n@say bye");
+    let row = d.wait_state("claude-1", "completed");
+    let escapee = d.record(row["run_id"].as_str().unwrap())["escapee"].as_i64().unwrap();
+    assert!(!alive(escapee), "a setsid child of the run outlived it");
+    assert!(d.daemon_log().contains("outside its process group"), "{}", d.daemon_log());
+}

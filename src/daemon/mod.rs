@@ -53,6 +53,8 @@ pub struct Shared {
     watcher: watch::Watcher,
     /// What the recovery pass found that belongs to no slot.
     warnings: Mutex<Vec<String>>,
+    /// Set when shutdown begins: no run starts after that.
+    shutting_down: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -142,12 +144,13 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         table: Mutex::new(table),
         watcher: watch::Watcher::start().context("cannot start inotify")?,
         warnings: Mutex::new(Vec::new()),
+        shutting_down: std::sync::atomic::AtomicBool::new(false),
         paths: paths.clone(),
         config,
     });
 
     // Every lockfile is settled before anyone can ask anything: no status reply shows a guess.
-    let warnings = recovery::recover(&shared).await;
+    let warnings = recovery::recover(&shared).await.map_err(anyhow::Error::msg)?;
     *shared.warnings.lock().unwrap_or_else(|e| e.into_inner()) = warnings;
 
     // We hold the daemon lock, so a socket file left here belongs to a dead daemon.
@@ -189,6 +192,7 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         }
     };
     tracing::info!("{why}: stopping every run and exiting");
+    shared.shutting_down.store(true, std::sync::atomic::Ordering::SeqCst);
     drop(listener);
     let _ = std::fs::remove_file(&socket_path);
     runs::stop_all(&shared, &format!("autodevd received {why} and stopped the run")).await;

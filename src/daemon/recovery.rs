@@ -22,26 +22,31 @@ const HISTORY_TAIL: u64 = 1 << 20;
 /// resume loop that burns model money.
 const AUTO_RESUMES_PER_HOUR: usize = 3;
 
-/// Runs the recovery pass; returns warnings for `status`.
-pub(super) async fn recover(shared: &Arc<Shared>) -> Vec<String> {
+/// Runs the recovery pass; returns warnings for `status`. Lockfiles that cannot be read at all are an error:
+/// starting without them could hand a held issue to a second agent.
+pub(super) async fn recover(shared: &Arc<Shared>) -> Result<Vec<String>, String> {
     let mut warnings = Vec::new();
     let history = ledger::read_history_tail(&shared.paths.history_file(), HISTORY_TAIL).unwrap_or_else(|e| {
         warnings.push(format!("cannot read {}: {e}", shared.paths.history_file().display()));
         Vec::new()
     });
-    let (locks, corrupt) = ledger::read_slot_locks(&shared.paths.slots_dir()).unwrap_or_else(|e| {
-        warnings.push(format!("cannot read lockfiles in {}: {e}", shared.paths.slots_dir().display()));
-        (Vec::new(), Vec::new())
-    });
+    let (mut locks, corrupt) = ledger::read_slot_locks(&shared.paths.slots_dir())
+        .map_err(|e| format!("cannot read the lockfiles in {}: {e}", shared.paths.slots_dir().display()))?;
     for c in corrupt {
+        let rebuilt = rebuild_from_live_run(shared, &c.slot, &locks);
+        let fate = match &rebuilt {
+            Some(lock) => format!("its run {} is still alive and holds issue #{}", lock.run_id, lock.issue),
+            None => "no live run of that slot was found".into(),
+        };
         let message = format!(
-            "slot {}: its lockfile was unreadable ({}) and was moved to {}; the task it held, if any, was not recovered",
+            "slot {}: its lockfile was unreadable ({}) and was moved to {}; {fate}",
             c.slot,
             c.error,
             c.moved_to.display()
         );
         tracing::error!("{message}");
         warnings.push(message);
+        locks.extend(rebuilt);
     }
     show_last_finished(shared, &history, &locks);
     let recorded: HashSet<&str> = history.iter().map(|h| h.run_id.as_str()).collect();
@@ -58,7 +63,51 @@ pub(super) async fn recover(shared: &Arc<Shared>) -> Vec<String> {
         }
     }
     apply_policy(shared, abandoned).await;
-    warnings
+    Ok(warnings)
+}
+
+/// After a corrupt lockfile: a run of that slot whose run lock is still held is alive, and its `run.json` says
+/// which issue it works on. The rebuilt lockfile (no pid on record) goes through recovery like any other.
+fn rebuild_from_live_run(shared: &Shared, slot: &str, valid: &[SlotLock]) -> Option<SlotLock> {
+    let runs = std::fs::read_dir(shared.paths.runs_dir()).ok()?;
+    let claimed: HashSet<&str> = valid.iter().map(|l| l.run_id.as_str()).collect();
+    let run = runs
+        .filter_map(|e| e.ok())
+        .filter(|e| !claimed.contains(e.file_name().to_string_lossy().as_ref()))
+        .filter(|e| supervisor::run_lock_held(&e.path().join(RUN_LOCK)))
+        .filter_map(|e| {
+            serde_json::from_slice::<ledger::RunRecord>(&std::fs::read(e.path().join("run.json")).ok()?).ok()
+        })
+        .find(|r| r.slot == slot)?;
+    let files = RunFiles::at(shared.paths.run_dir(&run.run_id));
+    Some(SlotLock {
+        version: ledger::RECORD_VERSION,
+        slot: run.slot.clone(),
+        provider: run.provider.clone(),
+        issue: run.issue,
+        task_id: run.run_id.clone(),
+        run_id: run.run_id.clone(),
+        runs: vec![run.run_id.clone()],
+        state: "in_progress".into(),
+        reason: None,
+        pid: None,
+        pgid: None,
+        start_time: None,
+        boot_id: shared.boot_id.clone(),
+        session_id: run.session_id.clone(),
+        cwd: run.cwd.clone(),
+        program: run.program.clone(),
+        args: run.args.clone(),
+        prompt_file: files.prompt(),
+        stdout: files.stdout(),
+        stderr: files.stderr(),
+        started_at: run.started_at.clone(),
+        run_started_at: run.started_at.clone(),
+        daemon_pid: run.daemon_pid,
+        auto_resumes: Vec::new(),
+        worktree: None,
+        branch: None,
+    })
 }
 
 /// Slots without a lockfile show their last finished task from the history, so `status` and `resume` survive a
@@ -123,14 +172,27 @@ async fn recover_one(
     mut lock: SlotLock,
     recorded: &HashSet<&str>,
 ) -> Result<Option<SlotState>, String> {
-    let files = RunFiles::at(lock.stdout.parent().map(|p| p.to_path_buf()).unwrap_or_default());
+    // The run's files are found from its id, never from paths in the file: an edited or copied lockfile must
+    // not point recovery at another run's lock.
+    if !is_run_id(&lock.run_id) {
+        shared.lock_table().orphans.push((lock.slot.clone(), lock.issue));
+        return Err(format!(
+            "slot {}: the lockfile names a malformed run id {:?}; it is kept as it is and its issue \
+             #{} stays held",
+            lock.slot, lock.run_id, lock.issue
+        ));
+    }
+    let files = RunFiles::at(shared.paths.run_dir(&lock.run_id));
+    (lock.stdout, lock.stderr) = (files.stdout(), files.stderr());
     let run_lock = files.dir.join(RUN_LOCK);
     let format = {
         let mut table = shared.lock_table();
         let Some(slot) = table.slot_for_lock(&lock.slot, &lock.provider) else {
+            // The issue stays held all the same: a live run of it must never get a second agent.
+            table.orphans.push((lock.slot.clone(), lock.issue));
             return Err(format!(
-                "slot {} holds issue #{} but LLM {:?} is no longer in the config: its lockfile is kept as it is; \
-                 add the LLM back to resume or release the task",
+                "slot {} holds issue #{} but LLM {:?} is no longer in the config: its lockfile is kept as it is \
+                 and the issue stays held; add the LLM back to resume or release the task",
                 lock.slot, lock.issue, lock.provider
             ));
         };
@@ -144,6 +206,9 @@ async fn recover_one(
         && exit.run_id == lock.run_id
     {
         if exit.state != "abandoned" {
+            if lock.boot_id == shared.boot_id && supervisor::run_lock_held(&run_lock) {
+                supervisor::clear_lock_holders(&run_lock, None, shared.grace).await;
+            }
             if !recorded.contains(exit.run_id.as_str()) {
                 let _ = ledger::append_history(&shared.paths.history_file(), &exit);
             }
@@ -200,7 +265,11 @@ fn live_leader(lock: &mut SlotLock, run_lock: &std::path::Path, leftovers: bool)
         // a run of ours and not a lockfile someone wrote by hand about a stranger.
         Some(pid) if leftovers => {
             let stat = supervisor::proc_stat(pid as i32)?;
-            (stat.state != 'Z' && Some(stat.start_time) == lock.start_time).then_some(pid)
+            let same = stat.state != 'Z' && Some(stat.start_time) == lock.start_time && stat.pgrp == pid as i32;
+            same.then(|| {
+                lock.pgid = Some(pid);
+                pid
+            })
         }
         Some(_) => None,
         None if leftovers => {
@@ -224,7 +293,7 @@ fn adopt(
     format: crate::provider::EventFormat,
     files: &RunFiles,
 ) -> Result<Option<SlotState>, String> {
-    let wake = Wake::arm(shared, vec![files.stdout(), files.stderr()])?;
+    let wake = Wake::arm(shared, vec![files.stdout(), files.stderr()]);
     // The lockfile already tells the truth about this run; it is rewritten when something changes (session id,
     // the end), not here.
     lock.state = "in_progress".into();
@@ -301,4 +370,9 @@ async fn apply_policy(shared: &Arc<Shared>, abandoned: Vec<String>) {
             }
         }
     }
+}
+
+/// Run ids are ULIDs (26 characters of Crockford base32); anything else in a lockfile is not ours.
+fn is_run_id(id: &str) -> bool {
+    id.len() == 26 && id.bytes().all(|b| b.is_ascii_digit() || b.is_ascii_uppercase())
 }

@@ -260,6 +260,11 @@ async fn start_run(shared: &Arc<Shared>, slot: &str, kind: RunKind, prompt: &str
         let task = s.task.as_ref().expect("the slot holds the task");
         (table.providers[s.provider].clone(), task.record.clone())
     };
+    if shared.shutting_down.load(std::sync::atomic::Ordering::SeqCst) {
+        let reason = "autodevd is shutting down; assign or resume again once it is back".to_string();
+        end_without_run(shared, &record.run_id, reason.clone());
+        return Err(refuse(ErrorKind::Failed, reason, None));
+    }
     let note = matches!(kind, RunKind::Restart)
         .then(|| "no session was captured for this task: restarted it with its original prompt".to_string());
     match launch(shared, &provider, &mut record, prompt, &kind) {
@@ -325,13 +330,20 @@ pub(super) struct Wake {
     notify: Arc<Notify>,
     paths: Vec<PathBuf>,
     watches: Vec<inotify::WatchDescriptor>,
+    /// A failed re-arm is said once, not every batch.
+    warned: bool,
 }
 
 impl Wake {
-    pub(super) fn arm(shared: &Shared, paths: Vec<PathBuf>) -> Result<Wake, String> {
-        let mut wake = Wake { notify: Arc::new(Notify::new()), paths, watches: Vec::new() };
-        wake.rearm(shared)?;
-        Ok(wake)
+    /// Watches the run's files. Without inotify watches (the per-user limit reached) the follower reads on its
+    /// batch timer instead: a run is never left unwatched.
+    pub(super) fn arm(shared: &Shared, paths: Vec<PathBuf>) -> Wake {
+        let mut wake = Wake { notify: Arc::new(Notify::new()), paths, watches: Vec::new(), warned: false };
+        if let Err(e) = wake.rearm(shared) {
+            tracing::warn!("{e}; reading on a timer instead");
+            wake.warned = true;
+        }
+        wake
     }
 
     fn is_armed(&self) -> bool {
@@ -429,7 +441,7 @@ fn launch(
     let run_lock =
         supervisor::create_run_lock(&files.dir.join(RUN_LOCK)).map_err(|e| disk("create the run lock", e))?;
 
-    let mut wake = Wake::arm(shared, vec![files.stdout(), files.stderr()])?;
+    let mut wake = Wake::arm(shared, vec![files.stdout(), files.stderr()]);
     let spawned = supervisor::spawn(&SpawnSpec {
         program: &launch.program,
         args: &launch.args,
@@ -523,7 +535,11 @@ async fn follow_run(
             match wake.rearm(&shared) {
                 // Output written before the watch was back raised no event: look once more.
                 Ok(()) => wake.notify.notify_one(),
-                Err(e) => tracing::warn!(run = %run_id, "{e}; reading on a timer instead"),
+                Err(e) if !wake.warned => {
+                    wake.warned = true;
+                    tracing::warn!(run = %run_id, "{e}; reading on a timer instead");
+                }
+                Err(_) => {}
             }
         }
         // Coalesce a flood into a bounded number of reads; an exit is still seen at once.
@@ -538,13 +554,16 @@ async fn follow_run(
     if child.is_ours() {
         // Our leader is gone but still unreaped, so its group id is ours: clear what is left of the tree.
         supervisor::clear_group(pgid, shared.grace).await;
-    } else {
-        // An adopted leader was reaped by someone else: its group id is no longer provably ours. What is left
-        // of the run is found through the run lock instead.
-        if let Some(task) = shared.lock_table().task_of_run(&run_id) {
-            task.group_released = true;
-        }
-        supervisor::clear_lock_holders(&files.dir.join(RUN_LOCK), Some(pgid), shared.grace).await;
+    } else if let Some(task) = shared.lock_table().task_of_run(&run_id) {
+        // An adopted leader was reaped by someone else: its group id is no longer provably ours.
+        task.group_released = true;
+    }
+    // Whatever left the group (setsid, a daemonizing tool) but still holds the run lock is the run's too.
+    drop(run_lock);
+    let lock_path = files.dir.join(RUN_LOCK);
+    if supervisor::run_lock_held(&lock_path) {
+        let n = supervisor::clear_lock_holders(&lock_path, None, shared.grace).await;
+        tracing::info!(run = %run_id, "stopped {n} process(es) of the run outside its process group");
     }
     read_all(&mut preview, &mut findings);
     for f in followers.iter_mut() {
@@ -564,7 +583,6 @@ async fn follow_run(
     let done = finish_task(&shared, &run_id, state, reason, exit.ok(), outcome.as_ref());
     // Nothing signals the group from here on (finish_task released it), so the pid may be freed.
     child.reap();
-    drop(run_lock);
     wake.disarm(&shared);
     if let Some(done) = done {
         record_end(&shared, &done);
@@ -653,7 +671,13 @@ pub async fn workspaces(shared: &Shared, prune: bool) -> Result<Reply, ErrorRepl
 async fn fail_run_if_follower_dies(shared: Arc<Shared>, run_id: String, follower: tokio::task::JoinHandle<()>) {
     if let Err(e) = follower.await {
         tracing::error!(run = %run_id, "the follower of the run died: {e}");
-        let reason = "autodevd lost track of this run (internal error, see its log)".to_string();
+        // Nothing watches the run any more: end it rather than leave an agent working unseen.
+        let pid = shared.lock_table().task_of_run(&run_id).and_then(|t| t.record.pid);
+        supervisor::clear_lock_holders(&shared.paths.run_dir(&run_id).join(RUN_LOCK), None, shared.grace).await;
+        if let Some(pid) = pid {
+            supervisor::forget_child(pid as i32);
+        }
+        let reason = "autodevd lost track of this run (internal error, see its log); it was stopped".to_string();
         if let Some(done) = finish_task(&shared, &run_id, SlotState::Failed, Some(reason), None, None) {
             record_end(&shared, &done);
         }
@@ -666,12 +690,15 @@ fn publish(shared: &Shared, run_id: &str, preview: &Preview, findings: &mut Find
     let new_session = {
         let mut table = shared.lock_table();
         let Some(task) = table.task_of_run(run_id) else { return };
+        if findings.new_bytes == 0 && findings.session_id.is_none() {
+            return;
+        }
         if findings.new_bytes > 0 {
             task.last_output_at = Some(SystemTime::now());
             findings.new_bytes = 0;
+            task.preview = preview.lines();
+            task.signal.send_modify(|s| s.batches += 1);
         }
-        task.preview = preview.lines();
-        task.signal.send_modify(|s| s.batches += 1);
         match (&task.record.session_id, &findings.session_id) {
             (None, Some(found)) if task.state.is_running() => {
                 task.record.session_id = Some(found.clone());
@@ -695,10 +722,12 @@ fn judge(
     stop_reason: Option<StopReason>,
     last_stderr: Option<String>,
 ) -> (SlotState, Option<String>) {
+    // A run that finished its work just as a stop arrived is done: running it again would cost money twice.
+    let succeeded = matches!(exit, Ok(ExitInfo::Code(0))) && outcome.is_some_and(|o| o.success);
     match stop_reason {
-        Some(StopReason::User) => return (SlotState::Failed, Some("stopped by autodevctl stop".into())),
-        Some(StopReason::Shutdown(why)) => return (SlotState::Abandoned, Some(why)),
-        None => {}
+        Some(StopReason::User) if !succeeded => return (SlotState::Failed, Some("stopped by autodevctl stop".into())),
+        Some(StopReason::Shutdown(why)) if !succeeded => return (SlotState::Abandoned, Some(why)),
+        _ => {}
     }
     let with_stderr = |base: String| match &last_stderr {
         Some(line) => format!("{base}: {line}"),
@@ -831,9 +860,11 @@ pub async fn stop(shared: &Shared, slot: &str, why: StopReason) -> Result<Reply,
                 hint,
             ));
         };
-        let pgid = task.record.pgid.expect("an in-progress task has a process group") as i32;
+        let Some(pgid) = task.record.pgid.map(|p| p as i32) else {
+            return Err(refuse(ErrorKind::Failed, format!("slot {slot} has no process group on record"), None));
+        };
         task.stop_reason = Some(why);
-        if !task.group_released {
+        if group_is_ours(task, pgid) {
             supervisor::signal_group(pgid, Signal::SIGTERM);
         }
         (pgid, task.record.run_id.clone(), task.issue(), task.signal.subscribe())
@@ -841,7 +872,7 @@ pub async fn stop(shared: &Shared, slot: &str, why: StopReason) -> Result<Reply,
     if tokio::time::timeout(shared.grace, wait_ended(&mut ended)).await.is_err() {
         let mut table = shared.lock_table();
         if let Some(task) = table.task_of_run(&run_id)
-            && !task.group_released
+            && group_is_ours(task, pgid)
         {
             tracing::info!(slot, pgid, "run ignored SIGTERM for {:?}; sending SIGKILL", shared.grace);
             supervisor::signal_group(pgid, Signal::SIGKILL);
@@ -855,6 +886,17 @@ pub async fn stop(shared: &Shared, slot: &str, why: StopReason) -> Result<Reply,
         ));
     }
     Ok(Reply::Stopped { slot: slot.to_string(), issue, run_id })
+}
+
+/// Whether `pgid` is still the run's group: for our own runs until the leader is reaped; for an adopted run
+/// while its leader is alive and still the process on record (it is not our child, so nothing holds its id).
+fn group_is_ours(task: &Task, pgid: i32) -> bool {
+    if task.group_released {
+        return false;
+    }
+    !task.adopted
+        || supervisor::proc_stat(pgid)
+            .is_some_and(|s| s.state != 'Z' && s.pgrp == pgid && Some(s.start_time) == task.record.start_time)
 }
 
 async fn wait_ended(rx: &mut watch::Receiver<RunSignal>) {

@@ -127,6 +127,8 @@ pub struct SlotRequest<'a> {
 pub struct SlotTable {
     pub slots: Vec<Slot>,
     pub providers: Vec<Provider>,
+    /// Issues held by lockfiles recovery could not place in a slot (their LLM left the config): never assigned.
+    pub orphans: Vec<(String, u64)>,
     default_llm: Option<String>,
     config_name: String,
 }
@@ -151,7 +153,7 @@ impl SlotTable {
                 })
             })
             .collect();
-        SlotTable { slots, providers, default_llm, config_name }
+        SlotTable { slots, providers, orphans: Vec::new(), default_llm, config_name }
     }
 
     pub fn get(&self, name: &str) -> Option<&Slot> {
@@ -214,6 +216,13 @@ impl SlotTable {
     /// Picks the slot for an assignment and returns its index. Does not mark it; the caller does, under the
     /// same lock.
     pub fn choose(&self, req: &SlotRequest) -> Result<usize, ErrorReply> {
+        if let Some((slot, _)) = self.orphans.iter().find(|(_, issue)| *issue == req.issue) {
+            return Err(refuse(
+                ErrorKind::Conflict,
+                format!("issue #{} is held by {slot}, whose LLM is no longer configured", req.issue),
+                Some("see `autodevctl status` for the warning, and restore that LLM in the config".into()),
+            ));
+        }
         if let Some(holder) = self.holder_of(req.issue) {
             let hint = if holder.state() == SlotState::Abandoned {
                 format!("its run was abandoned: `autodevctl resume {0}` or `autodevctl release {0}`", holder.name)
