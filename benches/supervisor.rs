@@ -285,12 +285,55 @@ fn recovery_startup(report: &mut Vec<String>) {
     ));
 }
 
+/// Preparing a reused worktree for a new task in a repository of 10,000 files (fetch from a local `origin`, safety
+/// checks, switch to the new branch), through the library call autodevd makes.
+fn worktree_reuse(report: &mut Vec<String>) {
+    let files = if quick() { 1_000 } else { 10_000 };
+    let top = tempfile::tempdir().unwrap();
+    let repo = top.path().join("repo");
+    let git = |dir: &std::path::Path, args: &[&str]| {
+        let out = Command::new("git").arg("-C").arg(dir).args(args).output().unwrap();
+        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    std::fs::create_dir_all(&repo).unwrap();
+    git(&repo, &["init", "--quiet", "-b", "main"]);
+    git(&repo, &["config", "user.email", "bench@example.invalid"]);
+    git(&repo, &["config", "user.name", "Bench"]);
+    for i in 0..files {
+        let dir = repo.join(format!("src/m{:03}", i / 100));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(format!("f{i}.rs")), format!("pub fn f{i}() -> u32 {{ {i} }}\n")).unwrap();
+    }
+    git(&repo, &["add", "-A"]);
+    git(&repo, &["commit", "--quiet", "-m", "ten thousand files"]);
+    let bare = top.path().join("origin.git");
+    git(top.path(), &["clone", "--quiet", "--bare", repo.to_str().unwrap(), bare.to_str().unwrap()]);
+    git(&repo, &["remote", "add", "origin", bare.to_str().unwrap()]);
+    git(&repo, &["fetch", "--quiet", "origin"]);
+    git(&repo, &["remote", "set-head", "origin", "main"]);
+    let config = autodev::config::WorktreeConfig::default();
+    let first = autodev::workspace::prepare(&repo, &config, "claude-1", 1, "first task").unwrap();
+    let rounds = if quick() { 3 } else { 15 };
+    let mut times = Vec::new();
+    for i in 0..rounds {
+        let start = Instant::now();
+        let p = autodev::workspace::prepare(&repo, &config, "claude-1", 2 + i, &format!("task {i}")).unwrap();
+        times.push(start.elapsed().as_secs_f64() * 1000.0);
+        assert_eq!(p.path, first.path, "the clean worktree is reused");
+    }
+    report.push(format!(
+        "| preparing a reused worktree for a new task, repository of {files} files (fetch, safety checks, new \
+         branch) | median **{:.0} ms** ({rounds} tasks) |",
+        median(times)
+    ));
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--writer") {
         return writer(&args[i + 1]);
     }
-    // BENCH_ONLY=capture,status,memory,idle,latency,recovery runs only those sections.
+    // BENCH_ONLY=capture,status,memory,idle,latency,recovery,worktree runs only those sections.
     let only = std::env::var("BENCH_ONLY").ok();
     let wanted = |name: &str| only.as_deref().is_none_or(|o| o.split(',').any(|x| x == name));
     let (gib, rounds) = if quick() { (64u64 << 20, 2) } else { (1u64 << 30, 5) };
@@ -324,6 +367,9 @@ fn main() {
     }
     if wanted("recovery") {
         recovery_startup(&mut other);
+    }
+    if wanted("worktree") {
+        worktree_reuse(&mut other);
     }
 
     println!("\n## Capture cost (medians of {rounds} alternating rounds)\n");
