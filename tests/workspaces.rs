@@ -186,8 +186,11 @@ fn cleanup_on_complete_removes_only_what_is_safe() {
     common::wait_until("the clean worktree to be removed", || (!base.join("claude-1").exists()).then_some(()));
     d.assign(2, &["--slot", "claude-2"], "Keep me\n@write w.txt wip");
     d.wait_state("claude-2", "completed");
+    // The clean-up decision follows the end of the run; wait for it to be made, then check what it did.
+    common::wait_until("the clean-up decision", || {
+        d.daemon_log().contains("kept the worktree: it holds unsaved work").then_some(())
+    });
     assert!(base.join("claude-2/w.txt").exists(), "a worktree with unsaved work was removed");
-    assert!(d.daemon_log().contains("kept the worktree: it holds unsaved work"), "{}", d.daemon_log());
 }
 
 #[test]
