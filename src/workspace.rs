@@ -236,17 +236,7 @@ fn switch_branch(
         Some(start) => git(path, &["switch", "--quiet", "-c", branch, start]),
         None => git(path, &["switch", "--quiet", branch]),
     };
-    match result {
-        Ok(_) => Ok(()),
-        Err(e) if start.is_none() => {
-            // The branch is checked out in another worktree: continue from its tip on a branch of our own.
-            let taken = branch.clone();
-            *branch = free_branch_name(root, &taken)?;
-            notes.push(format!("branch {taken} is checked out elsewhere ({e}); continuing it on {branch}"));
-            git(path, &["switch", "--quiet", "-c", branch, &taken]).map(drop)
-        }
-        Err(e) => Err(e),
-    }
+    on_clash(root, result, branch, start, notes, |new, taken| git(path, &["switch", "--quiet", "-c", new, taken]))
 }
 
 fn add_worktree(
@@ -261,13 +251,28 @@ fn add_worktree(
         Some(start) => git(root, &["worktree", "add", "--quiet", "-b", branch, &path_str, start]),
         None => git(root, &["worktree", "add", "--quiet", &path_str, branch]),
     };
+    on_clash(root, result, branch, start, notes, |new, taken| {
+        git(root, &["worktree", "add", "--quiet", "-b", new, &path_str, taken])
+    })
+}
+
+/// An existing branch that could not be checked out is checked out in another worktree: continue from its tip
+/// on a branch of our own (`<name>-2`), so neither worktree loses anything.
+fn on_clash(
+    root: &Path,
+    result: Result<String, String>,
+    branch: &mut String,
+    start: Option<&str>,
+    notes: &mut Vec<String>,
+    continue_on: impl Fn(&str, &str) -> Result<String, String>,
+) -> Result<(), String> {
     match result {
         Ok(_) => Ok(()),
         Err(e) if start.is_none() => {
             let taken = branch.clone();
             *branch = free_branch_name(root, &taken)?;
             notes.push(format!("branch {taken} is checked out elsewhere ({e}); continuing it on {branch}"));
-            git(root, &["worktree", "add", "--quiet", "-b", branch, &path_str, &taken]).map(drop)
+            continue_on(branch, &taken).map(drop)
         }
         Err(e) => Err(e),
     }
