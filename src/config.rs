@@ -38,9 +38,9 @@ pub struct RawConfig {
     pub logging: LoggingConfig,
     // Sections that later issues act on, or that belong to the tool the format comes from. Kept opaque so
     // that a user's existing file never warns about keys it is entitled to have.
-    pub github: Value,
+    pub github: GithubConfig,
     pub worktree: WorktreeConfig,
-    pub project: Value,
+    pub project: ProjectConfig,
     pub requirements: Value,
     pub push: Value,
     pub notifications: Value,
@@ -114,6 +114,120 @@ pub enum OnAbandoned {
 pub struct WorkspaceConfig {
     /// Working directory of runs; relative paths are taken from the config file's directory.
     pub dir: Option<PathBuf>,
+}
+
+/// `github`: where issues come from and how to reach GitHub.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct GithubConfig {
+    /// Default: parsed from the repository's `origin` remote.
+    pub owner: Option<String>,
+    pub repo: Option<String>,
+    /// A token in the config file works, but `GITHUB_TOKEN`, systemd credentials or `tokenFile` are better.
+    pub token: Option<String>,
+    pub token_file: Option<PathBuf>,
+    /// An issue must carry one of these to be assigned (empty: any issue).
+    pub labels: Vec<String>,
+    /// An issue with one of these is refused.
+    pub exclude_labels: Vec<String>,
+    /// REST API root; GitHub Enterprise: `https://HOST/api/v3`.
+    pub api_url: String,
+    /// Seconds before a GitHub request is given up.
+    pub timeout_secs: f64,
+    /// The prompt built from an issue: `{number}`, `{title}`, `{body}`, `{url}`, `{slot}`, `{branch}`, `{labels}`.
+    pub prompt_template: Option<String>,
+    // Keys of the original tool that autodev accepts and does not act on.
+    pub assign_to_self: Value,
+    pub bot_username: Value,
+}
+
+impl Default for GithubConfig {
+    fn default() -> Self {
+        GithubConfig {
+            owner: None,
+            repo: None,
+            token: None,
+            token_file: None,
+            labels: Vec::new(),
+            exclude_labels: Vec::new(),
+            api_url: "https://api.github.com".into(),
+            timeout_secs: 20.0,
+            prompt_template: None,
+            assign_to_self: Value::Null,
+            bot_username: Value::Null,
+        }
+    }
+}
+
+/// `project`: the GitHub Projects v2 board whose fields autodev keeps true.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ProjectConfig {
+    pub enabled: bool,
+    pub project_number: Option<u64>,
+    /// True: the project belongs to the organization `github.owner`; false: to the user.
+    pub organization_project: Option<bool>,
+    pub fields: ProjectFields,
+    /// `done` (default) or `review`: the Status a completed task gets.
+    pub completed_status: Option<String>,
+    pub prioritization: Value,
+    pub sync: Value,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ProjectFields {
+    pub status: StatusField,
+    pub assigned_instance: NamedField,
+    pub priority: Value,
+    pub size: Value,
+    pub sprint: Value,
+    pub issue_type: Value,
+    pub effort: Value,
+    pub complexity: Value,
+    pub impact: Value,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct StatusField {
+    pub field_name: String,
+    pub ready_values: Vec<String>,
+    pub in_progress_value: String,
+    pub review_value: Option<String>,
+    pub done_value: String,
+    pub blocked_value: Option<String>,
+    pub evaluate_value: Value,
+    pub evaluated_value: Value,
+    pub needs_more_info_value: Value,
+}
+
+impl Default for StatusField {
+    fn default() -> Self {
+        StatusField {
+            field_name: "Status".into(),
+            ready_values: vec!["Ready".into(), "Todo".into()],
+            in_progress_value: "In Progress".into(),
+            review_value: None,
+            done_value: "Done".into(),
+            blocked_value: None,
+            evaluate_value: Value::Null,
+            evaluated_value: Value::Null,
+            needs_more_info_value: Value::Null,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct NamedField {
+    pub field_name: String,
+}
+
+impl Default for NamedField {
+    fn default() -> Self {
+        NamedField { field_name: "Assigned Instance".into() }
+    }
 }
 
 /// `worktree`: each task works in its own git worktree.
@@ -270,6 +384,25 @@ impl Config {
         if !(1..=1000).contains(&sup.preview_lines) {
             return Err(invalid("supervisor.previewLines".into(), "must be between 1 and 1000".into()));
         }
+        let project = &self.raw.project;
+        if project.enabled && project.project_number.is_none() {
+            return Err(invalid("project.projectNumber".into(), "is needed when project.enabled is true".into()));
+        }
+        if let Some(to) = &project.completed_status
+            && to != "done"
+            && to != "review"
+        {
+            return Err(invalid("project.completedStatus".into(), format!("{to:?}: use \"done\" or \"review\"")));
+        }
+        if to_review(project) && project.fields.status.review_value.is_none() {
+            return Err(invalid(
+                "project.fields.status.reviewValue".into(),
+                "is needed for completedStatus \"review\"".into(),
+            ));
+        }
+        if !(1.0..=600.0).contains(&self.raw.github.timeout_secs) {
+            return Err(invalid("github.timeoutSecs".into(), "must be between 1 and 600".into()));
+        }
         let wt = &self.raw.worktree;
         if wt.naming_pattern.is_empty() || wt.naming_pattern.contains('/') || wt.naming_pattern.contains("..") {
             return Err(invalid(
@@ -329,6 +462,11 @@ impl Config {
             None => fallback.to_path_buf(),
         }
     }
+}
+
+/// Whether a completed task goes to the review Status rather than done.
+pub fn to_review(project: &ProjectConfig) -> bool {
+    project.completed_status.as_deref() == Some("review")
 }
 
 /// A provider as the config defines it.

@@ -32,8 +32,15 @@ pub enum Request {
         llm: Option<String>,
         #[serde(default)]
         slot: Option<String>,
-        prompt: String,
+        /// The task; `None` takes it from the GitHub issue.
+        #[serde(default)]
+        prompt: Option<String>,
+        /// Take over an issue whose Assigned Instance names someone else, and ignore label rules.
+        #[serde(default)]
+        force: bool,
     },
+    /// The GitHub side: project, fields, token, pending board updates.
+    ProjectStatus,
     Stop {
         slot: String,
     },
@@ -86,6 +93,7 @@ pub enum Reply {
     Resumed(Assigned),
     Released { slot: String, issue: u64, state: SlotState },
     Workspaces(WorkspacesReport),
+    ProjectStatus(ProjectReport),
     LogEnd { slot: String, run_id: String, state: SlotState },
     Error(ErrorReply),
 }
@@ -188,6 +196,29 @@ pub struct SlotStatus {
     pub cost_usd: Option<f64>,
     pub turns: Option<u64>,
     pub console_preview: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProjectReport {
+    /// Why GitHub is off, if it is (no token, no repository).
+    pub github_off: Option<String>,
+    pub repository: Option<String>,
+    /// Where the token came from (never the token).
+    pub token_source: Option<String>,
+    /// The token's scopes as GitHub reports them (`x-oauth-scopes`), when known.
+    pub scopes: Option<String>,
+    pub project_enabled: bool,
+    pub project_number: Option<u64>,
+    pub project_title: Option<String>,
+    pub fields: Vec<crate::github::board::Field>,
+    /// Configured field names the project does not have.
+    pub missing_fields: Vec<String>,
+    /// Why the project could not be read just now, if it could not.
+    pub project_error: Option<String>,
+    pub pending: Vec<crate::github::sync::Owed>,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<String>,
+    pub requests: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -374,7 +405,8 @@ mod tests {
 
     #[test]
     fn request_round_trips() {
-        let req = Request::Assign { issue: 7, llm: Some("codex".into()), slot: None, prompt: "x".into() };
+        let req =
+            Request::Assign { issue: 7, llm: Some("codex".into()), slot: None, prompt: Some("x".into()), force: false };
         let frame = encode_json(&Envelope { v: PROTOCOL_VERSION, request: req.clone() });
         let Frame::Json(payload) = read_frame_sync(&mut &frame[..], MAX_REQUEST_FRAME).unwrap() else { panic!() };
         assert_eq!(decode_request(&payload).unwrap(), req);

@@ -89,7 +89,7 @@ fn slot_rules_and_their_messages() {
         (vec!["assign", "4", "--slot", "claude-7", "--prompt", "x"], "unknown slot \"claude-7\""),
         (vec!["assign", "4", "--slot", "gemini-1", "--prompt", "x"], "LLM \"gemini\" is disabled"),
         (vec!["assign", "4", "--llm", "aider", "--prompt", "x"], "unknown LLM \"aider\""),
-        (vec!["assign", "4"], "no task given"),
+        (vec!["assign", "4"], "cannot take issue #4 from GitHub: no GitHub repository"),
     ] {
         let out = d.try_ctl(&args);
         assert_eq!(out.status.code(), Some(1), "{args:?}");

@@ -57,8 +57,16 @@ pub enum Command {
         /// The task, from a file ("-" for stdin)
         #[arg(long)]
         prompt_file: Option<PathBuf>,
+        /// Take over an issue whose Assigned Instance names someone else, and ignore github.labels rules
+        #[arg(long)]
+        force: bool,
         #[arg(long)]
         json: bool,
+    },
+    /// The GitHub Projects v2 side: project, fields, token scopes, pending board updates
+    Project {
+        #[command(subcommand)]
+        action: ProjectAction,
     },
     /// One line per slot: who works on what, and how it goes
     Status {
@@ -121,6 +129,18 @@ pub enum Command {
 
 /// The largest prompt `assign` sends: the request frame limit less room for the rest of the request.
 const MAX_PROMPT_BYTES: usize = protocol::MAX_REQUEST_FRAME - (64 << 10);
+
+#[derive(Debug, Subcommand)]
+pub enum ProjectAction {
+    /// Project title and number, its fields, missing fields, token scopes, pending sync work, the last error
+    Status {
+        /// Also show every field's options
+        #[arg(long, short = 'v')]
+        verbose: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
 
 #[derive(Debug, Subcommand)]
 pub enum WorkspacesAction {
@@ -241,22 +261,20 @@ fn unexpected(reply: Reply) -> CtlError {
     CtlError::Failed(format!("unexpected reply from autodevd: {reply:?}"))
 }
 
-fn read_prompt(prompt: Option<String>, file: Option<PathBuf>) -> Result<String, CtlError> {
+/// The task from `--prompt` or `--prompt-file`; `None` takes it from the GitHub issue.
+fn read_prompt(prompt: Option<String>, file: Option<PathBuf>) -> Result<Option<String>, CtlError> {
     match (prompt, file) {
-        (Some(p), _) => Ok(p),
+        (Some(p), _) => Ok(Some(p)),
         (None, Some(path)) if path.as_os_str() == "-" => {
             let mut text = String::new();
             io::Read::read_to_string(&mut io::stdin(), &mut text)
                 .map_err(|e| CtlError::Failed(format!("cannot read the prompt from stdin: {e}")))?;
-            Ok(text)
+            Ok(Some(text))
         }
         (None, Some(path)) => std::fs::read_to_string(&path)
+            .map(Some)
             .map_err(|e| CtlError::Failed(format!("cannot read prompt file {}: {e}", path.display()))),
-        (None, None) => Err(CtlError::Failed(
-            "no task given: pass --prompt \"…\" or --prompt-file FILE (taking the issue text from GitHub comes \
-             with GitHub sync)"
-                .into(),
-        )),
+        (None, None) => Ok(None),
     }
 }
 
@@ -266,7 +284,7 @@ pub fn run(cli: Cli) -> Result<(), CtlError> {
         .map_err(|e| CtlError::Unreachable(e.to_string()))?;
     // Read local input before talking to the daemon, so a bad file never half-does anything.
     let prompt = match &cli.command {
-        Command::Assign { prompt, prompt_file, .. } => Some(read_prompt(prompt.clone(), prompt_file.clone())?),
+        Command::Assign { prompt, prompt_file, .. } => read_prompt(prompt.clone(), prompt_file.clone())?,
         _ => None,
     };
     if let Some(p) = &prompt
@@ -281,9 +299,10 @@ pub fn run(cli: Cli) -> Result<(), CtlError> {
     let mut client = Client::connect(&paths)?;
     client.set_timeout(Some(Duration::from_secs(30)));
     match cli.command {
-        Command::Assign { issue, llm, slot, json, .. } => {
-            let prompt = prompt.unwrap_or_default();
-            match client.call(Request::Assign { issue, llm, slot, prompt })? {
+        Command::Assign { issue, llm, slot, force, json, .. } => {
+            // Taking the issue from GitHub can take a while on a slow network.
+            client.set_timeout(Some(Duration::from_secs(120)));
+            match client.call(Request::Assign { issue, llm, slot, prompt, force })? {
                 Reply::Assigned(a) if json => print_json(&a),
                 Reply::Assigned(a) => {
                     emit(&format!("✓ Issue #{} → {} (pid {}, run {})\n", a.issue, a.slot, a.pid, a.run_id))
@@ -330,6 +349,14 @@ pub fn run(cli: Cli) -> Result<(), CtlError> {
             }
             other => Err(unexpected(other)),
         },
+        Command::Project { action: ProjectAction::Status { verbose, json } } => {
+            client.set_timeout(Some(Duration::from_secs(120)));
+            match client.call(Request::ProjectStatus)? {
+                Reply::ProjectStatus(report) if json => print_json(&report),
+                Reply::ProjectStatus(report) => emit(&render::project(&report, verbose)),
+                other => Err(unexpected(other)),
+            }
+        }
         Command::Workspaces { action, json } => {
             let prune = matches!(action, Some(WorkspacesAction::Prune));
             client.set_timeout(Some(Duration::from_secs(300)));

@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use crate::protocol::{ProviderUsage, SlotState, SlotStatus, StatusReport, WorkspacesReport};
+use crate::protocol::{ProjectReport, ProviderUsage, SlotState, SlotStatus, StatusReport, WorkspacesReport};
 use crate::timefmt::{age, parse_rfc3339, short_duration};
 
 /// Width of the ACTIVITY column's text.
@@ -152,5 +152,53 @@ pub fn workspaces(report: &WorkspacesReport) -> String {
     for k in &report.kept {
         let _ = writeln!(out, "kept    {k}");
     }
+    out
+}
+
+pub fn project(report: &ProjectReport, verbose: bool) -> String {
+    let mut out = String::new();
+    if let Some(why) = &report.github_off {
+        let _ = writeln!(out, "✗ GitHub is off: {why}");
+        return out;
+    }
+    let _ = writeln!(out, "repository  {}", report.repository.as_deref().unwrap_or("?"));
+    let _ = writeln!(out, "token       from {}", report.token_source.as_deref().unwrap_or("?"));
+    let _ =
+        writeln!(out, "scopes      {}", report.scopes.as_deref().unwrap_or("(not reported: a fine-grained token?)"));
+    if !report.project_enabled {
+        let _ = writeln!(out, "project     sync off (project.enabled is false)");
+    } else {
+        let number = report.project_number.map_or("?".into(), |n| format!("#{n}"));
+        let _ = writeln!(
+            out,
+            "project     {number} {}",
+            report.project_title.as_deref().map_or(String::new(), |t| format!("{t:?}"))
+        );
+        for f in &report.fields {
+            let _ = write!(out, "  field     {:?} ({})", f.name, f.data_type);
+            if verbose && !f.options.is_empty() {
+                let names: Vec<_> = f.options.iter().map(|o| o.name.as_str()).collect();
+                let _ = write!(out, ": {}", names.join(", "));
+            }
+            let _ = writeln!(out);
+        }
+        for m in &report.missing_fields {
+            let _ = writeln!(out, "✗ missing   field {m:?}: create it on the board, or fix its name in the config");
+        }
+    }
+    if let Some(e) = &report.project_error {
+        let _ = writeln!(out, "✗ error     {e}");
+    }
+    if report.pending.is_empty() {
+        let _ = writeln!(out, "pending     nothing: the board is up to date");
+    }
+    for p in &report.pending {
+        let tries = if p.attempts > 0 { format!(", {} attempt(s)", p.attempts) } else { String::new() };
+        let _ = writeln!(out, "pending     #{} → {:?} for {} (since {}{tries})", p.issue, p.target, p.slot, p.since);
+    }
+    if let Some(e) = &report.last_error {
+        let _ = writeln!(out, "last error  {} ({})", e, report.last_error_at.as_deref().unwrap_or("?"));
+    }
+    let _ = writeln!(out, "requests    {} to GitHub since autodevd started", report.requests);
     out
 }

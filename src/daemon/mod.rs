@@ -55,6 +55,8 @@ pub struct Shared {
     warnings: Mutex<Vec<String>>,
     /// Set when shutdown begins: no run starts after that.
     shutting_down: std::sync::atomic::AtomicBool,
+    /// GitHub, or why it is off.
+    github: Result<crate::github::GitHubCtx, String>,
 }
 
 impl Shared {
@@ -134,7 +136,18 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         config.path.as_ref().map_or_else(|| ".autonomous-config.json".into(), |p| p.display().to_string());
     let table = SlotTable::new(providers, config.raw.default_llm.clone(), config_name);
     let sup = &config.raw.supervisor;
+    let github = crate::github::setup(&config, &workspace, &paths.state_dir);
+    match &github {
+        Ok(gh) => tracing::info!(
+            repository = %format!("{}/{}", gh.owner, gh.repo),
+            token = %gh.token_source,
+            board_sync = gh.sync_enabled,
+            "GitHub is on"
+        ),
+        Err(why) => tracing::info!("GitHub is off: {why}"),
+    }
     let shared = Arc::new(Shared {
+        github,
         workspace,
         daemon_pid: std::process::id(),
         grace: Duration::from_secs_f64(sup.stop_grace_secs),

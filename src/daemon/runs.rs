@@ -14,6 +14,7 @@ use tokio::sync::{Notify, watch};
 
 use super::Shared;
 use super::slots::{RunSignal, SlotRequest, StopReason, Task};
+use crate::github::sync::Target;
 use crate::ledger::{self, ExitRecord, RECORD_VERSION, RunFiles, RunRecord, SlotLock};
 use crate::output::{FileFollower, Findings, Preview, render_tail, scan_outcome};
 use crate::protocol::{Assigned, ErrorKind, ErrorReply, Reply, SlotState, WorkspacesReport, WorktreeStatus};
@@ -51,11 +52,14 @@ pub async fn assign(
     issue: u64,
     llm: Option<&str>,
     slot: Option<&str>,
-    prompt: &str,
+    prompt: Option<&str>,
+    force: bool,
 ) -> Result<Reply, ErrorReply> {
-    if prompt.trim().is_empty() {
+    if prompt.is_some_and(|p| p.trim().is_empty()) {
         return Err(refuse(ErrorKind::BadRequest, "the prompt is empty".into(), None));
     }
+    // GitHub first: whatever it refuses is refused before a slot is taken.
+    let issue_view = intake(shared, issue, prompt.is_none(), force).await?;
     let run_id = ulid::Ulid::new().to_string();
     let (slot_name, previous) = {
         let mut table = shared.lock_table();
@@ -96,51 +100,161 @@ pub async fn assign(
         let previous = slot.task.replace(Task::starting(record));
         (slot.name.clone(), previous)
     };
-    let mut prompt = prompt.to_string();
-    if let Err(e) = prepare_worktree(shared, &slot_name, issue, &mut prompt).await {
-        if let Some(slot) = shared.lock_table().get_mut(&slot_name) {
-            slot.task = previous;
+    let title = match (&issue_view, prompt) {
+        (Some(view), _) => view.title.clone(),
+        // Without an issue title, the prompt's first line names the branch.
+        (None, Some(p)) => p.lines().find(|l| !l.trim().is_empty()).unwrap_or_default().to_string(),
+        (None, None) => String::new(),
+    };
+    let worktree = match prepare_worktree(shared, &slot_name, issue, &title).await {
+        Ok(w) => w,
+        Err(e) => {
+            if let Some(slot) = shared.lock_table().get_mut(&slot_name) {
+                slot.task = previous;
+            }
+            return Err(refuse(ErrorKind::Failed, format!("cannot prepare a git worktree for {slot_name}: {e}"), None));
         }
-        return Err(refuse(ErrorKind::Failed, format!("cannot prepare a git worktree for {slot_name}: {e}"), None));
+    };
+    let branch = worktree.as_ref().map(|w| w.branch.as_str());
+    let mut text = match (prompt, &issue_view) {
+        (Some(p), _) => p.to_string(),
+        (None, Some(view)) => {
+            let template = shared.config.raw.github.prompt_template.as_deref().unwrap_or(crate::github::DEFAULT_PROMPT);
+            crate::github::render_prompt(template, view, &slot_name, branch)
+        }
+        (None, None) => unreachable!("intake refuses an assignment with neither a prompt nor an issue"),
+    };
+    if let Some(w) = &worktree {
+        let from = w.base.as_deref().map(|b| format!(" (a new branch from {b})")).unwrap_or_default();
+        text.push_str(&format!(
+            "\n\n---\nYou work in the git worktree {} on branch {}{from}. Commit your work to this branch; do not \
+             switch branches or touch other worktrees.\n",
+            w.path.display(),
+            w.branch
+        ));
     }
-    start_run(shared, &slot_name, RunKind::New, &prompt).await.map(Reply::Assigned)
+    let assigned = start_run(shared, &slot_name, RunKind::New, &text).await?;
+    board_wants(shared, issue, &slot_name, Target::InProgress, force);
+    Ok(Reply::Assigned(assigned))
 }
 
-/// Puts a new task in its own git worktree when the workspace is a git repository (and `worktree.enabled`):
-/// records it as the task's cwd and tells the agent its branch at the end of the prompt.
-async fn prepare_worktree(shared: &Arc<Shared>, slot: &str, issue: u64, prompt: &mut String) -> Result<(), String> {
+/// Reads the issue from GitHub when the task comes from it, or when the board must be checked: a closed issue, a
+/// label rule, or an Assigned Instance someone else set refuses the assignment (`force` overrides the last two).
+/// With a prompt given, GitHub being unreachable does not stop the assignment (the reconciler checks again before
+/// it writes anything).
+async fn intake(
+    shared: &Shared,
+    issue: u64,
+    need_text: bool,
+    force: bool,
+) -> Result<Option<crate::github::board::IssueView>, ErrorReply> {
+    let gh = match &shared.github {
+        Ok(gh) => gh,
+        Err(why) if need_text => {
+            return Err(refuse(
+                ErrorKind::Failed,
+                format!("cannot take issue #{issue} from GitHub: {why}"),
+                Some("or give the task with --prompt / --prompt-file".into()),
+            ));
+        }
+        Err(_) => return Ok(None),
+    };
+    if !need_text && !gh.sync_enabled {
+        return Ok(None);
+    }
+    let wait = Duration::from_secs_f64(shared.config.raw.github.timeout_secs);
+    let view = match tokio::time::timeout(wait, gh.reconciler.read_issue(issue)).await {
+        Ok(Ok(view)) => view,
+        failure if need_text => {
+            let why = match failure {
+                Ok(Err(e)) => e.to_string(),
+                _ => format!("no answer within {wait:?}"),
+            };
+            return Err(refuse(
+                ErrorKind::Failed,
+                format!("cannot fetch issue #{issue} of {}/{}: {why}", gh.owner, gh.repo),
+                Some("check `autodevctl project status`, or give the task with --prompt".into()),
+            ));
+        }
+        failure => {
+            tracing::warn!(issue, "could not check the board before assigning ({failure:?}); the reconciler will");
+            return Ok(None);
+        }
+    };
+    if need_text && !view.open {
+        return Err(refuse(ErrorKind::Conflict, format!("issue #{issue} is closed"), None));
+    }
+    let rules = &shared.config.raw.github;
+    if need_text && !force {
+        if let Some(label) = view.labels.iter().find(|l| rules.exclude_labels.contains(l)) {
+            return Err(refuse(
+                ErrorKind::Conflict,
+                format!("issue #{issue} has the label {label:?}, which github.excludeLabels excludes"),
+                Some("--force to assign it anyway".into()),
+            ));
+        }
+        if !rules.labels.is_empty() && !view.labels.iter().any(|l| rules.labels.contains(l)) {
+            return Err(refuse(
+                ErrorKind::Conflict,
+                format!("issue #{issue} has none of the labels github.labels asks for ({})", rules.labels.join(", ")),
+                Some("--force to assign it anyway".into()),
+            ));
+        }
+    }
+    if gh.sync_enabled
+        && !force
+        && let Some(other) = view.item.as_ref().and_then(|i| i.assigned.clone())
+    {
+        return Err(refuse(
+            ErrorKind::Conflict,
+            format!("issue #{issue} is assigned to {other:?} on the project board (Assigned Instance)"),
+            Some("--force to take it over".into()),
+        ));
+    }
+    gh.reconciler.hint(view.clone());
+    Ok(Some(view))
+}
+
+/// Tells the board reconciler what the board should say (when project sync is on).
+fn board_wants(shared: &Shared, issue: u64, slot: &str, target: Target, takeover: bool) {
+    if let Ok(gh) = &shared.github
+        && gh.sync_enabled
+    {
+        gh.reconciler.want(issue, slot, target, takeover);
+    }
+}
+
+/// Puts a new task in its own git worktree when the workspace is a git repository (and `worktree.enabled`), and
+/// records it as the task's cwd.
+async fn prepare_worktree(
+    shared: &Arc<Shared>,
+    slot: &str,
+    issue: u64,
+    title: &str,
+) -> Result<Option<workspace::Prepared>, String> {
     let config = shared.config.raw.worktree.clone();
     if !config.enabled {
-        return Ok(());
+        return Ok(None);
     }
     let workspace = shared.workspace.clone();
-    // The title is the prompt's first line until issues come from GitHub.
-    let title = prompt.lines().find(|l| !l.trim().is_empty()).unwrap_or_default().to_string();
-    let slot_name = slot.to_string();
+    let (slot_name, title) = (slot.to_string(), title.to_string());
     let prepared = tokio::task::spawn_blocking(move || {
         let Some(root) = workspace::repo_root(&workspace) else { return Ok(None) };
         workspace::prepare(&root, &config, &slot_name, issue, &title).map(Some)
     })
     .await
     .map_err(|e| format!("internal error: {e}"))??;
-    let Some(prepared) = prepared else { return Ok(()) };
+    let Some(prepared) = prepared else { return Ok(None) };
     for note in &prepared.notes {
         tracing::warn!(slot, "{note}");
     }
-    let from = prepared.base.as_deref().map(|b| format!(" (a new branch from {b})")).unwrap_or_default();
-    prompt.push_str(&format!(
-        "\n\n---\nYou work in the git worktree {} on branch {}{from}. Commit your work to this branch; do not \
-         switch branches or touch other worktrees.\n",
-        prepared.path.display(),
-        prepared.branch
-    ));
     let mut table = shared.lock_table();
     if let Some(task) = table.get_mut(slot).and_then(|s| s.task.as_mut()) {
         task.record.cwd = prepared.path.clone();
-        task.record.worktree = Some(prepared.path);
-        task.record.branch = Some(prepared.branch);
+        task.record.worktree = Some(prepared.path.clone());
+        task.record.branch = Some(prepared.branch.clone());
     }
-    Ok(())
+    Ok(Some(prepared))
 }
 
 /// Handles `resume`: a new run of the slot's abandoned, failed or stopped task, in the same conversation.
@@ -238,7 +352,9 @@ pub async fn resume(shared: &Arc<Shared>, slot: &str, automatic: bool) -> Result
             }
         },
     };
-    start_run(shared, slot, kind, &prompt).await.map(Reply::Resumed)
+    let resumed = start_run(shared, slot, kind, &prompt).await?;
+    board_wants(shared, resumed.issue, slot, Target::InProgress, false);
+    Ok(Reply::Resumed(resumed))
 }
 
 /// The message a resumed conversation continues with.
@@ -838,6 +954,12 @@ pub(super) fn record_end(shared: &Shared, end: &RunEnd) {
         Some(lock) => shared.write_lock(lock),
         None => ledger::remove_slot_lock(&shared.paths.slots_dir(), &exit.slot),
     };
+    // An abandoned task changes nothing on the board: its slot still holds the issue, which is what it says.
+    match exit.state.as_str() {
+        "completed" => board_wants(shared, exit.issue, &exit.slot, Target::Completed, false),
+        "failed" => board_wants(shared, exit.issue, &exit.slot, Target::Failed, false),
+        _ => {}
+    }
     if let Err(e) = result {
         tracing::error!(slot = %exit.slot, "cannot update the slot's lockfile: {e}");
     }

@@ -87,9 +87,12 @@ async fn handle(shared: &Arc<Shared>, request: Request, stream: &mut UnixStream)
             warnings: shared.warnings(),
         }),
         Request::Instances => Reply::Instances { providers: shared.lock_table().usage() },
-        Request::Assign { issue, llm, slot, prompt } => {
-            runs::assign(shared, issue, llm.as_deref(), slot.as_deref(), &prompt).await.unwrap_or_else(Reply::Error)
+        Request::Assign { issue, llm, slot, prompt, force } => {
+            runs::assign(shared, issue, llm.as_deref(), slot.as_deref(), prompt.as_deref(), force)
+                .await
+                .unwrap_or_else(Reply::Error)
         }
+        Request::ProjectStatus => Reply::ProjectStatus(project_status(shared).await),
         Request::Stop { slot } => runs::stop(shared, &slot, StopReason::User).await.unwrap_or_else(Reply::Error),
         Request::Resume { slot } => runs::resume(shared, &slot, false).await.unwrap_or_else(Reply::Error),
         Request::Release { slot, done } => runs::release(shared, &slot, done).unwrap_or_else(Reply::Error),
@@ -191,4 +194,61 @@ async fn send_text(stream: &mut UnixStream, lines: &[String]) -> std::io::Result
     let mut text = lines.join("\n");
     text.push('\n');
     protocol::write_frame(stream, &protocol::encode_bytes(text.as_bytes())).await
+}
+
+/// `project status`: the project as GitHub has it now, and what the reconciler still owes.
+async fn project_status(shared: &Shared) -> crate::protocol::ProjectReport {
+    let project = &shared.config.raw.project;
+    let mut report = crate::protocol::ProjectReport {
+        github_off: None,
+        repository: None,
+        token_source: None,
+        scopes: None,
+        project_enabled: project.enabled,
+        project_number: project.project_number,
+        project_title: None,
+        fields: Vec::new(),
+        missing_fields: Vec::new(),
+        project_error: None,
+        pending: Vec::new(),
+        last_error: None,
+        last_error_at: None,
+        requests: 0,
+    };
+    let gh = match &shared.github {
+        Ok(gh) => gh,
+        Err(why) => {
+            report.github_off = Some(why.clone());
+            return report;
+        }
+    };
+    report.repository = Some(format!("{}/{}", gh.owner, gh.repo));
+    report.token_source = Some(gh.token_source.to_string());
+    if gh.gh.scopes.lock().unwrap_or_else(|e| e.into_inner()).is_none() {
+        // Any REST answer carries the token's scopes; reading the repository is the cheapest one that matters.
+        if let Err(e) = gh.gh.rest_get(&format!("/repos/{}/{}", gh.owner, gh.repo)).await {
+            report.project_error = Some(e.to_string());
+        }
+    }
+    report.scopes = gh.gh.scopes.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    if project.enabled {
+        match gh.reconciler.board().await {
+            Ok(board) => {
+                report.project_title = Some(board.title.clone());
+                for name in [&project.fields.status.field_name, &project.fields.assigned_instance.field_name] {
+                    if board.field(name).is_err() {
+                        report.missing_fields.push(name.clone());
+                    }
+                }
+                report.fields = board.fields;
+            }
+            Err(e) => report.project_error = Some(e.to_string()),
+        }
+    }
+    let sync = gh.reconciler.report();
+    report.pending = sync.pending;
+    report.last_error = sync.last_error;
+    report.last_error_at = sync.last_error_at;
+    report.requests = sync.requests;
+    report
 }

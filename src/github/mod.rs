@@ -1,0 +1,143 @@
+//! GitHub: issues become prompts, and the Projects v2 fields "Assigned Instance" and "Status" stay true.
+//! `client` talks to GitHub, `board` knows the project and an issue's item, `sync` pushes owed field values.
+
+pub mod board;
+pub mod client;
+pub mod sync;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::config::Config;
+use board::IssueView;
+use client::{GitHub, TokenSource};
+use sync::Reconciler;
+
+/// GitHub as the daemon uses it.
+pub struct GitHubCtx {
+    pub owner: String,
+    pub repo: String,
+    pub token_source: TokenSource,
+    pub gh: Arc<GitHub>,
+    /// Reads issues (with their board item) and, when `project.enabled`, keeps the board true.
+    pub reconciler: Arc<Reconciler>,
+    pub sync_enabled: bool,
+}
+
+/// Why GitHub is off, when it is.
+pub type Off = String;
+
+/// Sets GitHub up from the config: token, owner/repo (config, else the `origin` remote), client, reconciler.
+/// Starts the reconciler when `project.enabled`. Must run inside the runtime.
+pub fn setup(config: &Config, workspace: &Path, state_dir: &Path) -> Result<GitHubCtx, Off> {
+    let github = &config.raw.github;
+    let config_dir = config.path.as_ref().and_then(|p| p.parent());
+    let (token, token_source) = client::find_token(github, config_dir).ok_or_else(|| {
+        "no GitHub token: set GITHUB_TOKEN (or GH_TOKEN), a systemd credential github-token, github.tokenFile, \
+         or log in with `gh auth login`"
+            .to_string()
+    })?;
+    let (owner, repo) = match (&github.owner, &github.repo) {
+        (Some(o), Some(r)) => (o.clone(), r.clone()),
+        _ => origin_repo(workspace).ok_or_else(|| {
+            format!(
+                "no GitHub repository: set github.owner and github.repo, or give {} an `origin` remote on GitHub",
+                workspace.display()
+            )
+        })?,
+    };
+    let gh = Arc::new(GitHub::new(github, &token)?);
+    let reconciler = Reconciler::new(
+        gh.clone(),
+        github.owner.clone().unwrap_or_else(|| owner.clone()),
+        repo.clone(),
+        config.raw.project.clone(),
+        state_dir.join("github-sync.json"),
+    );
+    let sync_enabled = config.raw.project.enabled;
+    if sync_enabled {
+        tokio::spawn(reconciler.clone().run());
+    }
+    Ok(GitHubCtx { owner, repo, token_source, gh, reconciler, sync_enabled })
+}
+
+fn origin_repo(workspace: &Path) -> Option<(String, String)> {
+    let mut git = std::process::Command::new("git");
+    git.arg("-C").arg(workspace).args(["remote", "get-url", "origin"]);
+    let out = crate::supervisor::run_command(&mut git, std::time::Duration::from_secs(10)).ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+        .and_then(|u| board::parse_remote(&u))
+}
+
+/// The default prompt for an issue; `github.promptTemplate` replaces it.
+pub const DEFAULT_PROMPT: &str = "\
+You are working on GitHub issue #{number}: {title}
+{url}
+
+{body}
+
+---
+Resolve this issue in this repository. Read the relevant code first, make focused changes, add or update tests, \
+and run the project's test suite. Commit your work on branch {branch} with messages that reference #{number}. \
+When you are done, end with a short summary of what you changed and anything left open.";
+
+/// Fills a prompt template; unknown placeholders stay as they are, and issue text is never expanded again.
+pub fn render_prompt(template: &str, issue: &IssueView, slot: &str, branch: Option<&str>) -> String {
+    let labels = issue.labels.join(", ");
+    let number = issue.number.to_string();
+    let mut out = String::with_capacity(template.len() + issue.body.len());
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 1..];
+        let value = after.find('}').and_then(|close| {
+            let v = match &after[..close] {
+                "number" => number.as_str(),
+                "title" => issue.title.as_str(),
+                "body" => issue.body.as_str(),
+                "url" => issue.url.as_str(),
+                "slot" => slot,
+                "branch" => branch.unwrap_or("(the current branch)"),
+                "labels" => labels.as_str(),
+                _ => return None,
+            };
+            Some((close, v))
+        });
+        match value {
+            Some((close, v)) => {
+                out.push_str(v);
+                rest = &after[close + 1..];
+            }
+            None => {
+                out.push('{');
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompt_template_fills_once() {
+        let issue = IssueView {
+            node_id: "I".into(),
+            number: 7,
+            title: "Login {slot} bug".into(),
+            body: "It breaks {number}".into(),
+            url: "https://x/7".into(),
+            open: true,
+            labels: vec!["bug".into()],
+            item: None,
+        };
+        let p =
+            render_prompt("#{number} {title} [{labels}] {body} {slot} {branch} {nope}", &issue, "claude-1", Some("b"));
+        assert_eq!(p, "#7 Login {slot} bug [bug] It breaks {number} claude-1 b {nope}");
+    }
+}

@@ -1,0 +1,355 @@
+//! The board reconciler. Local state decides; this pushes the field values it implies, in the background, so
+//! GitHub being down, slow or rate limited never delays a spawn, a stop or a status reply.
+//!
+//! What is owed per issue is kept in `github-sync.json` (atomic writes): the newest wish per issue replaces older
+//! ones (coalescing), it survives restarts, and an entry is removed only once GitHub has taken it — so after a
+//! restart nothing is lost and nothing applied is sent again.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::sync::Notify;
+
+use super::board::{self, Board, IssueView};
+use super::client::{GhError, GitHub};
+use crate::config::{ProjectConfig, to_review};
+use crate::timefmt::rfc3339;
+
+/// GitHub asks for at least a second between mutations (secondary limits).
+const MUTATION_SPACING: Duration = Duration::from_secs(1);
+/// An intake read this recent stands in for the reconciler's own read.
+const HINT_FRESH: Duration = Duration::from_secs(60);
+const BACKOFF_MIN: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+/// What the board should say about an issue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    /// Status in progress, Assigned Instance = the slot.
+    InProgress,
+    /// Status done (or review), Assigned Instance cleared if still ours.
+    Completed,
+    /// Status blocked (or the first ready value), Assigned Instance cleared if still ours.
+    Failed,
+}
+
+/// One issue's owed update.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Owed {
+    pub issue: u64,
+    pub slot: String,
+    pub target: Target,
+    pub since: String,
+    #[serde(default)]
+    pub attempts: u32,
+    #[serde(default)]
+    pub last_error: Option<String>,
+    /// `assign --force`: overwrite an Assigned Instance someone else set.
+    #[serde(default)]
+    pub takeover: bool,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Outbox {
+    owed: BTreeMap<u64, Owed>,
+    last_error: Option<(String, String)>,
+}
+
+struct State {
+    outbox: Outbox,
+    /// When each owed issue may be tried again.
+    retry_at: HashMap<u64, Instant>,
+    /// Fresh reads from intake, so the reconciler need not read the issue again.
+    hints: HashMap<u64, (IssueView, Instant)>,
+    board: Option<Board>,
+    next_mutation: Instant,
+    /// Requests sent to GitHub (for `project status` and the request-count test).
+    requests: u64,
+}
+
+pub struct Reconciler {
+    gh: Arc<GitHub>,
+    owner: String,
+    repo: String,
+    project: ProjectConfig,
+    path: PathBuf,
+    state: Mutex<State>,
+    wake: Notify,
+}
+
+/// What `project status` shows of the reconciler.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SyncReport {
+    pub pending: Vec<Owed>,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<String>,
+    pub requests: u64,
+    pub board: Option<Board>,
+}
+
+impl Reconciler {
+    /// Loads what is owed from `path` (empty if the file does not exist).
+    pub fn new(gh: Arc<GitHub>, owner: String, repo: String, project: ProjectConfig, path: PathBuf) -> Arc<Reconciler> {
+        let outbox: Outbox = std::fs::read(&path)
+            .ok()
+            .and_then(|b| {
+                serde_json::from_slice(&b).map_err(|e| tracing::error!("{} is unreadable: {e}", path.display())).ok()
+            })
+            .unwrap_or_default();
+        Arc::new(Reconciler {
+            gh,
+            owner,
+            repo,
+            project,
+            path,
+            state: Mutex::new(State {
+                outbox,
+                retry_at: HashMap::new(),
+                hints: HashMap::new(),
+                board: None,
+                next_mutation: Instant::now(),
+                requests: 0,
+            }),
+            wake: Notify::new(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn persist(&self, state: &State) {
+        match serde_json::to_vec_pretty(&state.outbox) {
+            Ok(bytes) => {
+                if let Err(e) = crate::ledger::write_atomic(&self.path, &bytes) {
+                    tracing::error!("cannot write {}: {e}", self.path.display());
+                }
+            }
+            Err(e) => tracing::error!("cannot encode the sync outbox: {e}"),
+        }
+    }
+
+    /// Records what the board should say about `issue` (replacing any older wish) and wakes the reconciler.
+    pub fn want(&self, issue: u64, slot: &str, target: Target, takeover: bool) {
+        let mut state = self.lock();
+        let owed = Owed {
+            issue,
+            slot: slot.to_string(),
+            target,
+            since: rfc3339(SystemTime::now()),
+            attempts: 0,
+            last_error: None,
+            takeover,
+        };
+        state.outbox.owed.insert(issue, owed);
+        state.retry_at.remove(&issue);
+        self.persist(&state);
+        drop(state);
+        self.wake.notify_one();
+    }
+
+    /// A fresh read of the issue (from intake), so the reconciler's next update of it needs no read of its own.
+    pub fn hint(&self, view: IssueView) {
+        self.lock().hints.insert(view.number, (view, Instant::now()));
+    }
+
+    /// Counts a request made for this board outside the reconciler (intake reads).
+    pub fn count_request(&self) {
+        self.lock().requests += 1;
+    }
+
+    pub fn report(&self) -> SyncReport {
+        let state = self.lock();
+        SyncReport {
+            pending: state.outbox.owed.values().cloned().collect(),
+            last_error: state.outbox.last_error.as_ref().map(|e| e.0.clone()),
+            last_error_at: state.outbox.last_error.as_ref().map(|e| e.1.clone()),
+            requests: state.requests,
+            board: state.board.clone(),
+        }
+    }
+
+    /// The board, loaded once and cached.
+    pub async fn board(&self) -> Result<Board, GhError> {
+        if let Some(board) = self.lock().board.clone() {
+            return Ok(board);
+        }
+        self.lock().requests += 1;
+        let board = Board::load(&self.gh, &self.owner, &self.project).await?;
+        self.lock().board = Some(board.clone());
+        Ok(board)
+    }
+
+    /// Reads an issue with its item on the board.
+    pub async fn read_issue(&self, issue: u64) -> Result<IssueView, GhError> {
+        let project_id = if self.project.enabled { Some(self.board().await?.project_id) } else { None };
+        self.lock().requests += 1;
+        board::issue_view(&self.gh, &self.owner, &self.repo, issue, &self.project, project_id.as_deref()).await
+    }
+
+    /// The reconciler's loop: applies what is owed, with backoff, never more than one mutation a second.
+    pub async fn run(self: Arc<Self>) {
+        loop {
+            let next = {
+                let state = self.lock();
+                let now = Instant::now();
+                let due: Vec<Owed> = state
+                    .outbox
+                    .owed
+                    .values()
+                    .filter(|o| state.retry_at.get(&o.issue).is_none_or(|t| *t <= now))
+                    .cloned()
+                    .collect();
+                let later = state.retry_at.values().filter(|t| **t > now).min().copied();
+                (due, later)
+            };
+            let (due, later) = next;
+            for owed in due {
+                let result = self.apply(&owed).await;
+                let mut state = self.lock();
+                // Only settle the wish that was applied: a newer wish for the issue stays owed.
+                let current = state.outbox.owed.get(&owed.issue).cloned();
+                match result {
+                    Ok(note) => {
+                        if let Some(note) = note {
+                            tracing::warn!(issue = owed.issue, "{note}");
+                            state.outbox.last_error = Some((note, rfc3339(SystemTime::now())));
+                        }
+                        if current
+                            .as_ref()
+                            .is_some_and(|c| c.target == owed.target && c.slot == owed.slot && c.since == owed.since)
+                        {
+                            state.outbox.owed.remove(&owed.issue);
+                        }
+                        state.retry_at.remove(&owed.issue);
+                    }
+                    Err(e) => {
+                        if matches!(e, GhError::NotFound(_)) {
+                            // Ids may have changed on the board: read it again next time.
+                            state.board = None;
+                        }
+                        let attempts = current.as_ref().map_or(0, |c| c.attempts) + 1;
+                        let backoff = e
+                            .wait_hint()
+                            .unwrap_or_else(|| BACKOFF_MIN.saturating_mul(1 << attempts.min(9)).min(BACKOFF_MAX));
+                        let message = format!("issue #{}: {e}", owed.issue);
+                        tracing::warn!("board sync: {message}; trying again in {backoff:?}");
+                        state.outbox.last_error = Some((message.clone(), rfc3339(SystemTime::now())));
+                        if let Some(c) = state.outbox.owed.get_mut(&owed.issue) {
+                            c.attempts = attempts;
+                            c.last_error = Some(message);
+                        }
+                        state.retry_at.insert(owed.issue, Instant::now() + backoff);
+                    }
+                }
+                self.persist(&state);
+            }
+            match later {
+                Some(at) => {
+                    let _ = tokio::time::timeout_at(at.into(), self.wake.notified()).await;
+                }
+                None if self.lock().outbox.owed.is_empty() => self.wake.notified().await,
+                None => {}
+            }
+        }
+    }
+
+    /// Waits until a mutation may be sent (secondary limits), and counts it.
+    async fn mutation_slot(&self) {
+        let at = {
+            let mut state = self.lock();
+            let at = state.next_mutation.max(Instant::now());
+            state.next_mutation = at + MUTATION_SPACING;
+            state.requests += 1;
+            at
+        };
+        tokio::time::sleep_until(at.into()).await;
+    }
+
+    /// Brings the board in line with one wish. `Ok(Some(note))`: done, but something was left alone on purpose.
+    async fn apply(&self, owed: &Owed) -> Result<Option<String>, GhError> {
+        let board = self.board().await?;
+        let bad_config = |e: String| GhError::Other(e);
+        let status_field = board.field(&self.project.fields.status.field_name).map_err(bad_config)?.clone();
+        let assigned_field =
+            board.field(&self.project.fields.assigned_instance.field_name).map_err(bad_config)?.clone();
+        let hinted = {
+            let mut state = self.lock();
+            state.hints.remove(&owed.issue).filter(|(_, at)| at.elapsed() < HINT_FRESH).map(|(v, _)| v)
+        };
+        let view = match hinted.filter(|_| owed.target == Target::InProgress) {
+            Some(view) => view,
+            None => self.read_issue(owed.issue).await?,
+        };
+        let item = match &view.item {
+            Some(item) => item.clone(),
+            None => {
+                self.mutation_slot().await;
+                let reply = self
+                    .gh
+                    .graphql(board::ADD_ITEM, json!({ "project": board.project_id, "content": view.node_id }))
+                    .await?;
+                let id = reply.data["addProjectV2ItemById"]["item"]["id"].as_str().ok_or_else(|| {
+                    GhError::Other(format!("adding issue #{} to the project failed: {:?}", owed.issue, reply.errors))
+                })?;
+                board::Item { id: id.to_string(), status: None, assigned: None }
+            }
+        };
+        let status_name = match owed.target {
+            Target::InProgress => self.project.fields.status.in_progress_value.clone(),
+            Target::Completed if to_review(&self.project) => {
+                self.project.fields.status.review_value.clone().unwrap_or_default()
+            }
+            Target::Completed => self.project.fields.status.done_value.clone(),
+            Target::Failed => match &self.project.fields.status.blocked_value {
+                Some(blocked) => blocked.clone(),
+                None => self.project.fields.status.ready_values.first().cloned().unwrap_or_default(),
+            },
+        };
+        let status = board.value(&status_field, &status_name).map_err(bad_config)?;
+        let base =
+            json!({ "project": board.project_id, "item": item.id, "statusField": status_field.id, "status": status });
+        let ours = item.assigned.as_deref() == Some(owed.slot.as_str());
+        let (document, vars, note) = match owed.target {
+            Target::InProgress => {
+                if let Some(other) = item.assigned.as_deref().filter(|a| *a != owed.slot && !owed.takeover) {
+                    return Ok(Some(format!(
+                        "issue #{}: Assigned Instance says {other:?}, set by someone else: not overwritten",
+                        owed.issue
+                    )));
+                }
+                let assigned = board.value(&assigned_field, &owed.slot).map_err(bad_config)?;
+                let mut vars = base;
+                vars["assignedField"] = json!(assigned_field.id);
+                vars["assigned"] = assigned;
+                (board::SET_FIELDS, vars, None)
+            }
+            _ if ours => {
+                let mut vars = base;
+                vars["assignedField"] = json!(assigned_field.id);
+                (board::FINISH, vars, None)
+            }
+            _ if item.assigned.is_none() => (board::SET_STATUS, base, None),
+            _ => {
+                return Ok(Some(format!(
+                    "issue #{}: Assigned Instance now says {:?}, not {}: neither it nor Status was changed",
+                    owed.issue,
+                    item.assigned.as_deref().unwrap_or_default(),
+                    owed.slot
+                )));
+            }
+        };
+        self.mutation_slot().await;
+        let reply = self.gh.graphql(document, vars).await?;
+        if let Some(e) = reply.errors.first() {
+            // A batched mutation can partly succeed; field updates are idempotent, so trying the whole again is safe.
+            return Err(GhError::Other(format!("{} {}", e.kind, e.message).trim().to_string()));
+        }
+        Ok(note)
+    }
+}
