@@ -134,6 +134,8 @@ pub struct GithubConfig {
     pub api_url: String,
     /// Seconds before a GitHub request is given up.
     pub timeout_secs: f64,
+    /// The longest wait between attempts of a board update that failed (GitHub's own hints still win).
+    pub retry_max_secs: f64,
     /// The prompt built from an issue: `{number}`, `{title}`, `{body}`, `{url}`, `{slot}`, `{branch}`, `{labels}`.
     pub prompt_template: Option<String>,
     // Keys of the original tool that autodev accepts and does not act on.
@@ -152,6 +154,7 @@ impl Default for GithubConfig {
             exclude_labels: Vec::new(),
             api_url: "https://api.github.com".into(),
             timeout_secs: 20.0,
+            retry_max_secs: 300.0,
             prompt_template: None,
             assign_to_self: Value::Null,
             bot_username: Value::Null,
@@ -399,6 +402,9 @@ impl Config {
                 "project.fields.status.reviewValue".into(),
                 "is needed for completedStatus \"review\"".into(),
             ));
+        }
+        if !(1.0..=86_400.0).contains(&self.raw.github.retry_max_secs) {
+            return Err(invalid("github.retryMaxSecs".into(), "must be between 1 and 86400".into()));
         }
         if !(1.0..=600.0).contains(&self.raw.github.timeout_secs) {
             return Err(invalid("github.timeoutSecs".into(), "must be between 1 and 600".into()));

@@ -53,6 +53,7 @@ pub fn setup(config: &Config, workspace: &Path, state_dir: &Path) -> Result<GitH
         repo.clone(),
         config.raw.project.clone(),
         state_dir.join("github-sync.json"),
+        std::time::Duration::from_secs_f64(github.retry_max_secs),
     );
     let sync_enabled = config.raw.project.enabled;
     if sync_enabled {

@@ -24,7 +24,6 @@ const MUTATION_SPACING: Duration = Duration::from_secs(1);
 /// An intake read this recent stands in for the reconciler's own read.
 const HINT_FRESH: Duration = Duration::from_secs(60);
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
-const BACKOFF_MAX: Duration = Duration::from_secs(300);
 
 /// What the board should say about an issue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,6 +77,8 @@ pub struct Reconciler {
     repo: String,
     project: ProjectConfig,
     path: PathBuf,
+    /// The longest wait between attempts (`github.retryMaxSecs`).
+    backoff_max: Duration,
     state: Mutex<State>,
     wake: Notify,
 }
@@ -94,7 +95,14 @@ pub struct SyncReport {
 
 impl Reconciler {
     /// Loads what is owed from `path` (empty if the file does not exist).
-    pub fn new(gh: Arc<GitHub>, owner: String, repo: String, project: ProjectConfig, path: PathBuf) -> Arc<Reconciler> {
+    pub fn new(
+        gh: Arc<GitHub>,
+        owner: String,
+        repo: String,
+        project: ProjectConfig,
+        path: PathBuf,
+        backoff_max: Duration,
+    ) -> Arc<Reconciler> {
         let outbox: Outbox = std::fs::read(&path)
             .ok()
             .and_then(|b| {
@@ -107,6 +115,7 @@ impl Reconciler {
             repo,
             project,
             path,
+            backoff_max,
             state: Mutex::new(State {
                 outbox,
                 retry_at: HashMap::new(),
@@ -236,7 +245,8 @@ impl Reconciler {
                         let attempts = current.as_ref().map_or(0, |c| c.attempts) + 1;
                         let backoff = e
                             .wait_hint()
-                            .unwrap_or_else(|| BACKOFF_MIN.saturating_mul(1 << attempts.min(9)).min(BACKOFF_MAX));
+                            .unwrap_or_else(|| BACKOFF_MIN.saturating_mul(1 << (attempts - 1).min(9)))
+                            .min(self.backoff_max);
                         let message = format!("issue #{}: {e}", owed.issue);
                         tracing::warn!("board sync: {message}; trying again in {backoff:?}");
                         state.outbox.last_error = Some((message.clone(), rfc3339(SystemTime::now())));

@@ -1,0 +1,399 @@
+//! A stateful fake of the parts of GitHub autodev uses, on 127.0.0.1: REST (repository, issue) and GraphQL by
+//! operation name (ProjectFields, IssueItem, AddItem, SetFields, Finish, SetStatus). Tests change its state and
+//! inject failures directly; every request is logged so tests can count them.
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use serde_json::{Value, json};
+
+pub const TOKEN: &str = "ghp_daemon_secret";
+
+#[derive(Debug, Clone)]
+pub enum Failure {
+    Status(u16),
+    /// Answer nothing for this long (longer than the client's timeout).
+    Hang(Duration),
+    RateLimited,
+    Secondary,
+    Unauthorized,
+    InsufficientScopes,
+}
+
+#[derive(Debug, Clone)]
+pub struct Issue {
+    pub title: String,
+    pub body: String,
+    pub open: bool,
+    pub labels: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Field {
+    pub id: String,
+    pub name: String,
+    pub data_type: String,
+    pub options: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Item {
+    pub id: String,
+    pub issue: u64,
+    /// field id → text or option name
+    pub values: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Logged {
+    pub method: String,
+    pub path: String,
+    pub operation: Option<String>,
+}
+
+pub struct State {
+    pub issues: BTreeMap<u64, Issue>,
+    pub fields: Vec<Field>,
+    pub items: Vec<Item>,
+    /// Failures for the next requests, one each.
+    pub failures: VecDeque<Failure>,
+    /// A failure for every request until cleared.
+    pub failing: Option<Failure>,
+    pub log: Vec<Logged>,
+    /// Every request body and header block seen, to check no secret leaks in.
+    pub seen: Vec<String>,
+}
+
+pub struct FakeGitHub {
+    pub url: String,
+    pub state: Arc<Mutex<State>>,
+}
+
+pub const PROJECT_ID: &str = "PVT_project5";
+
+impl FakeGitHub {
+    /// A repository octo/widgets, project #5 of the organization octo with Status (single select) and Assigned
+    /// Instance (`assigned_type`: TEXT or SINGLE_SELECT with options claude-1, claude-2), and a few more fields.
+    pub fn start(assigned_type: &str) -> FakeGitHub {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let mut fields = vec![
+            Field { id: "F_title".into(), name: "Title".into(), data_type: "TITLE".into(), options: vec![] },
+            Field {
+                id: "F_status".into(),
+                name: "Status".into(),
+                data_type: "SINGLE_SELECT".into(),
+                options: ["Todo", "Ready", "In Progress", "In Review", "Done", "Blocked"]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| (format!("opt_s{i}"), n.to_string()))
+                    .collect(),
+            },
+            Field { id: "F_prio".into(), name: "Priority".into(), data_type: "NUMBER".into(), options: vec![] },
+        ];
+        fields.push(Field {
+            id: "F_assigned".into(),
+            name: "Assigned Instance".into(),
+            data_type: assigned_type.into(),
+            options: if assigned_type == "SINGLE_SELECT" {
+                vec![("opt_a1".into(), "claude-1".into()), ("opt_a2".into(), "claude-2".into())]
+            } else {
+                vec![]
+            },
+        });
+        let state = Arc::new(Mutex::new(State {
+            issues: BTreeMap::new(),
+            fields,
+            items: Vec::new(),
+            failures: VecDeque::new(),
+            failing: None,
+            log: Vec::new(),
+            seen: Vec::new(),
+        }));
+        let shared = state.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let state = shared.clone();
+                std::thread::spawn(move || serve(stream, state));
+            }
+        });
+        FakeGitHub { url, state }
+    }
+
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap()
+    }
+
+    /// Adds an issue; `on_board` puts it on the project with Status `Ready`.
+    pub fn add_issue(&self, number: u64, title: &str, on_board: bool) {
+        let mut s = self.lock();
+        s.issues.insert(
+            number,
+            Issue { title: title.into(), body: format!("Body of {title}."), open: true, labels: vec![] },
+        );
+        if on_board {
+            let mut values = BTreeMap::new();
+            values.insert("F_status".to_string(), "Ready".to_string());
+            s.items.push(Item { id: format!("PVTI_{number}"), issue: number, values });
+        }
+    }
+
+    /// The board's value of `field` (by name) for `issue`.
+    pub fn value(&self, issue: u64, field: &str) -> Option<String> {
+        let s = self.lock();
+        let id = s.fields.iter().find(|f| f.name == field)?.id.clone();
+        s.items.iter().find(|i| i.issue == issue)?.values.get(&id).cloned()
+    }
+
+    pub fn set_value(&self, issue: u64, field: &str, value: &str) {
+        let mut s = self.lock();
+        let id = s.fields.iter().find(|f| f.name == field).unwrap().id.clone();
+        s.items.iter_mut().find(|i| i.issue == issue).unwrap().values.insert(id, value.into());
+    }
+
+    /// Operation names (GraphQL) or paths (REST) of the requests so far.
+    pub fn operations(&self) -> Vec<String> {
+        self.lock()
+            .log
+            .iter()
+            .map(|l| l.operation.clone().unwrap_or_else(|| format!("{} {}", l.method, l.path)))
+            .collect()
+    }
+}
+
+fn serve(stream: TcpStream, state: Arc<Mutex<State>>) {
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut writer = stream;
+    loop {
+        let mut request_line = String::new();
+        if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+            return;
+        }
+        let mut parts = request_line.split_whitespace();
+        let (method, path) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").to_string());
+        let mut headers = String::new();
+        let mut length = 0usize;
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            if line == "\r\n" {
+                break;
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = v.trim().parse().unwrap_or(0);
+            }
+            headers.push_str(&line);
+        }
+        let mut body = vec![0u8; length];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let (status, extra, reply) = handle(&state, &method, &path, &headers, &body);
+        if status == 0 {
+            return; // hung up after a hang
+        }
+        let text = reply.to_string();
+        let response = format!(
+            "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}\r\n{text}",
+            text.len()
+        );
+        if writer.write_all(response.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+fn operation_of(query: &str) -> Option<String> {
+    let rest = query.lines().map(str::trim).find(|l| l.starts_with("query ") || l.starts_with("mutation "))?;
+    let name = rest.split_whitespace().nth(1)?;
+    Some(name.split(['(', '{']).next()?.to_string())
+}
+
+fn handle(state: &Mutex<State>, method: &str, path: &str, headers: &str, body: &Value) -> (u16, String, Value) {
+    let operation = body["query"].as_str().and_then(operation_of);
+    let failure = {
+        let mut s = state.lock().unwrap();
+        s.log.push(Logged { method: method.into(), path: path.into(), operation: operation.clone() });
+        s.seen.push(format!("{headers}\n{body}"));
+        s.failures.pop_front().or_else(|| s.failing.clone())
+    };
+    let reset = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() + 1;
+    match failure {
+        Some(Failure::Status(code)) => return (code, String::new(), json!({ "message": "upstream trouble" })),
+        Some(Failure::Hang(d)) => {
+            std::thread::sleep(d);
+            return (0, String::new(), Value::Null);
+        }
+        Some(Failure::RateLimited) => {
+            return (
+                200,
+                format!("x-ratelimit-remaining: 0\r\nx-ratelimit-reset: {reset}\r\n"),
+                json!({ "data": null, "errors": [{ "type": "RATE_LIMITED", "message": "API rate limit exceeded" }] }),
+            );
+        }
+        Some(Failure::Secondary) => {
+            return (
+                403,
+                "retry-after: 1\r\n".into(),
+                json!({ "message": "You have exceeded a secondary rate limit. Please wait a few minutes." }),
+            );
+        }
+        Some(Failure::Unauthorized) => return (401, String::new(), json!({ "message": "Bad credentials" })),
+        Some(Failure::InsufficientScopes) => {
+            return (
+                200,
+                String::new(),
+                json!({ "data": null, "errors": [{ "type": "INSUFFICIENT_SCOPES", "message": "Your token has not been granted the required scopes to execute this query. The 'project' scope is required." }] }),
+            );
+        }
+        None => {}
+    }
+    if !headers.to_ascii_lowercase().contains(&format!("authorization: bearer {TOKEN}").to_ascii_lowercase())
+        && !headers.contains(&format!("token {TOKEN}"))
+    {
+        return (401, String::new(), json!({ "message": "Bad credentials" }));
+    }
+    let scopes = "x-oauth-scopes: repo, project\r\n".to_string();
+    let mut s = state.lock().unwrap();
+    if method == "GET" {
+        return match path {
+            "/repos/octo/widgets" => (200, scopes, json!({ "full_name": "octo/widgets" })),
+            _ => (404, scopes, json!({ "message": "Not Found" })),
+        };
+    }
+    let vars = &body["variables"];
+    let data = match operation.as_deref() {
+        Some("ProjectFields") => {
+            if vars["owner"] != "octo" || vars["number"] != 5 {
+                json!({ "organization": { "projectV2": null } })
+            } else {
+                // One field per page, to make the client page.
+                let start: usize = vars["after"].as_str().and_then(|c| c.parse().ok()).unwrap_or(0);
+                let node = |f: &Field| {
+                    let mut n = json!({ "id": f.id, "name": f.name, "dataType": f.data_type });
+                    if f.data_type == "SINGLE_SELECT" {
+                        n["options"] = json!(
+                            f.options.iter().map(|(id, name)| json!({"id": id, "name": name})).collect::<Vec<_>>()
+                        );
+                    }
+                    n
+                };
+                let nodes: Vec<Value> = s.fields.iter().skip(start).take(1).map(node).collect();
+                let more = start + 1 < s.fields.len();
+                json!({ "organization": { "projectV2": {
+                    "id": PROJECT_ID, "title": "Widgets board", "number": 5,
+                    "fields": { "nodes": nodes, "pageInfo": { "hasNextPage": more, "endCursor": (start + 1).to_string() } }
+                } } })
+            }
+        }
+        Some("IssueItem") => {
+            let number = vars["number"].as_u64().unwrap_or(0);
+            match s.issues.get(&number) {
+                None => {
+                    return (
+                        200,
+                        String::new(),
+                        json!({ "data": { "repository": { "issue": null } }, "errors": [{ "type": "NOT_FOUND", "message": format!("Could not resolve to an issue with the number of {number}.") }] }),
+                    );
+                }
+                Some(issue) => {
+                    let value_of = |item: &Item, name: &str| {
+                        let field = s.fields.iter().find(|f| f.name == name)?;
+                        let v = item.values.get(&field.id)?;
+                        Some(if field.data_type == "SINGLE_SELECT" {
+                            let opt = field.options.iter().find(|(_, n)| n == v).map(|(id, _)| id.clone());
+                            json!({ "name": v, "optionId": opt })
+                        } else {
+                            json!({ "text": v })
+                        })
+                    };
+                    let items: Vec<Value> = s
+                        .items
+                        .iter()
+                        .filter(|i| i.issue == number)
+                        .map(|i| {
+                            json!({
+                                "id": i.id, "project": { "id": PROJECT_ID },
+                                "status": value_of(i, vars["statusField"].as_str().unwrap_or("")),
+                                "assigned": value_of(i, vars["assignedField"].as_str().unwrap_or("")),
+                            })
+                        })
+                        .collect();
+                    json!({ "repository": { "issue": {
+                        "id": format!("I_{number}"), "number": number, "title": issue.title, "body": issue.body,
+                        "url": format!("https://github.com/octo/widgets/issues/{number}"),
+                        "state": if issue.open { "OPEN" } else { "CLOSED" },
+                        "labels": { "nodes": issue.labels.iter().map(|l| json!({"name": l})).collect::<Vec<_>>() },
+                        "projectItems": { "nodes": items },
+                    } } })
+                }
+            }
+        }
+        Some("AddItem") => {
+            let number: u64 = vars["content"].as_str().unwrap_or("").trim_start_matches("I_").parse().unwrap_or(0);
+            if !s.items.iter().any(|i| i.issue == number) {
+                s.items.push(Item { id: format!("PVTI_{number}"), issue: number, values: BTreeMap::new() });
+            }
+            json!({ "addProjectV2ItemById": { "item": { "id": format!("PVTI_{number}") } } })
+        }
+        Some(op @ ("SetFields" | "Finish" | "SetStatus")) => {
+            let item_id = vars["item"].as_str().unwrap_or("").to_string();
+            let mut set = vec![(vars["statusField"].clone(), Some(vars["status"].clone()))];
+            match op {
+                "SetFields" => set.push((vars["assignedField"].clone(), Some(vars["assigned"].clone()))),
+                "Finish" => set.push((vars["assignedField"].clone(), None)),
+                _ => {}
+            }
+            for (field_id, value) in set {
+                let field = s.fields.iter().find(|f| f.id == field_id.as_str().unwrap_or("")).cloned();
+                let Some(field) = field else {
+                    return (
+                        200,
+                        String::new(),
+                        json!({ "data": null, "errors": [{ "type": "NOT_FOUND", "message": "no such field" }] }),
+                    );
+                };
+                let resolved = match &value {
+                    None => None,
+                    Some(v) if v["text"].is_string() => Some(v["text"].as_str().unwrap().to_string()),
+                    Some(v) => match field
+                        .options
+                        .iter()
+                        .find(|(id, _)| Some(id.as_str()) == v["singleSelectOptionId"].as_str())
+                    {
+                        Some((_, name)) => Some(name.clone()),
+                        None => {
+                            return (
+                                200,
+                                String::new(),
+                                json!({ "data": null, "errors": [{ "type": "UNPROCESSABLE", "message": "bad option" }] }),
+                            );
+                        }
+                    },
+                };
+                let Some(item) = s.items.iter_mut().find(|i| i.id == item_id) else {
+                    return (
+                        200,
+                        String::new(),
+                        json!({ "data": null, "errors": [{ "type": "NOT_FOUND", "message": "no such item" }] }),
+                    );
+                };
+                match resolved {
+                    Some(v) => item.values.insert(field.id.clone(), v),
+                    None => item.values.remove(&field.id),
+                };
+            }
+            json!({ "status": { "projectV2Item": { "id": item_id } } })
+        }
+        _ => return (200, String::new(), json!({ "errors": [{ "type": "UNKNOWN", "message": "unknown operation" }] })),
+    };
+    (200, String::new(), json!({ "data": data }))
+}
