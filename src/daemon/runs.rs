@@ -215,6 +215,16 @@ async fn intake(
     Ok(Some(view))
 }
 
+/// What the board should say after a run ended. An abandoned task changes nothing on the board: its slot still
+/// holds the issue, which is what the board says.
+pub(super) fn board_wants_for_end(shared: &Shared, exit: &ExitRecord) {
+    match exit.state.as_str() {
+        "completed" => board_wants(shared, exit.issue, &exit.slot, Target::Completed, false),
+        "failed" => board_wants(shared, exit.issue, &exit.slot, Target::Failed, false),
+        _ => {}
+    }
+}
+
 /// Tells the board reconciler what the board should say (when project sync is on).
 fn board_wants(shared: &Shared, issue: u64, slot: &str, target: Target, takeover: bool) {
     if let Ok(gh) = &shared.github
@@ -950,16 +960,13 @@ pub(super) fn record_end(shared: &Shared, end: &RunEnd) {
     if let Err(e) = ledger::append_history(&shared.paths.history_file(), exit) {
         tracing::error!(run = %exit.run_id, "cannot append to {}: {e}", shared.paths.history_file().display());
     }
+    // Before the lockfile goes: a crash in between is finished by recovery from the exit record, which tells the
+    // board again (the wish is idempotent), so the board update is never lost.
+    board_wants_for_end(shared, exit);
     let result = match &end.keep_lock {
         Some(lock) => shared.write_lock(lock),
         None => ledger::remove_slot_lock(&shared.paths.slots_dir(), &exit.slot),
     };
-    // An abandoned task changes nothing on the board: its slot still holds the issue, which is what it says.
-    match exit.state.as_str() {
-        "completed" => board_wants(shared, exit.issue, &exit.slot, Target::Completed, false),
-        "failed" => board_wants(shared, exit.issue, &exit.slot, Target::Failed, false),
-        _ => {}
-    }
     if let Err(e) = result {
         tracing::error!(slot = %exit.slot, "cannot update the slot's lockfile: {e}");
     }
