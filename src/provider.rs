@@ -48,6 +48,10 @@ struct Builtin {
     api_key_var: &'static str,
     /// Variables of the daemon's environment this CLI may see.
     env_keys: &'static [&'static str],
+    /// How to ask for the help that lists the flags autodev relies on (`doctor` reads it).
+    help_args: &'static [&'static str],
+    /// Flags (and subcommands) autodev passes that the help must mention.
+    relies_on: &'static [&'static str],
 }
 
 const BUILTINS: [Builtin; 3] = [
@@ -69,6 +73,8 @@ const BUILTINS: [Builtin; 3] = [
             "CLAUDE_CODE_USE_VERTEX",
             "IS_SANDBOX",
         ],
+        help_args: &["--help"],
+        relies_on: &["--output-format", "--verbose", "--session-id", "--resume"],
     },
     Builtin {
         name: "gemini",
@@ -87,6 +93,8 @@ const BUILTINS: [Builtin; 3] = [
             "GOOGLE_APPLICATION_CREDENTIALS",
             "GOOGLE_GENAI_USE_VERTEXAI",
         ],
+        help_args: &["--help"],
+        relies_on: &["--output-format", "--resume", "--prompt"],
     },
     Builtin {
         name: "codex",
@@ -96,6 +104,8 @@ const BUILTINS: [Builtin; 3] = [
         model_flag: "-m",
         api_key_var: "CODEX_API_KEY",
         env_keys: &["CODEX_API_KEY", "OPENAI_API_KEY", "CODEX_HOME", "OPENAI_BASE_URL"],
+        help_args: &["exec", "--help"],
+        relies_on: &["--json", "resume"],
     },
 ];
 
@@ -207,6 +217,22 @@ impl Provider {
             }
             Kind::Custom { template } => self.launch_custom(template, ctx, None),
         }
+    }
+
+    /// For `doctor`: the arguments that print the help, and the flags that help must mention (the structured mode,
+    /// resume, the model flag if a model is set, and the default permission flags unless `cliArgs` replaces them).
+    /// `None` for custom providers: autodev knows nothing of their flags.
+    pub fn help_check(&self) -> Option<(Vec<String>, Vec<String>)> {
+        let Kind::Builtin { index, extra_args } = &self.kind else { return None };
+        let b = &BUILTINS[*index];
+        let mut flags: Vec<String> = b.relies_on.iter().map(|s| s.to_string()).collect();
+        if self.model.is_some() {
+            flags.push(b.model_flag.to_string());
+        }
+        flags.extend(
+            extra_args.iter().filter(|a| a.starts_with("--")).map(|a| a.split('=').next().unwrap_or(a).to_string()),
+        );
+        Some((b.help_args.iter().map(|s| s.to_string()).collect(), flags))
     }
 
     /// The launch that continues conversation `session_id` with `ctx.prompt` as the next user message.

@@ -39,7 +39,7 @@ fn claude_run_completes_with_session_cost_and_clean_environment() {
     assert_eq!(env["AUTODEV_RUN"], row["run_id"]);
     assert!(env["AUTODEV_SOCKET"].as_str().unwrap().ends_with("autodevd.sock"));
     assert_eq!(env["ANTHROPIC_API_KEY"], "sk-ant-test", "the provider's own key passes");
-    for secret in ["GITHUB_TOKEN", "CLAUDECODE", "NOTIFY_SOCKET"] {
+    for secret in ["GITHUB_TOKEN", "CLAUDECODE"] {
         assert!(!env.contains_key(secret), "{secret} leaked into the child: {env:?}");
     }
     assert_eq!(record["cwd"], d.workspace.display().to_string());

@@ -10,7 +10,10 @@ fn main() -> ExitCode {
     match ctl::run(cli) {
         Ok(()) => ExitCode::from(ctl::exit::OK),
         Err(e) => {
-            eprintln!("{}", e.render());
+            let message = e.render();
+            if !message.is_empty() {
+                eprintln!("{message}");
+            }
             ExitCode::from(e.exit_code())
         }
     }

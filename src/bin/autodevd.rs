@@ -63,12 +63,22 @@ fn main() -> ExitCode {
     }
 }
 
+/// Logs through tracing: to journald when systemd started us with our output on the journal (levels and fields
+/// kept), else readable lines on stderr. The level comes from RUST_LOG, else `logging.level`, else info.
 fn init_logging(config: &Config) {
+    use tracing_subscriber::prelude::*;
     let filter =
         std::env::var("RUST_LOG").ok().or_else(|| config.raw.logging.level.clone()).unwrap_or_else(|| "info".into());
     let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|e| {
         eprintln!("autodevd: log filter {filter:?} is invalid ({e}); using info");
         tracing_subscriber::EnvFilter::new("info")
     });
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let journal = std::env::var_os("JOURNAL_STREAM")
+        .is_some()
+        .then(|| tracing_journald::layer().ok().map(|l| l.with_syslog_identifier("autodevd".into())))
+        .flatten();
+    match journal {
+        Some(layer) => tracing_subscriber::registry().with(filter).with(layer).init(),
+        None => tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init(),
+    }
 }

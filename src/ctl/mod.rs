@@ -1,6 +1,7 @@
 //! autodevctl: the command line, the blocking client of the control socket, and the exit codes. It knows only the
 //! protocol and how to render replies; it never reads the daemon's state files.
 
+mod doctor;
 mod render;
 
 use std::io::{self, Write};
@@ -103,6 +104,16 @@ pub enum Command {
         #[arg(long, global = true)]
         json: bool,
     },
+    /// Check the setup: config, directories, daemon, each CLI and its flags, GitHub token, project and fields
+    Doctor {
+        /// The config file to check [default: the one autodevd would find from here]
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print shell completions (bash, zsh, fish, elvish, powershell)
+    Completions { shell: clap_complete::Shell },
     /// Show a slot's output (its current or last run)
     Logs {
         slot: String,
@@ -157,6 +168,9 @@ pub enum CtlError {
     Refused(ErrorReply),
     #[error("{0}")]
     Failed(String),
+    /// A failure already shown in full on stdout (doctor): only the exit code is left to give.
+    #[error("{0}")]
+    Quiet(String),
 }
 
 impl CtlError {
@@ -170,6 +184,7 @@ impl CtlError {
     /// The error as the user sees it: `✗ what`, then the hint.
     pub fn render(&self) -> String {
         match self {
+            CtlError::Quiet(_) => String::new(),
             CtlError::Refused(e) => match &e.hint {
                 Some(hint) => format!("✗ {}\n{hint}", e.message),
                 None => format!("✗ {}", e.message),
@@ -296,6 +311,25 @@ pub fn run(cli: Cli) -> Result<(), CtlError> {
             MAX_PROMPT_BYTES >> 10
         )));
     }
+    // Commands that need no daemon.
+    match &cli.command {
+        Command::Doctor { config, json } => {
+            let checks = doctor::run(config.as_deref(), &paths);
+            if *json {
+                print_json(&checks)?
+            } else {
+                emit(&doctor::render(&checks))?
+            }
+            let failed = checks.iter().filter(|c| !c.ok).count();
+            return if failed == 0 { Ok(()) } else { Err(CtlError::Quiet(format!("{failed} check(s) failed"))) };
+        }
+        Command::Completions { shell } => {
+            let mut out = Vec::new();
+            clap_complete::generate(*shell, &mut <Cli as clap::CommandFactory>::command(), "autodevctl", &mut out);
+            return emit(&String::from_utf8_lossy(&out));
+        }
+        _ => {}
+    }
     let mut client = Client::connect(&paths)?;
     client.set_timeout(Some(Duration::from_secs(30)));
     match cli.command {
@@ -366,6 +400,7 @@ pub fn run(cli: Cli) -> Result<(), CtlError> {
                 other => Err(unexpected(other)),
             }
         }
+        Command::Doctor { .. } | Command::Completions { .. } => unreachable!("handled before connecting"),
         Command::Logs { slot, lines, follow, raw, stderr } => {
             if follow {
                 client.set_timeout(None);

@@ -5,6 +5,7 @@ mod recovery;
 mod runs;
 mod server;
 mod slots;
+mod systemd;
 mod watch;
 
 use std::fs::{File, OpenOptions};
@@ -26,6 +27,9 @@ use crate::provider::Provider;
 use crate::supervisor;
 use slots::SlotTable;
 pub use slots::Task;
+
+/// How often the STATUS= line for systemd is refreshed (only sent when it changed).
+const STATUS_REFRESH: Duration = Duration::from_secs(2);
 
 /// Longest socket path the kernel accepts (sun_path is 108 bytes with its NUL).
 const MAX_SOCKET_PATH: usize = 107;
@@ -176,6 +180,7 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         UnixListener::bind(&socket_path).with_context(|| format!("cannot listen on {}", socket_path.display()))?;
     std::fs::set_permissions(&socket_path, std::fs::Permissions::from_mode(0o600))?;
     let slot_count = shared.lock_table().slots.len();
+    let notifier = systemd::Notifier::from_env();
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -188,6 +193,10 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         slots = slot_count,
         "autodevd ready"
     );
+    // Recovery is done and the socket answers: now, and not before, systemd may call us ready.
+    notifier.ready(&summary(&shared));
+    let mut watchdog = notifier.watchdog_interval().map(tokio::time::interval);
+    let mut status_tick = notifier.enabled().then(|| tokio::time::interval(STATUS_REFRESH));
     let why = loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -199,12 +208,16 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
                 }
             },
             _ = sigchld.recv() => supervisor::reap_orphans(),
-            _ = sighup.recv() => tracing::info!("SIGHUP: reloading the config is not supported yet; restart autodevd"),
+            _ = sighup.recv() => reload(&shared),
+            // Pinged from this loop, so a wedged loop stops the pings and systemd restarts us.
+            _ = tick(&mut watchdog) => notifier.watchdog(),
+            _ = tick(&mut status_tick) => notifier.status(&summary(&shared)),
             _ = sigterm.recv() => break "SIGTERM",
             _ = sigint.recv() => break "SIGINT",
         }
     };
     tracing::info!("{why}: stopping every run and exiting");
+    notifier.stopping();
     shared.shutting_down.store(true, std::sync::atomic::Ordering::SeqCst);
     drop(listener);
     let _ = std::fs::remove_file(&socket_path);
@@ -212,4 +225,57 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
     supervisor::reap_orphans();
     tracing::info!("autodevd stopped");
     Ok(())
+}
+
+/// The next tick of an optional interval; never, without one.
+async fn tick(interval: &mut Option<tokio::time::Interval>) {
+    match interval {
+        Some(i) => {
+            i.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// One line for systemd's STATUS=: "2 in progress, 1 abandoned, 3 free".
+fn summary(shared: &Shared) -> String {
+    use crate::protocol::SlotState;
+    let table = shared.lock_table();
+    let count = |f: &dyn Fn(SlotState) -> bool| table.slots.iter().filter(|s| f(s.state())).count();
+    let running = count(&|s| s.is_running());
+    let abandoned = count(&|s| s == SlotState::Abandoned);
+    let free = count(&|s| !s.holds_slot());
+    let mut parts = vec![format!("{running} in progress")];
+    if abandoned > 0 {
+        parts.push(format!("{abandoned} abandoned"));
+    }
+    parts.push(format!("{free} free"));
+    parts.join(", ")
+}
+
+/// SIGHUP: reads the config file again. A broken one is refused with the reason and the running config stays.
+/// The LLMs (slot counts, CLI paths, arguments, models, environment) and `defaultLlm` take effect at once; running
+/// slots above a lowered `maxConcurrentIssues` finish first. Other sections take effect at the next start.
+fn reload(shared: &Shared) {
+    let Some(path) = &shared.config.path else {
+        tracing::info!("SIGHUP: autodevd runs on built-in defaults (no config file); nothing to reload");
+        return;
+    };
+    match Config::load(path) {
+        Err(e) => tracing::error!("SIGHUP: the new config is refused, the running one stays: {e}"),
+        Ok(config) => {
+            for key in &config.unknown_keys {
+                tracing::warn!("{}: unknown key {key} is ignored", path.display());
+            }
+            let providers: Vec<Provider> = config.providers().iter().map(Provider::from_entry).collect();
+            let mut table = shared.lock_table();
+            table.reconfigure(providers, config.raw.default_llm.clone());
+            let names: Vec<String> = table.slots.iter().filter(|s| !s.extra).map(|s| s.name.clone()).collect();
+            tracing::info!(
+                "SIGHUP: reloaded {}: slots {} (other sections take effect at the next start)",
+                path.display(),
+                names.join(", ")
+            );
+        }
+    }
 }

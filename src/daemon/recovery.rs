@@ -225,12 +225,13 @@ async fn recover_one(
     let same_boot = lock.boot_id == shared.boot_id;
     // Leftovers of the run (its grandchildren, say) still hold the run lock: they are provably ours.
     let leftovers = same_boot && supervisor::run_lock_held(&run_lock);
-    if lock.state != "abandoned" && same_boot {
-        if let Some(pid) = live_leader(&mut lock, &run_lock, leftovers) {
-            match supervisor::adopt(pid as i32) {
-                Ok(child) => return adopt(shared, lock, child, format, &files),
-                Err(e) => tracing::warn!(slot = %lock.slot, pid, "cannot watch the run's process: {e}"),
-            }
+    if lock.state != "abandoned"
+        && same_boot
+        && let Some(pid) = live_leader(&mut lock, &run_lock, leftovers)
+    {
+        match supervisor::adopt(pid as i32) {
+            Ok(child) => return adopt(shared, lock, child, format, &files),
+            Err(e) => tracing::warn!(slot = %lock.slot, pid, "cannot watch the run's process: {e}"),
         }
     }
     let reason = match (&lock.state[..], lock.pid) {

@@ -174,6 +174,46 @@ impl SlotTable {
         self.slots.iter().find(|s| s.is_held() && s.task.as_ref().is_some_and(|t| t.issue() == issue))
     }
 
+    /// Applies a reloaded config: new providers and slot counts. A held slot that the new config no longer has
+    /// stays (as an extra, never assigned) until its task ends; a free one goes.
+    pub fn reconfigure(&mut self, mut providers: Vec<Provider>, default_llm: Option<String>) {
+        let old = std::mem::take(&mut self.slots);
+        // A provider dropped from the config stays known while one of its slots is held.
+        for slot in old.iter().filter(|s| s.is_held()) {
+            let name = &self.providers[slot.provider].name;
+            if !providers.iter().any(|p| &p.name == name) {
+                let mut kept = self.providers[slot.provider].clone();
+                kept.enabled = false;
+                kept.slots = 0;
+                providers.push(kept);
+            }
+        }
+        let mut by_name: std::collections::HashMap<String, Slot> =
+            old.into_iter().map(|s| (s.name.clone(), s)).collect();
+        let mut slots = Vec::new();
+        for (index, p) in providers.iter().enumerate() {
+            for n in 1..=p.slots {
+                let name = format!("{}-{n}", p.name);
+                let mut slot =
+                    by_name.remove(&name).unwrap_or(Slot { name, provider: index, task: None, extra: false });
+                (slot.provider, slot.extra) = (index, false);
+                slots.push(slot);
+            }
+            let mut leftovers: Vec<Slot> = by_name
+                .extract_if(|name, s| s.is_held() && name.rsplit_once('-').is_some_and(|(prov, _)| prov == p.name))
+                .map(|(_, s)| s)
+                .collect();
+            leftovers.sort_by(|a, b| a.name.cmp(&b.name));
+            for mut slot in leftovers {
+                (slot.provider, slot.extra) = (index, true);
+                slots.push(slot);
+            }
+        }
+        self.slots = slots;
+        self.providers = providers;
+        self.default_llm = default_llm;
+    }
+
     /// The slot a lockfile names, added as an extra slot if the config no longer has it. `None` when the
     /// provider itself is gone from the config.
     pub fn slot_for_lock(&mut self, name: &str, provider: &str) -> Option<&mut Slot> {

@@ -55,6 +55,8 @@ pub struct Daemon {
     /// Where the fake CLIs write their records (outside any worktree).
     pub records: PathBuf,
     pub config_path: PathBuf,
+    /// More environment for the daemon (NOTIFY_SOCKET, WATCHDOG_USEC, …).
+    pub extra_env: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -78,6 +80,10 @@ impl Daemon {
 
     /// Starts with `workspace` (e.g. a git clone) as the runs' working directory.
     pub fn start_in(config: &Value, workspace: Option<&Path>) -> Daemon {
+        Daemon::start_full(config, workspace, &[])
+    }
+
+    pub fn start_full(config: &Value, workspace: Option<&Path>, env: &[(&str, &str)]) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let workspace = workspace.map(Path::to_path_buf).unwrap_or_else(|| dir.path().join("work"));
         let records = dir.path().join("records");
@@ -92,7 +98,8 @@ impl Daemon {
         }
         let config_path = dir.path().join("autonomous-config.json");
         std::fs::write(&config_path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
-        let mut daemon = Daemon { dir, process: None, workspace, records, config_path };
+        let extra_env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut daemon = Daemon { dir, process: None, workspace, records, config_path, extra_env };
         daemon.launch();
         daemon
     }
@@ -116,11 +123,11 @@ impl Daemon {
             // Secrets of the daemon's own environment that no child may see.
             .env("GITHUB_TOKEN", "ghp_daemon_secret")
             .env("CLAUDECODE", "1")
-            .env("NOTIFY_SOCKET", "/nonexistent/notify")
             .env("ANTHROPIC_API_KEY", "sk-ant-test")
+            .envs(self.extra_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(self.stderr_path()).unwrap());
+            .stderr(std::fs::OpenOptions::new().create(true).append(true).open(self.stderr_path()).unwrap());
         cmd
     }
 

@@ -1,0 +1,266 @@
+//! `autodevctl doctor`: one ✓ or ✗ line per check, with the fix for each ✗. It runs on the user's side (their
+//! PATH, their token) and needs no running daemon.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::Client;
+use crate::config::{self, Config};
+use crate::github::board::Board;
+use crate::github::client::{self, GitHub};
+use crate::paths::{Paths, ensure_private_dir};
+use crate::protocol::{Reply, Request};
+use crate::provider::Provider;
+use crate::supervisor::run_command;
+
+const CLI_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub ok: bool,
+    pub check: String,
+    pub detail: String,
+    pub fix: Option<String>,
+}
+
+fn pass(check: &str, detail: String) -> Check {
+    Check { ok: true, check: check.into(), detail, fix: None }
+}
+
+fn fail(check: &str, detail: String, fix: impl Into<String>) -> Check {
+    Check { ok: false, check: check.into(), detail, fix: Some(fix.into()) }
+}
+
+/// Runs every check.
+pub fn run(config_flag: Option<&Path>, paths: &Paths) -> Vec<Check> {
+    let mut checks = Vec::new();
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+    let explicit = config_flag.map(Path::to_path_buf).or_else(|| std::env::var_os("AUTODEV_CONFIG").map(PathBuf::from));
+    let user_dir = directories::ProjectDirs::from("", "", "autodev").map(|d| d.config_dir().to_path_buf());
+    let config = match config::discover(explicit.as_deref(), &cwd, user_dir.as_deref()) {
+        None => {
+            checks.push(pass("config", "no config file found: built-in defaults (claude, gemini, codex)".into()));
+            Config::builtin()
+        }
+        Some(path) => match Config::load(&path) {
+            Ok(c) => {
+                let unknown = if c.unknown_keys.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({} unknown key(s) ignored: {})", c.unknown_keys.len(), c.unknown_keys.join(", "))
+                };
+                checks.push(pass("config", format!("{}{unknown}", path.display())));
+                c
+            }
+            Err(e) => {
+                checks.push(fail("config", e.to_string(), "fix the file at the JSON path named"));
+                Config::builtin()
+            }
+        },
+    };
+    for (name, dir) in [("state dir", &paths.state_dir), ("runtime dir", &paths.runtime_dir)] {
+        checks.push(match writable(dir) {
+            Ok(()) => pass(name, format!("{} is writable", dir.display())),
+            Err(e) => fail(name, format!("{}: {e}", dir.display()), "fix its owner and permissions, or choose another"),
+        });
+    }
+    checks.push(daemon(paths));
+    for provider in config.providers().iter().filter(|p| p.enabled).map(Provider::from_entry) {
+        checks.push(cli(&provider));
+    }
+    let workspace = config.workspace_dir(&cwd);
+    checks.extend(github(&config, &workspace));
+    checks
+}
+
+fn writable(dir: &Path) -> Result<(), String> {
+    ensure_private_dir(dir).map_err(|e| format!("{e:#}"))?;
+    let probe = dir.join(format!(".doctor-{}", std::process::id()));
+    std::fs::write(&probe, b"").map_err(|e| e.to_string())?;
+    std::fs::remove_file(&probe).map_err(|e| e.to_string())
+}
+
+fn daemon(paths: &Paths) -> Check {
+    let reply = Client::connect(paths).and_then(|mut c| {
+        c.set_timeout(Some(Duration::from_secs(5)));
+        c.call(Request::Ping)
+    });
+    match reply {
+        Ok(Reply::Pong { daemon_pid, .. }) => {
+            pass("daemon", format!("autodevd (pid {daemon_pid}) answers on {}", paths.socket().display()))
+        }
+        Ok(other) => {
+            fail("daemon", format!("unexpected reply {other:?}"), "use the autodevctl installed with autodevd")
+        }
+        Err(e) => fail(
+            "daemon",
+            e.to_string().lines().next().unwrap_or_default().to_string(),
+            "start it: `autodevd` (or `systemctl --user start autodevd`)",
+        ),
+    }
+}
+
+/// Where `program` would be found the way autodevd starts it (a path, or a name on PATH).
+fn locate(program: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+    if program.contains('/') {
+        let p = PathBuf::from(program);
+        return executable(&p).then_some(p);
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|d| d.join(program)).find(|p| executable(p))
+}
+
+fn output_of(program: &Path, args: &[String]) -> Option<String> {
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(args).env_remove("CLAUDECODE");
+    let out = run_command(&mut cmd, CLI_TIMEOUT).ok()?;
+    Some(format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+fn cli(provider: &Provider) -> Check {
+    let name = &provider.name;
+    let check = format!("llm {name}");
+    let Some(path) = locate(&provider.program) else {
+        return fail(
+            &check,
+            format!("{name}: command not found (cliPath {:?})", provider.program),
+            format!("install it, or set llms.{name}.cliPath"),
+        );
+    };
+    let version = output_of(&path, &["--version".to_string()])
+        .and_then(|v| v.lines().find(|l| !l.trim().is_empty()).map(|l| l.trim().to_string()))
+        .unwrap_or_else(|| "version unknown".into());
+    let Some((help_args, flags)) = provider.help_check() else {
+        return pass(&check, format!("{version} ({})", path.display()));
+    };
+    let help = output_of(&path, &help_args).unwrap_or_default();
+    let words: std::collections::HashSet<&str> =
+        help.split(|c: char| !(c.is_alphanumeric() || c == '-' || c == '_')).collect();
+    let missing: Vec<&String> = flags.iter().filter(|f| !words.contains(f.as_str())).collect();
+    if missing.is_empty() {
+        pass(&check, format!("{version} ({}): accepts {}", path.display(), flags.join(" ")))
+    } else {
+        let missing: Vec<&str> = missing.iter().map(|s| s.as_str()).collect();
+        fail(
+            &check,
+            format!(
+                "{version} ({}): its `{}` does not mention {}",
+                path.display(),
+                help_args.join(" "),
+                missing.join(" ")
+            ),
+            format!("update {name} (autodev needs those flags), or adjust llms.{name}.cliArgs"),
+        )
+    }
+}
+
+fn github(config: &Config, workspace: &Path) -> Vec<Check> {
+    let mut checks = Vec::new();
+    let gh_config = &config.raw.github;
+    let Some((token, source)) = client::find_token(gh_config, config.path.as_deref().and_then(Path::parent)) else {
+        checks.push(fail(
+            "github token",
+            "no GitHub token".into(),
+            "set GITHUB_TOKEN, a systemd credential github-token, or github.tokenFile (scopes: repo, project)",
+        ));
+        return checks;
+    };
+    checks.push(pass("github token", format!("from {source}")));
+    let repo = match (&gh_config.owner, &gh_config.repo) {
+        (Some(o), Some(r)) => Some((o.clone(), r.clone())),
+        _ => {
+            let mut git = std::process::Command::new("git");
+            git.arg("-C").arg(workspace).args(["remote", "get-url", "origin"]);
+            run_command(&mut git, Duration::from_secs(10))
+                .ok()
+                .filter(|o| o.status.success())
+                .and_then(|o| crate::github::board::parse_remote(&String::from_utf8_lossy(&o.stdout)))
+        }
+    };
+    let Some((owner, repo)) = repo else {
+        checks.push(fail(
+            "github repository",
+            "no repository".into(),
+            "set github.owner and github.repo, or add an `origin` remote on GitHub",
+        ));
+        return checks;
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            checks.push(fail("github", format!("cannot start a runtime: {e}"), "report this"));
+            return checks;
+        }
+    };
+    runtime.block_on(async {
+        let gh = match GitHub::new(gh_config, &token) {
+            Ok(gh) => gh,
+            Err(e) => {
+                checks.push(fail("github", e, "fix github.apiUrl"));
+                return;
+            }
+        };
+        match gh.rest_get(&format!("/repos/{owner}/{repo}")).await {
+            Ok(_) => {
+                let scopes = gh.scopes.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let detail = format!(
+                    "{owner}/{repo} is reachable; token scopes: {}",
+                    scopes.as_deref().unwrap_or("(not reported)")
+                );
+                let lacks_project = config.raw.project.enabled
+                    && scopes.as_deref().is_some_and(|s| !s.split(',').any(|x| x.trim() == "project"));
+                checks.push(if lacks_project {
+                    fail("github scopes", detail, "give the token the `project` scope (board sync writes fields)")
+                } else {
+                    pass("github scopes", detail)
+                });
+            }
+            Err(e) => {
+                checks.push(fail(
+                    "github",
+                    e.to_string(),
+                    "check the token (scopes: repo, project) and github.owner/repo",
+                ));
+                return;
+            }
+        }
+        if !config.raw.project.enabled {
+            return;
+        }
+        match Board::load(&gh, &owner, &config.raw.project).await {
+            Ok(board) => {
+                checks.push(pass("project", format!("#{} {:?}", board.number, board.title)));
+                let fields = &config.raw.project.fields;
+                for name in [&fields.status.field_name, &fields.assigned_instance.field_name] {
+                    checks.push(match board.field(name) {
+                        Ok(f) => pass("project field", format!("{name:?} ({})", f.data_type)),
+                        Err(e) => {
+                            fail("project field", e, "create the field on the board, or fix its name in the config")
+                        }
+                    });
+                }
+            }
+            Err(e) => {
+                checks.push(fail("project", e.to_string(), "check project.projectNumber and organizationProject"))
+            }
+        }
+    });
+    checks
+}
+
+pub fn render(checks: &[Check]) -> String {
+    let mut out = String::new();
+    for c in checks {
+        out.push_str(&format!("{} {:<18} {}\n", if c.ok { "✓" } else { "✗" }, c.check, c.detail));
+        if let Some(fix) = &c.fix {
+            out.push_str(&format!("  → {fix}\n"));
+        }
+    }
+    let failed = checks.iter().filter(|c| !c.ok).count();
+    out.push_str(&if failed == 0 { "all checks passed\n".to_string() } else { format!("{failed} check(s) failed\n") });
+    out
+}
