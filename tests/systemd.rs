@@ -25,14 +25,23 @@ fn systemd_hears_ready_after_recovery_then_status_watchdog_and_stopping() {
     let path = dir.path().join("notify.sock");
     let socket = UnixDatagram::bind(&path).unwrap();
     socket.set_nonblocking(true).unwrap();
-    let env = [("NOTIFY_SOCKET", path.to_str().unwrap()), ("WATCHDOG_USEC", "200000")];
-    let mut d = Daemon::start_full(&fake_config(1), None, &env);
+    // A task to recover: its run dies with the daemon.
+    let mut d = Daemon::start(&fake_config(1));
+    d.assign(9, &[], "@say before\n@sleep 60");
+    let pid = wait_until("the run", || d.slot("claude-1")["pid"].as_i64());
+    d.kill9();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    wait_until("the run to die", || (!common::alive(pid)).then_some(()));
+    d.extra_env = vec![("NOTIFY_SOCKET".into(), path.display().to_string()), ("WATCHDOG_USEC".into(), "200000".into())];
+    d.process = Some(d.daemon_command().spawn().unwrap());
     let mut seen = Vec::new();
     collect(&socket, &mut seen, "READY=1", |s| s.iter().any(|m| m.contains("READY=1")));
+    // Ready means recovered: the very first answer already knows the abandoned task.
+    assert_eq!(d.slot("claude-1")["state"], "abandoned");
     let ready = seen.iter().find(|m| m.contains("READY=1")).unwrap();
-    assert!(ready.contains("STATUS=0 in progress, 3 free"), "{ready}");
-    // Before READY=1 the daemon said nothing: recovery comes first.
-    assert!(seen[0].contains("READY=1"), "{seen:?}");
+    assert!(ready.contains("STATUS=0 in progress, 1 abandoned, 2 free"), "{ready}");
+    assert!(seen[0].contains("READY=1"), "nothing is said before READY=1: {seen:?}");
+    d.ctl(&["release", "claude-1"]);
     collect(&socket, &mut seen, "three watchdog pings", |s| s.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 3);
     d.assign(1, &[], "@say busy\n@sleep 30");
     collect(&socket, &mut seen, "a STATUS with the run", |s| {
