@@ -34,6 +34,9 @@ pub struct RawConfig {
     /// `None` when the file has no `llms` section: then every built-in provider is enabled with one slot.
     pub llms: Option<BTreeMap<String, LlmConfig>>,
     pub supervisor: SupervisorConfig,
+    pub health: HealthConfig,
+    pub status_comments: StatusCommentsConfig,
+    pub retry: RetryConfig,
     pub workspace: WorkspaceConfig,
     pub logging: LoggingConfig,
     // Sections that later issues act on, or that belong to the tool the format comes from. Kept opaque so
@@ -93,6 +96,70 @@ impl Default for SupervisorConfig {
             preview_line_chars: 240,
             on_abandoned: OnAbandoned::Ask,
         }
+    }
+}
+
+/// `health`: sampling of each run, and what a silent run is.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct HealthConfig {
+    /// Seconds between samples of CPU and memory (only runs are sampled; idle slots cost nothing).
+    pub sample_secs: f64,
+    /// No output, no progress report and no CPU for this long: the run is stale (the seed's 5 minutes).
+    pub stale_after_secs: f64,
+    pub on_stale: OnStale,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig { sample_secs: 10.0, stale_after_secs: 300.0, on_stale: OnStale::Mark }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnStale {
+    /// Show it as stale; new output brings it back.
+    #[default]
+    Mark,
+    /// Stop it and resume the same conversation.
+    Restart,
+    /// Stop it and retry it as `retry` says (own provider first, then the fallbacks).
+    Reassign,
+}
+
+/// `statusComments`: the INSTANCE_STATUS comment on each task's GitHub issue (seed 000).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct StatusCommentsConfig {
+    pub enabled: bool,
+    /// At most one edit per this many seconds while a run goes (state changes are written at once).
+    pub interval_secs: f64,
+    /// More patterns (regular expressions) whose matches are removed from previews before they leave the machine.
+    pub redact_patterns: Vec<String>,
+}
+
+impl Default for StatusCommentsConfig {
+    fn default() -> Self {
+        StatusCommentsConfig { enabled: true, interval_secs: 60.0, redact_patterns: Vec::new() }
+    }
+}
+
+/// `retry`: what happens to a failed task.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct RetryConfig {
+    /// Runs a task gets in all (1: never retried).
+    pub max_attempts: u32,
+    /// Providers to try, in order, when the task's own has no free slot.
+    pub fallback: Vec<String>,
+    /// Seconds before the first retry; each further one waits twice as long.
+    pub backoff_secs: f64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig { max_attempts: 1, fallback: Vec::new(), backoff_secs: 30.0 }
     }
 }
 
@@ -408,6 +475,32 @@ impl Config {
         }
         if !(1.0..=600.0).contains(&self.raw.github.timeout_secs) {
             return Err(invalid("github.timeoutSecs".into(), "must be between 1 and 600".into()));
+        }
+        let health = &self.raw.health;
+        if !(0.05..=3600.0).contains(&health.sample_secs) {
+            return Err(invalid("health.sampleSecs".into(), "must be between 0.05 and 3600".into()));
+        }
+        if !(0.1..=86_400.0).contains(&health.stale_after_secs) {
+            return Err(invalid("health.staleAfterSecs".into(), "must be between 0.1 and 86400".into()));
+        }
+        for (i, pattern) in self.raw.status_comments.redact_patterns.iter().enumerate() {
+            if let Err(e) = regex::Regex::new(pattern) {
+                return Err(invalid(
+                    format!("statusComments.redactPatterns[{i}]"),
+                    format!("not a valid pattern: {e}"),
+                ));
+            }
+        }
+        if !(1..=20).contains(&self.raw.retry.max_attempts) {
+            return Err(invalid("retry.maxAttempts".into(), "must be between 1 and 20".into()));
+        }
+        if !(0.01..=86_400.0).contains(&self.raw.retry.backoff_secs) {
+            return Err(invalid("retry.backoffSecs".into(), "must be between 0.01 and 86400".into()));
+        }
+        for name in &self.raw.retry.fallback {
+            if !self.providers().iter().any(|p| &p.name == name) {
+                return Err(invalid("retry.fallback".into(), format!("{name:?} is not a configured LLM")));
+            }
         }
         let wt = &self.raw.worktree;
         if wt.naming_pattern.is_empty() || wt.naming_pattern.contains('/') || wt.naming_pattern.contains("..") {

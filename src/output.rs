@@ -220,6 +220,8 @@ pub struct Findings {
     pub outcome: Option<Outcome>,
     /// Bytes that arrived in the files since the last read.
     pub new_bytes: u64,
+    /// Progress the CLI reported itself (codex's plan), in percent, with what it is doing.
+    pub progress: Option<(u8, String)>,
 }
 
 /// Turns one output line into preview lines and findings.
@@ -243,6 +245,9 @@ pub fn digest_line(format: EventFormat, line: Line<'_>, preview: &mut Preview, f
     }
     if parsed.outcome.is_some() {
         findings.outcome = parsed.outcome;
+    }
+    if parsed.progress.is_some() {
+        findings.progress = parsed.progress;
     }
 }
 

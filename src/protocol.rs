@@ -54,6 +54,21 @@ pub enum Request {
         #[serde(default)]
         done: bool,
     },
+    /// A progress report from inside a run (`autodevctl progress`); refused from anything else.
+    Progress {
+        slot: String,
+        run_id: String,
+        percent: u8,
+        #[serde(default)]
+        message: String,
+    },
+    /// Finished runs, newest last.
+    History {
+        #[serde(default)]
+        issue: Option<u64>,
+        #[serde(default)]
+        limit: Option<usize>,
+    },
     /// Every worktree autodev made; with `prune`, remove the ones that are safe to remove.
     Workspaces {
         #[serde(default)]
@@ -94,6 +109,8 @@ pub enum Reply {
     Released { slot: String, issue: u64, state: SlotState },
     Workspaces(WorkspacesReport),
     ProjectStatus(ProjectReport),
+    ProgressNoted { slot: String, percent: u8 },
+    History { runs: Vec<crate::ledger::ExitRecord> },
     LogEnd { slot: String, run_id: String, state: SlotState },
     Error(ErrorReply),
 }
@@ -129,6 +146,8 @@ pub enum SlotState {
     Ready,
     Starting,
     InProgress,
+    /// Running, but no output, progress or CPU for `health.staleAfterSecs`.
+    Stale,
     /// Its run died while autodevd was not watching (crash, reboot, shutdown): the slot stays held by the issue
     /// until the task is resumed or released.
     Abandoned,
@@ -142,6 +161,7 @@ impl SlotState {
             SlotState::Ready => "ready",
             SlotState::Starting => "starting",
             SlotState::InProgress => "in_progress",
+            SlotState::Stale => "stale",
             SlotState::Abandoned => "abandoned",
             SlotState::Completed => "completed",
             SlotState::Failed => "failed",
@@ -150,12 +170,12 @@ impl SlotState {
 
     /// A run is going (or about to).
     pub fn is_running(self) -> bool {
-        matches!(self, SlotState::Starting | SlotState::InProgress)
+        matches!(self, SlotState::Starting | SlotState::InProgress | SlotState::Stale)
     }
 
     /// The slot belongs to its issue: `assign` may not take it, and the issue may not go elsewhere.
     pub fn holds_slot(self) -> bool {
-        matches!(self, SlotState::Starting | SlotState::InProgress | SlotState::Abandoned)
+        matches!(self, SlotState::Starting | SlotState::InProgress | SlotState::Stale | SlotState::Abandoned)
     }
 }
 
@@ -168,6 +188,24 @@ pub struct StatusReport {
     /// Things the user should know that belong to no slot (e.g. a corrupt lockfile moved aside).
     #[serde(default)]
     pub warnings: Vec<String>,
+    /// The seed's overall view.
+    pub summary: Summary,
+}
+
+/// Instances and tasks at a glance (seed 000's aggregated view).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Summary {
+    pub instances_total: usize,
+    /// Running and not stale.
+    pub instances_healthy: usize,
+    pub instances_stale: usize,
+    /// Tasks in the recent history plus the ones running now.
+    pub tasks_total: usize,
+    pub tasks_completed: usize,
+    pub tasks_in_progress: usize,
+    /// Completed ÷ finished, over the recent history (`None` before any task finished).
+    pub success_rate: Option<f64>,
+    pub average_duration_secs: Option<u64>,
 }
 
 /// One row of `status`: the slot and its current (or last) task.
@@ -196,6 +234,15 @@ pub struct SlotStatus {
     pub cost_usd: Option<f64>,
     pub turns: Option<u64>,
     pub console_preview: Vec<String>,
+    /// Last output, progress report or CPU activity.
+    pub heartbeat_at: Option<String>,
+    pub progress: Option<u8>,
+    pub progress_message: Option<String>,
+    /// CPU % and resident memory of the run's whole process tree, as last sampled.
+    pub cpu_percent: Option<f64>,
+    pub memory_mb: Option<f64>,
+    /// Which run of the task this is (1 for the first; resumes and retries count up).
+    pub attempt: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

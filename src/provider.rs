@@ -345,6 +345,8 @@ pub struct Parsed {
     /// True when `lines` continue the previous preview line (streamed text deltas).
     pub continues: bool,
     pub outcome: Option<Outcome>,
+    /// A plan's progress (codex todo_list): percent done, and the next step.
+    pub progress: Option<(u8, String)>,
 }
 
 /// Reads one complete output line. Lines that are not JSON events are shown as they are.
@@ -543,6 +545,15 @@ fn codex_event(e: &Value, parsed: &mut Parsed) {
                         .filter(|i| i.get("completed").and_then(Value::as_bool) == Some(true))
                         .count();
                     parsed.lines.push(format!("plan: {done}/{total} done"));
+                    if let Some(percent) = (done * 100).checked_div(total) {
+                        let next = items
+                            .into_iter()
+                            .flatten()
+                            .find(|i| i.get("completed").and_then(Value::as_bool) != Some(true))
+                            .and_then(|i| i.get("text").and_then(Value::as_str))
+                            .unwrap_or("plan done");
+                        parsed.progress = Some((percent as u8, next.to_string()));
+                    }
                 }
                 Some("error") => {
                     parsed.lines.push(format!("warning: {}", first_line(str_at(item, "/message").unwrap_or("?"))));

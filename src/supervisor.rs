@@ -403,6 +403,11 @@ pub fn run_lock_holders(lock: &Path, pgid: Option<i32>) -> Vec<i32> {
         .collect()
 }
 
+/// Whether process `pid` has the run lock `lock` open (it is part of that run).
+pub fn holds_run_lock(pid: i32, lock: &Path) -> bool {
+    std::fs::canonicalize(lock).is_ok_and(|target| holds_file(pid, &target))
+}
+
 fn holds_file(pid: i32, target: &Path) -> bool {
     let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return false };
     fds.filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok()).any(|link| link == target)

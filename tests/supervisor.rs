@@ -397,6 +397,13 @@ fn status_table_reads_at_a_glance() {
     let table = d.ctl(&["status"]);
     let mut lines = table.lines();
     assert!(lines.next().unwrap().starts_with("3 slots · 1 in progress · 2 ready"), "{table}");
+    assert!(
+        lines
+            .next()
+            .unwrap()
+            .starts_with("instances 3 total, 1 healthy, 0 stale · tasks 1 total, 0 completed, 1 in progress"),
+        "{table}"
+    );
     assert!(lines.next().unwrap().starts_with("SLOT"), "{table}");
     let claude = lines.next().unwrap();
     assert!(claude.starts_with("claude-1") && claude.contains("in_progress") && claude.contains("#77"), "{table}");

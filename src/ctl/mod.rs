@@ -6,7 +6,7 @@ mod render;
 
 use std::io::{self, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
@@ -102,6 +102,25 @@ pub enum Command {
         #[command(subcommand)]
         action: Option<WorkspacesAction>,
         #[arg(long, global = true)]
+        json: bool,
+    },
+    /// Report progress from inside a slot (the agent runs this; its environment names the slot and the run)
+    Progress {
+        /// Percent done, 0 to 100
+        #[arg(value_parser = clap::value_parser!(u8).range(0..=100))]
+        percent: u8,
+        /// What is being done now
+        message: Vec<String>,
+    },
+    /// Finished runs: outcome, duration, attempts, cost
+    History {
+        /// Only this issue's runs
+        #[arg(long)]
+        issue: Option<u64>,
+        /// The last N runs
+        #[arg(short = 'n', long = "lines", default_value_t = 50)]
+        lines: usize,
+        #[arg(long)]
         json: bool,
     },
     /// Check the setup: config, directories, daemon, each CLI and its flags, GitHub token, project and fields
@@ -201,8 +220,11 @@ pub struct Client {
 
 impl Client {
     pub fn connect(paths: &Paths) -> Result<Client, CtlError> {
-        let socket = paths.socket();
-        let stream = UnixStream::connect(&socket).map_err(|e| {
+        Client::connect_socket(&paths.socket())
+    }
+
+    pub fn connect_socket(socket: &Path) -> Result<Client, CtlError> {
+        let stream = UnixStream::connect(socket).map_err(|e| {
             let why = match e.kind() {
                 io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => "autodevd is not running".to_string(),
                 _ => format!("cannot reach autodevd: {e}"),
@@ -323,6 +345,23 @@ pub fn run(cli: Cli) -> Result<(), CtlError> {
             let failed = checks.iter().filter(|c| !c.ok).count();
             return if failed == 0 { Ok(()) } else { Err(CtlError::Quiet(format!("{failed} check(s) failed"))) };
         }
+        Command::Progress { percent, message } => {
+            let var = |name: &str| {
+                std::env::var(name).map_err(|_| {
+                    CtlError::Failed(format!(
+                        "autodevctl progress runs inside an agent's slot: {name} is not set (autodevd sets it for the agent)"
+                    ))
+                })
+            };
+            let (slot, run_id, socket) = (var("AUTODEV_SLOT")?, var("AUTODEV_RUN")?, var("AUTODEV_SOCKET")?);
+            let mut client = Client::connect_socket(Path::new(&socket))?;
+            client.set_timeout(Some(Duration::from_secs(10)));
+            let message = message.join(" ");
+            return match client.call(Request::Progress { slot, run_id, percent: *percent, message })? {
+                Reply::ProgressNoted { slot, percent } => emit(&format!("✓ {slot}: {percent}%\n")),
+                other => Err(unexpected(other)),
+            };
+        }
         Command::Completions { shell } => {
             let mut out = Vec::new();
             clap_complete::generate(*shell, &mut <Cli as clap::CommandFactory>::command(), "autodevctl", &mut out);
@@ -400,7 +439,14 @@ pub fn run(cli: Cli) -> Result<(), CtlError> {
                 other => Err(unexpected(other)),
             }
         }
-        Command::Doctor { .. } | Command::Completions { .. } => unreachable!("handled before connecting"),
+        Command::Doctor { .. } | Command::Completions { .. } | Command::Progress { .. } => {
+            unreachable!("handled before connecting")
+        }
+        Command::History { issue, lines, json } => match client.call(Request::History { issue, limit: Some(lines) })? {
+            Reply::History { runs } if json => print_json(&runs),
+            Reply::History { runs } => emit(&render::history(&runs)),
+            other => Err(unexpected(other)),
+        },
         Command::Logs { slot, lines, follow, raw, stderr } => {
             if follow {
                 client.set_timeout(None);

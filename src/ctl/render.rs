@@ -23,7 +23,7 @@ fn cut(text: &str, max: usize) -> String {
 fn activity(row: &SlotStatus) -> String {
     let text = match row.state {
         SlotState::Completed | SlotState::Failed | SlotState::Abandoned => row.reason.clone(),
-        _ => row.console_preview.last().cloned(),
+        _ => row.progress_message.clone().or_else(|| row.console_preview.last().cloned()),
     };
     cut(&text.unwrap_or_default(), ACTIVITY_CHARS)
 }
@@ -33,6 +33,7 @@ pub fn status(report: &StatusReport, with_preview: bool) -> String {
     let mut parts = vec![format!("{} slots", report.slots.len())];
     for state in [
         SlotState::InProgress,
+        SlotState::Stale,
         SlotState::Starting,
         SlotState::Abandoned,
         SlotState::Failed,
@@ -46,11 +47,25 @@ pub fn status(report: &StatusReport, with_preview: bool) -> String {
     }
     let mut out = String::new();
     let _ = writeln!(out, "{}   (autodevd pid {})", parts.join(" · "), report.daemon_pid);
+    let s = &report.summary;
+    let rate = s.success_rate.map_or("-".into(), |r| format!("{:.0}%", r * 100.0));
+    let avg = s.average_duration_secs.map_or("-".into(), short_duration);
+    let _ = writeln!(
+        out,
+        "instances {} total, {} healthy, {} stale · tasks {} total, {} completed, {} in progress · success {rate} · average {avg}",
+        s.instances_total,
+        s.instances_healthy,
+        s.instances_stale,
+        s.tasks_total,
+        s.tasks_completed,
+        s.tasks_in_progress
+    );
     for warning in &report.warnings {
         let _ = writeln!(out, "! {warning}");
     }
-    let header = ["SLOT", "STATE", "ISSUE", "PID", "RUNNING", "OUTPUT", "SESSION", "BRANCH", "ACTIVITY"];
-    let rows: Vec<[String; 9]> = report
+    let header =
+        ["SLOT", "STATE", "ISSUE", "PID", "RUNNING", "HEARTBEAT", "CPU", "MEM", "PROGRESS", "BRANCH", "ACTIVITY"];
+    let rows: Vec<[String; 11]> = report
         .slots
         .iter()
         .map(|r| {
@@ -64,8 +79,10 @@ pub fn status(report: &StatusReport, with_preview: bool) -> String {
                 r.issue.map_or("-".into(), |i| format!("#{i}")),
                 r.pid.map_or("-".into(), |p| p.to_string()),
                 running,
-                if r.state.is_running() { ago(r.last_output_at.as_deref()) } else { "-".into() },
-                r.session_id.as_deref().map_or("-".into(), |s| s.chars().take(8).collect()),
+                if r.state.is_running() { ago(r.heartbeat_at.as_deref()) } else { "-".into() },
+                r.cpu_percent.map_or("-".into(), |c| format!("{c:.0}%")),
+                r.memory_mb.map_or("-".into(), |m| format!("{m:.0}M")),
+                r.progress.map_or("-".into(), |p| format!("{p}%")),
                 r.branch.as_deref().map_or("-".into(), |b| cut(b, 32)),
                 activity(r),
             ]
@@ -200,5 +217,33 @@ pub fn project(report: &ProjectReport, verbose: bool) -> String {
         let _ = writeln!(out, "last error  {} ({})", e, report.last_error_at.as_deref().unwrap_or("?"));
     }
     let _ = writeln!(out, "requests    {} to GitHub since autodevd started", report.requests);
+    out
+}
+
+pub fn history(runs: &[crate::ledger::ExitRecord]) -> String {
+    let mut out = String::new();
+    if runs.is_empty() {
+        return "no finished runs yet\n".into();
+    }
+    let _ = writeln!(
+        out,
+        "{:<20}  {:<10} {:<6} {:<10} {:>8} {:>7} {:>7}  REASON",
+        "ENDED", "SLOT", "ISSUE", "STATE", "TOOK", "COST", "ATTEMPT"
+    );
+    for r in runs {
+        let cost = r.cost_usd.map_or("-".into(), |c| format!("${c:.2}"));
+        let _ = writeln!(
+            out,
+            "{:<20}  {:<10} {:<6} {:<10} {:>8} {:>7} {:>7}  {}",
+            r.ended_at,
+            r.slot,
+            format!("#{}", r.issue),
+            r.state,
+            short_duration(r.duration_secs),
+            cost,
+            r.runs.len().max(1),
+            cut(r.reason.as_deref().unwrap_or(""), 60)
+        );
+    }
     out
 }

@@ -1,6 +1,7 @@
 //! autodevd: start-up (config, directories, the one-daemon lock, the socket), the main loop (connections and
 //! signals), and shutdown. Callable from tests and benchmarks through [`run`].
 
+mod health;
 mod recovery;
 mod runs;
 mod server;
@@ -61,7 +62,12 @@ pub struct Shared {
     shutting_down: std::sync::atomic::AtomicBool,
     /// GitHub, or why it is off.
     github: Result<crate::github::GitHubCtx, String>,
+    /// Outcomes of recent runs (completed?, seconds) for the summary, newest last.
+    recent: Mutex<std::collections::VecDeque<(bool, u64)>>,
 }
+
+/// How many finished runs the summary looks back on.
+const RECENT_RUNS: usize = 100;
 
 impl Shared {
     /// The one lock over slot state. Held only for short, non-blocking work, never across an await.
@@ -72,6 +78,37 @@ impl Shared {
     /// Writes a slot's lockfile atomically. Called from one task at a time per slot, so writes never reorder.
     fn write_lock(&self, lock: &ledger::SlotLock) -> std::io::Result<()> {
         ledger::write_json(&ledger::slot_lock_path(&self.paths.slots_dir(), &lock.slot), lock)
+    }
+
+    /// Notes a finished run for the summary.
+    fn note_outcome(&self, completed: bool, secs: u64) {
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        if recent.len() == RECENT_RUNS {
+            recent.pop_front();
+        }
+        recent.push_back((completed, secs));
+    }
+
+    /// The seed's overall view: instances and tasks at a glance.
+    fn summary(&self) -> crate::protocol::Summary {
+        use crate::protocol::SlotState;
+        let table = self.lock_table();
+        let slots: Vec<_> = table.slots.iter().filter(|s| !s.extra || s.is_held()).collect();
+        let running = slots.iter().filter(|s| s.state().is_running()).count();
+        let stale = slots.iter().filter(|s| s.state() == SlotState::Stale).count();
+        let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        let completed = recent.iter().filter(|(ok, _)| *ok).count();
+        crate::protocol::Summary {
+            instances_total: slots.len(),
+            instances_healthy: running - stale,
+            instances_stale: stale,
+            tasks_total: recent.len() + running,
+            tasks_completed: completed,
+            tasks_in_progress: running,
+            success_rate: (!recent.is_empty()).then(|| completed as f64 / recent.len() as f64),
+            average_duration_secs: (!recent.is_empty())
+                .then(|| recent.iter().map(|(_, d)| d).sum::<u64>() / recent.len() as u64),
+        }
     }
 
     fn warnings(&self) -> Vec<String> {
@@ -162,6 +199,7 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         watcher: watch::Watcher::start().context("cannot start inotify")?,
         warnings: Mutex::new(Vec::new()),
         shutting_down: std::sync::atomic::AtomicBool::new(false),
+        recent: Mutex::new(std::collections::VecDeque::new()),
         paths: paths.clone(),
         config,
     });
@@ -193,6 +231,7 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         slots = slot_count,
         "autodevd ready"
     );
+    tokio::spawn(health::run(shared.clone()));
     // Recovery is done and the socket answers: now, and not before, systemd may call us ready.
     notifier.ready(&summary(&shared));
     let mut watchdog = notifier.watchdog_interval().map(tokio::time::interval);

@@ -49,6 +49,9 @@ pub(super) async fn recover(shared: &Arc<Shared>) -> Result<Vec<String>, String>
         locks.extend(rebuilt);
     }
     show_last_finished(shared, &history, &locks);
+    for exit in history.iter().filter(|h| h.state == "completed" || h.state == "failed") {
+        shared.note_outcome(exit.state == "completed", exit.duration_secs);
+    }
     let recorded: HashSet<&str> = history.iter().map(|h| h.run_id.as_str()).collect();
     let mut abandoned = Vec::new();
     for lock in locks {

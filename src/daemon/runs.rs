@@ -701,6 +701,7 @@ async fn follow_run(
         None => scan_outcome(&files.stdout(), format).unwrap_or(None),
     };
     let stop_reason = shared.lock_table().task_of_run(&run_id).and_then(|t| t.stop_reason.clone());
+    let stop_reason_was_none = stop_reason.is_none();
     let last_stderr = render_tail(&files.stderr(), EventFormat::Text, 1, shared.preview_chars)
         .ok()
         .and_then(|(lines, _)| lines.into_iter().next());
@@ -713,6 +714,9 @@ async fn follow_run(
     if let Some(done) = done {
         record_end(&shared, &done);
         cleanup_worktree(&shared, &done.exit).await;
+        if state == SlotState::Failed && stop_reason_was_none {
+            schedule_retry(&shared, &done.exit);
+        }
     }
 }
 
@@ -816,7 +820,7 @@ fn publish(shared: &Shared, run_id: &str, preview: &Preview, findings: &mut Find
     let new_session = {
         let mut table = shared.lock_table();
         let Some(task) = table.task_of_run(run_id) else { return };
-        if findings.new_bytes == 0 && findings.session_id.is_none() {
+        if findings.new_bytes == 0 && findings.session_id.is_none() && findings.progress.is_none() {
             return;
         }
         if findings.new_bytes > 0 {
@@ -824,6 +828,13 @@ fn publish(shared: &Shared, run_id: &str, preview: &Preview, findings: &mut Find
             findings.new_bytes = 0;
             task.preview = preview.lines();
             task.signal.send_modify(|s| s.batches += 1);
+            if task.state == SlotState::Stale {
+                task.state = SlotState::InProgress;
+            }
+        }
+        if let Some((percent, message)) = findings.progress.take() {
+            task.health.progress = Some(percent);
+            task.health.progress_message = Some(message);
         }
         match (&task.record.session_id, &findings.session_id) {
             (None, Some(found)) if task.state.is_running() => {
@@ -853,6 +864,7 @@ fn judge(
     match stop_reason {
         Some(StopReason::User) if !succeeded => return (SlotState::Failed, Some("stopped by autodevctl stop".into())),
         Some(StopReason::Shutdown(why)) if !succeeded => return (SlotState::Abandoned, Some(why)),
+        Some(StopReason::Stale(why)) if !succeeded => return (SlotState::Failed, Some(format!("{why}: stopped"))),
         _ => {}
     }
     let with_stderr = |base: String| match &last_stderr {
@@ -960,6 +972,9 @@ pub(super) fn record_end(shared: &Shared, end: &RunEnd) {
     if let Err(e) = ledger::append_history(&shared.paths.history_file(), exit) {
         tracing::error!(run = %exit.run_id, "cannot append to {}: {e}", shared.paths.history_file().display());
     }
+    if exit.state == "completed" || exit.state == "failed" {
+        shared.note_outcome(exit.state == "completed", exit.duration_secs);
+    }
     // Before the lockfile goes: a crash in between is finished by recovery from the exit record, which tells the
     // board again (the wish is idempotent), so the board update is never lost.
     board_wants_for_end(shared, exit);
@@ -979,7 +994,7 @@ pub async fn stop(shared: &Shared, slot: &str, why: StopReason) -> Result<Reply,
         let Some(s) = table.get_mut(slot) else {
             return Err(refuse(ErrorKind::NotFound, format!("unknown slot {slot:?}"), None));
         };
-        let Some(task) = s.task.as_mut().filter(|t| t.state == SlotState::InProgress) else {
+        let Some(task) = s.task.as_mut().filter(|t| matches!(t.state, SlotState::InProgress | SlotState::Stale)) else {
             let state = s.state();
             let hint = (state == SlotState::Abandoned)
                 .then(|| format!("its run is gone already: `autodevctl resume {slot}` or `autodevctl release {slot}`"));
@@ -1033,6 +1048,180 @@ async fn wait_ended(rx: &mut watch::Receiver<RunSignal>) {
     let _ = rx.wait_for(|s| s.ended).await;
 }
 
+/// Errors a retry cannot fix: the same run would fail the same way.
+fn retryable(reason: &str) -> bool {
+    let r = reason.to_lowercase();
+    ![
+        "command not found",
+        "cannot be run",
+        "401",
+        "unauthorized",
+        "authentication",
+        "api key",
+        "not logged in",
+        "invalid config",
+        "working directory",
+    ]
+    .iter()
+    .any(|needle| r.contains(needle))
+}
+
+/// After a run failed by itself: if `retry.maxAttempts` allows another run and the error is one a retry can fix,
+/// retries the task after a growing backoff.
+fn schedule_retry(shared: &Arc<Shared>, exit: &ExitRecord) {
+    let policy = &shared.config.raw.retry;
+    let attempts = exit.runs.len() as u32;
+    if attempts >= policy.max_attempts || !retryable(exit.reason.as_deref().unwrap_or_default()) {
+        return;
+    }
+    let wait = Duration::from_secs_f64(policy.backoff_secs * f64::from(1u32 << (attempts - 1).min(10)));
+    let (shared, slot, run_id) = (shared.clone(), exit.slot.clone(), exit.run_id.clone());
+    tracing::info!(slot, "retrying the task in {wait:?} (attempt {} of {})", attempts + 1, policy.max_attempts);
+    tokio::spawn(async move {
+        tokio::time::sleep(wait).await;
+        // Only if nothing happened to the task meanwhile (a resume, a release, a new assignment).
+        let unchanged = shared
+            .lock_table()
+            .get(&slot)
+            .and_then(|s| s.task.as_ref())
+            .is_some_and(|t| t.record.run_id == run_id && t.state == SlotState::Failed);
+        if unchanged && let Err(e) = retry(&shared, &slot).await {
+            tracing::warn!(slot, "retry: {}", e.message);
+        }
+    });
+}
+
+/// Retries the failed task of `slot`: in its own slot (same conversation) if its LLM is enabled, else in a free
+/// slot of the first `retry.fallback` LLM that has one (a new conversation there, from the original prompt).
+pub async fn retry(shared: &Arc<Shared>, slot: &str) -> Result<(), ErrorReply> {
+    let recent_restarts = {
+        let table = shared.lock_table();
+        let Some(task) = table.get(slot).and_then(|s| s.task.as_ref()) else {
+            return Err(refuse(ErrorKind::NotFound, format!("slot {slot} has no task"), None));
+        };
+        let since = SystemTime::now() - Duration::from_secs(300);
+        task.record.auto_resumes.iter().filter_map(|t| crate::timefmt::parse_rfc3339(t)).filter(|t| *t > since).count()
+    };
+    if recent_restarts >= 3 {
+        return Err(refuse(
+            ErrorKind::Conflict,
+            format!("{slot}: 3 automatic restarts in 5 minutes already; left failed"),
+            None,
+        ));
+    }
+    let own_enabled = {
+        let table = shared.lock_table();
+        table.get(slot).is_some_and(|s| table.providers[s.provider].enabled && !s.extra)
+    };
+    if own_enabled {
+        return resume(shared, slot, true).await.map(drop);
+    }
+    // Move the task to a fallback LLM's free slot.
+    let moved = {
+        let mut table = shared.lock_table();
+        let fallback = shared.config.raw.retry.fallback.iter().find_map(|name| {
+            let p = table.providers.iter().position(|p| &p.name == name && p.enabled)?;
+            table.slots.iter().position(|s| s.provider == p && !s.extra && !s.is_held())
+        });
+        let Some(target) = fallback else {
+            return Err(refuse(
+                ErrorKind::Conflict,
+                format!("no free slot for the task of {slot} on any fallback LLM"),
+                None,
+            ));
+        };
+        let Some(old) = table.get(slot).and_then(|s| s.task.as_ref()).map(|t| t.record.clone()) else {
+            return Err(refuse(ErrorKind::NotFound, format!("slot {slot} has no task"), None));
+        };
+        let run_id = ulid::Ulid::new().to_string();
+        let files = RunFiles::at(shared.paths.run_dir(&run_id));
+        let target_slot = &mut table.slots[target];
+        let mut record = old;
+        record.slot = target_slot.name.clone();
+        record.run_id = run_id.clone();
+        record.runs.push(run_id);
+        record.state = "starting".into();
+        record.reason = None;
+        (record.pid, record.pgid, record.start_time, record.session_id) = (None, None, None, None);
+        record.stdout = files.stdout();
+        record.stderr = files.stderr();
+        record.run_started_at = rfc3339(SystemTime::now());
+        record.daemon_pid = shared.daemon_pid;
+        record.auto_resumes.push(rfc3339(SystemTime::now()));
+        let name = target_slot.name.clone();
+        let prompt_file = record.prompt_file.clone();
+        let issue = record.issue;
+        record.provider = table.providers[table.slots[target].provider].name.clone();
+        table.slots[target].task = Some(Task::starting(record));
+        (name, prompt_file, issue)
+    };
+    let (target, prompt_file, issue) = moved;
+    let prompt = std::fs::read_to_string(&prompt_file).map_err(|e| {
+        refuse(
+            ErrorKind::Failed,
+            format!("cannot read the task's original prompt {}: {e}", prompt_file.display()),
+            None,
+        )
+    })?;
+    tracing::info!(from = slot, to = %target, issue, "task moved to a fallback LLM");
+    let started = start_run(shared, &target, RunKind::Restart, &prompt).await?;
+    board_wants(shared, started.issue, &target, Target::InProgress, false);
+    Ok(())
+}
+
+/// Handles `progress` from inside a run: only a process of that run (holding its run lock, or in its process
+/// group) may report for it.
+pub fn progress(
+    shared: &Shared,
+    slot: &str,
+    run_id: &str,
+    percent: u8,
+    message: &str,
+    peer: Option<i32>,
+) -> Result<Reply, ErrorReply> {
+    let mut table = shared.lock_table();
+    let refused = || {
+        refuse(
+            ErrorKind::Conflict,
+            format!("progress for {slot} is only taken from inside its run (autodevctl progress, run by the agent)"),
+            None,
+        )
+    };
+    let Some(task) = table.get_mut(slot).and_then(|s| s.task.as_mut()) else { return Err(refused()) };
+    if task.record.run_id != run_id || !task.state.is_running() {
+        return Err(refused());
+    }
+    let lock = shared.paths.run_dir(run_id).join(RUN_LOCK);
+    let inside = peer.is_some_and(|pid| {
+        supervisor::holds_run_lock(pid, &lock)
+            || supervisor::proc_stat(pid).is_some_and(|s| Some(s.pgrp as u32) == task.record.pgid)
+    });
+    if !inside {
+        return Err(refused());
+    }
+    task.health.progress = Some(percent.min(100));
+    task.health.progress_message = Some(crate::output::clean_line(message.as_bytes(), 200));
+    task.health.last_progress_at = Some(SystemTime::now());
+    if task.state == SlotState::Stale {
+        task.state = SlotState::InProgress;
+    }
+    task.signal.send_modify(|s| s.batches += 1);
+    Ok(Reply::ProgressNoted { slot: slot.to_string(), percent: percent.min(100) })
+}
+
+/// Handles `history`: finished runs from history.jsonl (its last 8 MiB), newest last.
+pub fn history(shared: &Shared, issue: Option<u64>, limit: Option<usize>) -> Result<Reply, ErrorReply> {
+    let mut runs = ledger::read_history_tail(&shared.paths.history_file(), 8 << 20).map_err(|e| {
+        refuse(ErrorKind::Failed, format!("cannot read {}: {e}", shared.paths.history_file().display()), None)
+    })?;
+    if let Some(issue) = issue {
+        runs.retain(|r| r.issue == issue);
+    }
+    let keep = limit.unwrap_or(50);
+    let skip = runs.len().saturating_sub(keep);
+    Ok(Reply::History { runs: runs.split_off(skip) })
+}
+
 /// Handles `release`: ends an abandoned task (failed, or completed with `done`) and frees its slot.
 pub fn release(shared: &Shared, slot: &str, done: bool) -> Result<Reply, ErrorReply> {
     let (run_id, issue, state) = {
@@ -1068,7 +1257,7 @@ pub async fn stop_all(shared: &Arc<Shared>, why: &str) {
         .lock_table()
         .slots
         .iter()
-        .filter(|s| s.state() == SlotState::InProgress)
+        .filter(|s| matches!(s.state(), SlotState::InProgress | SlotState::Stale))
         .map(|s| s.name.clone())
         .collect();
     let mut stops = tokio::task::JoinSet::new();

@@ -79,13 +79,18 @@ async fn send(stream: &mut UnixStream, reply: &Reply) -> std::io::Result<()> {
 async fn handle(shared: &Arc<Shared>, request: Request, stream: &mut UnixStream) -> std::io::Result<()> {
     let reply = match request {
         Request::Ping => Reply::Pong { version: PROTOCOL_VERSION, daemon_pid: shared.daemon_pid },
-        Request::Status => Reply::Status(StatusReport {
-            daemon_pid: shared.daemon_pid,
-            state_dir: shared.paths.state_dir.display().to_string(),
-            config_path: shared.config.path.as_ref().map(|p| p.display().to_string()),
-            slots: shared.lock_table().status_rows(),
-            warnings: shared.warnings(),
-        }),
+        Request::Status => {
+            // Its own statement: the table lock must be released before summary() takes it again.
+            let slots = shared.lock_table().status_rows();
+            Reply::Status(StatusReport {
+                daemon_pid: shared.daemon_pid,
+                state_dir: shared.paths.state_dir.display().to_string(),
+                config_path: shared.config.path.as_ref().map(|p| p.display().to_string()),
+                slots,
+                warnings: shared.warnings(),
+                summary: shared.summary(),
+            })
+        }
         Request::Instances => Reply::Instances { providers: shared.lock_table().usage() },
         Request::Assign { issue, llm, slot, prompt, force } => {
             runs::assign(shared, issue, llm.as_deref(), slot.as_deref(), prompt.as_deref(), force)
@@ -93,6 +98,11 @@ async fn handle(shared: &Arc<Shared>, request: Request, stream: &mut UnixStream)
                 .unwrap_or_else(Reply::Error)
         }
         Request::ProjectStatus => Reply::ProjectStatus(project_status(shared).await),
+        Request::Progress { slot, run_id, percent, message } => {
+            let peer = stream.peer_cred().ok().and_then(|c| c.pid());
+            runs::progress(shared, &slot, &run_id, percent, &message, peer).unwrap_or_else(Reply::Error)
+        }
+        Request::History { issue, limit } => runs::history(shared, issue, limit).unwrap_or_else(Reply::Error),
         Request::Stop { slot } => runs::stop(shared, &slot, StopReason::User).await.unwrap_or_else(Reply::Error),
         Request::Resume { slot } => runs::resume(shared, &slot, false).await.unwrap_or_else(Reply::Error),
         Request::Release { slot, done } => runs::release(shared, &slot, done).unwrap_or_else(Reply::Error),

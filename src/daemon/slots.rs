@@ -45,6 +45,21 @@ pub struct Task {
     /// Adopted after a restart: not our child, so its exit code cannot be known.
     pub adopted: bool,
     pub signal: Arc<watch::Sender<RunSignal>>,
+    pub health: Health,
+}
+
+/// What the health sampler and progress reports know of a run.
+#[derive(Debug, Clone, Default)]
+pub struct Health {
+    pub progress: Option<u8>,
+    pub progress_message: Option<String>,
+    pub last_progress_at: Option<SystemTime>,
+    pub cpu_percent: Option<f64>,
+    pub memory_mb: Option<f64>,
+    /// CPU ticks of the run's processes at the last sample, and when the count last moved.
+    pub cpu_ticks: Option<u64>,
+    pub last_cpu_at: Option<SystemTime>,
+    pub sampled_at: Option<std::time::Instant>,
 }
 
 /// Why a run was stopped, which decides what the task becomes.
@@ -54,6 +69,8 @@ pub enum StopReason {
     User,
     /// autodevd is shutting down: the task is abandoned, resumable after the restart.
     Shutdown(String),
+    /// The health policy stops a stale run to restart or reassign it: the run fails with this reason.
+    Stale(String),
 }
 
 impl Task {
@@ -74,7 +91,16 @@ impl Task {
             group_released: false,
             adopted: false,
             signal: Arc::new(watch::channel(RunSignal::default()).0),
+            health: Health::default(),
         }
+    }
+
+    /// The last sign of life: output, a progress report, CPU use, or the start.
+    pub fn heartbeat(&self) -> SystemTime {
+        [self.last_output_at, self.health.last_progress_at, self.health.last_cpu_at]
+            .into_iter()
+            .flatten()
+            .fold(self.run_started_at, SystemTime::max)
     }
 
     /// A task that holds its slot with no run going (found abandoned, or ended before this daemon started).
@@ -362,6 +388,12 @@ impl SlotTable {
                 cost_usd: None,
                 turns: None,
                 console_preview: Vec::new(),
+                heartbeat_at: None,
+                progress: None,
+                progress_message: None,
+                cpu_percent: None,
+                memory_mb: None,
+                attempt: 0,
             };
         };
         SlotStatus {
@@ -385,6 +417,12 @@ impl SlotTable {
             cost_usd: t.cost_usd,
             turns: t.turns,
             console_preview: t.preview.clone(),
+            heartbeat_at: Some(rfc3339(t.heartbeat())),
+            progress: t.health.progress,
+            progress_message: t.health.progress_message.clone(),
+            cpu_percent: t.health.cpu_percent.filter(|_| t.state.is_running()),
+            memory_mb: t.health.memory_mb.filter(|_| t.state.is_running()),
+            attempt: t.record.runs.len() as u32,
         }
     }
 
