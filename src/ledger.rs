@@ -134,6 +134,12 @@ pub struct SlotLock {
     pub worktree: Option<PathBuf>,
     #[serde(default)]
     pub branch: Option<String>,
+    /// What the task is about in a few words (the issue title, else the prompt's first line).
+    #[serde(default)]
+    pub title: Option<String>,
+    /// The task's status comment on its issue, once made.
+    #[serde(default)]
+    pub comment_id: Option<u64>,
 }
 
 /// Where slot lockfiles live.

@@ -222,6 +222,8 @@ pub struct Findings {
     pub new_bytes: u64,
     /// Progress the CLI reported itself (codex's plan), in percent, with what it is doing.
     pub progress: Option<(u8, String)>,
+    /// The CLI said it hit a usage or rate limit: until when, if it said.
+    pub rate_limit: Option<Option<std::time::SystemTime>>,
 }
 
 /// Turns one output line into preview lines and findings.
@@ -233,6 +235,12 @@ pub fn digest_line(format: EventFormat, line: Line<'_>, preview: &mut Preview, f
         return;
     }
     let parsed = parse_line(format, &text);
+    // Only what the CLI itself prints counts (its events and its stderr), so a short line is enough to look at.
+    if text.len() < 4096
+        && let Some(limit) = crate::provider::rate_limit_in(&text)
+    {
+        findings.rate_limit = Some(limit);
+    }
     if !parsed.continues {
         preview.close_line();
     }

@@ -243,6 +243,8 @@ pub struct SlotStatus {
     pub memory_mb: Option<f64>,
     /// Which run of the task this is (1 for the first; resumes and retries count up).
     pub attempt: u32,
+    /// The CLI hit a usage or rate limit: not stale, not failed, until then.
+    pub rate_limited_until: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

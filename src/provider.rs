@@ -686,3 +686,92 @@ mod tests {
         assert_eq!(p.display_name, "Aider");
     }
 }
+
+/// If `text` says a usage or rate limit was hit: `Some(reset time)` (`Some(None)` when it gives none). Understands
+/// claude's `limit reached|<epoch>` and `resets 7pm`, and `try again in N minutes|hours`.
+pub fn rate_limit_in(text: &str) -> Option<Option<std::time::SystemTime>> {
+    use std::sync::OnceLock;
+    use std::time::{Duration, SystemTime};
+    static PATTERNS: OnceLock<[regex::Regex; 4]> = OnceLock::new();
+    let [hit, epoch, clock, within] = PATTERNS.get_or_init(|| {
+        [
+            regex::Regex::new(
+                r"(?i)(usage limit|rate limit|limit reached|quota exceeded|resource_exhausted|too many requests)",
+            )
+            .unwrap(),
+            regex::Regex::new(r"\|(\d{10})\b").unwrap(),
+            regex::Regex::new(r"(?i)resets?\s+(?:at\s+)?(\d{1,2})(?::(\d{2}))?\s*(am|pm)?").unwrap(),
+            regex::Regex::new(r"(?i)(?:try again|retry) in (\d+)\s*(second|minute|hour)").unwrap(),
+        ]
+    });
+    if !hit.is_match(text) {
+        return None;
+    }
+    let now = SystemTime::now();
+    if let Some(c) = epoch.captures(text) {
+        return Some(c[1].parse::<u64>().ok().map(|s| SystemTime::UNIX_EPOCH + Duration::from_secs(s)));
+    }
+    if let Some(c) = within.captures(text) {
+        let n: u64 = c[1].parse().unwrap_or(0);
+        let unit = match c[2].to_lowercase().as_str() {
+            "hour" => 3600,
+            "minute" => 60,
+            _ => 1,
+        };
+        return Some(Some(now + Duration::from_secs(n * unit)));
+    }
+    if let Some(c) = clock.captures(text) {
+        let mut hour: u64 = c[1].parse().unwrap_or(0);
+        let minute: u64 = c.get(2).and_then(|m| m.as_str().parse().ok()).unwrap_or(0);
+        match c.get(3).map(|m| m.as_str().to_lowercase()) {
+            Some(ref p) if p == "pm" && hour < 12 => hour += 12,
+            Some(ref p) if p == "am" && hour == 12 => hour = 0,
+            _ => {}
+        }
+        if hour < 24 && minute < 60 {
+            return Some(Some(next_local_time(now, hour * 3600 + minute * 60)));
+        }
+    }
+    Some(None)
+}
+
+/// The next moment after `now` at `secs` past local midnight.
+fn next_local_time(now: std::time::SystemTime, secs: u64) -> std::time::SystemTime {
+    use std::time::Duration;
+    let unix = now.duration_since(std::time::SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
+    // SAFETY: localtime_r only writes the tm we pass; time_t is a plain integer.
+    let offset = unsafe {
+        let mut tm: libc::tm = std::mem::zeroed();
+        let t: libc::time_t = unix as libc::time_t;
+        libc::localtime_r(&t, &mut tm);
+        tm.tm_gmtoff
+    };
+    let local = unix + offset;
+    let midnight = local - local.rem_euclid(86_400);
+    let mut target = midnight + secs as i64;
+    if target <= local {
+        target += 86_400;
+    }
+    std::time::SystemTime::UNIX_EPOCH + Duration::from_secs((target - offset).max(0) as u64)
+}
+
+#[cfg(test)]
+mod rate_limit_tests {
+    use super::*;
+    use std::time::{Duration, SystemTime};
+
+    #[test]
+    fn finds_limits_and_their_reset() {
+        assert_eq!(rate_limit_in("all good"), None);
+        assert_eq!(
+            rate_limit_in("Claude AI usage limit reached|1900000000"),
+            Some(Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_900_000_000)))
+        );
+        let later = rate_limit_in("Rate limit hit, try again in 2 hours").unwrap().unwrap();
+        let secs = later.duration_since(SystemTime::now()).unwrap().as_secs();
+        assert!((7190..=7200).contains(&secs), "{secs}");
+        let at = rate_limit_in("5-hour limit reached ∙ resets 7pm").unwrap().unwrap();
+        assert!(at > SystemTime::now() && at < SystemTime::now() + Duration::from_secs(86_400));
+        assert_eq!(rate_limit_in("quota exceeded"), Some(None));
+    }
+}

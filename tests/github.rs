@@ -13,6 +13,8 @@ fn config(fake: &FakeGitHub) -> Value {
     let mut c = fake_config(3);
     c["github"] = json!({ "owner": "octo", "repo": "widgets", "apiUrl": fake.url, "timeoutSecs": 2, "retryMaxSecs": 2,
                           "excludeLabels": ["wontfix"] });
+    // The board's own requests are counted here; status comments have their own tests.
+    c["statusComments"] = json!({ "enabled": false });
     c["project"] = json!({
         "enabled": true, "projectNumber": 5, "organizationProject": true,
         "fields": {

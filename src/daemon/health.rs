@@ -23,7 +23,12 @@ pub(super) async fn run(shared: Arc<Shared>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        for slot in sample(&shared) {
+        let (running, went_stale) = sample(&shared);
+        for slot in &running {
+            runs::comment(&shared, slot, went_stale.contains(slot));
+        }
+        runs::remember_comments(&shared);
+        for slot in went_stale {
             tokio::spawn(on_stale(shared.clone(), slot));
         }
     }
@@ -44,8 +49,8 @@ fn scan(groups: &HashMap<i32, ()>) -> HashMap<i32, (u64, u64)> {
     totals
 }
 
-/// One sample of every running task; returns the slots that just went stale.
-fn sample(shared: &Shared) -> Vec<String> {
+/// One sample of every running task; returns the running slots and those that just went stale.
+fn sample(shared: &Shared) -> (Vec<String>, Vec<String>) {
     let groups: HashMap<i32, ()> = shared
         .lock_table()
         .slots
@@ -54,7 +59,7 @@ fn sample(shared: &Shared) -> Vec<String> {
         .filter_map(|t| t.record.pgid.map(|g| (g as i32, ())))
         .collect();
     if groups.is_empty() {
-        return Vec::new();
+        return (Vec::new(), Vec::new());
     }
     let totals = scan(&groups);
     let ticks_per_sec = procfs::ticks_per_second() as f64;
@@ -62,11 +67,13 @@ fn sample(shared: &Shared) -> Vec<String> {
     let stale_after = Duration::from_secs_f64(shared.config.raw.health.stale_after_secs);
     let (now, now_instant) = (SystemTime::now(), Instant::now());
     let mut went_stale = Vec::new();
+    let mut running = Vec::new();
     let mut table = shared.lock_table();
     for slot in table.slots.iter_mut() {
         let Some(task) = slot.task.as_mut().filter(|t| t.state.is_running() && t.state != SlotState::Starting) else {
             continue;
         };
+        running.push(slot.name.clone());
         let Some(&(ticks, pages)) = task.record.pgid.and_then(|g| totals.get(&(g as i32))) else { continue };
         let health = &mut task.health;
         if let (Some(before), Some(at)) = (health.cpu_ticks, health.sampled_at) {
@@ -82,6 +89,10 @@ fn sample(shared: &Shared) -> Vec<String> {
         health.sampled_at = Some(now_instant);
         health.memory_mb = Some((pages as f64 * page / 1_048_576.0 * 10.0).round() / 10.0);
         let silent = now.duration_since(task.heartbeat()).unwrap_or_default();
+        if task.health.rate_limited_until.is_some_and(|u| u > now) {
+            // Waiting for a usage limit to reset is not being stale.
+            continue;
+        }
         match task.state {
             SlotState::InProgress if silent > stale_after => {
                 task.state = SlotState::Stale;
@@ -92,7 +103,7 @@ fn sample(shared: &Shared) -> Vec<String> {
             _ => {}
         }
     }
-    went_stale
+    (running, went_stale)
 }
 
 /// Applies `health.onStale` to a run that just went stale.

@@ -110,6 +110,8 @@ fn rebuild_from_live_run(shared: &Shared, slot: &str, valid: &[SlotLock]) -> Opt
         auto_resumes: Vec::new(),
         worktree: None,
         branch: None,
+        title: None,
+        comment_id: None,
     })
 }
 
@@ -166,6 +168,8 @@ fn record_of_exit(shared: &Shared, exit: &ExitRecord) -> SlotLock {
         auto_resumes: Vec::new(),
         worktree: exit.worktree.clone(),
         branch: exit.branch.clone(),
+        title: None,
+        comment_id: None,
     }
 }
 

@@ -27,6 +27,8 @@ use crate::workspace;
 const BATCH_INTERVAL: Duration = Duration::from_millis(25);
 /// A batch this large means the run floods: read on the batch timer instead of per-write notifications.
 const FLOOD_BATCH: u64 = 64 << 10;
+/// How long a usage limit is assumed to last when the CLI does not say.
+const RATE_LIMIT_GUESS: Duration = Duration::from_secs(15 * 60);
 /// How long `stop` waits for a run to finish after SIGKILL before it answers that something is stuck.
 const KILL_WAIT: Duration = Duration::from_secs(10);
 /// The lock file in a run's directory whose lock the run's processes hold.
@@ -95,6 +97,8 @@ pub async fn assign(
             auto_resumes: Vec::new(),
             worktree: None,
             branch: None,
+            title: None,
+            comment_id: None,
         };
         // The slot's last finished task is kept aside, to come back if the worktree cannot be made.
         let previous = slot.task.replace(Task::starting(record));
@@ -115,6 +119,9 @@ pub async fn assign(
             return Err(refuse(ErrorKind::Failed, format!("cannot prepare a git worktree for {slot_name}: {e}"), None));
         }
     };
+    if let Some(task) = shared.lock_table().get_mut(&slot_name).and_then(|s| s.task.as_mut()) {
+        task.record.title = Some(title.chars().take(120).collect());
+    }
     let branch = worktree.as_ref().map(|w| w.branch.as_str());
     let mut text = match (prompt, &issue_view) {
         (Some(p), _) => p.to_string(),
@@ -222,6 +229,52 @@ pub(super) fn board_wants_for_end(shared: &Shared, exit: &ExitRecord) {
         "completed" => board_wants(shared, exit.issue, &exit.slot, Target::Completed, false),
         "failed" => board_wants(shared, exit.issue, &exit.slot, Target::Failed, false),
         _ => {}
+    }
+}
+
+/// Asks for the task's status comment to show the slot as it is now (when status comments are on). `urgent`: a
+/// state change, written at once; otherwise within `statusComments.intervalSecs`.
+pub(super) fn comment(shared: &Shared, slot: &str, urgent: bool) {
+    let Ok(gh) = &shared.github else { return };
+    let Some(comments) = &gh.comments else { return };
+    let snapshot = {
+        let table = shared.lock_table();
+        let Some(s) = table.get(slot) else { return };
+        let Some(t) = s.task.as_ref() else { return };
+        let snapshot = crate::github::comments::Snapshot {
+            task_id: t.record.task_id.clone(),
+            issue: t.issue(),
+            title: t.record.title.clone().unwrap_or_default(),
+            row: table.status_row(s),
+            urgent,
+        };
+        (snapshot, t.record.comment_id)
+    };
+    comments.update(snapshot.0, snapshot.1);
+}
+
+/// Keeps the comment ids the comment worker found or made with their tasks (in the lockfile too), so a restart
+/// edits the same comment.
+pub(super) fn remember_comments(shared: &Shared) {
+    let Ok(gh) = &shared.github else { return };
+    let Some(comments) = &gh.comments else { return };
+    for (task_id, id) in comments.take_learned() {
+        let lock = {
+            let mut table = shared.lock_table();
+            let task = table.slots.iter_mut().filter_map(|s| s.task.as_mut()).find(|t| t.record.task_id == task_id);
+            match task {
+                Some(t) if t.record.comment_id != Some(id) => {
+                    t.record.comment_id = Some(id);
+                    t.state.holds_slot().then(|| t.record.clone())
+                }
+                _ => None,
+            }
+        };
+        if let Some(lock) = lock
+            && let Err(e) = shared.write_lock(&lock)
+        {
+            tracing::warn!(slot = %lock.slot, "cannot record the status comment id: {e}");
+        }
     }
 }
 
@@ -410,6 +463,7 @@ async fn start_run(shared: &Arc<Shared>, slot: &str, kind: RunKind, prompt: &str
                 task.state = SlotState::InProgress;
             }
             tracing::info!(slot, issue = reply.issue, run = %run_id, pid = reply.pid, "run started");
+            comment(shared, slot, true);
             follow(shared, run_id, provider.format, started.child, started.wake, Some(started.run_lock));
             Ok(reply)
         }
@@ -705,7 +759,26 @@ async fn follow_run(
     let last_stderr = render_tail(&files.stderr(), EventFormat::Text, 1, shared.preview_chars)
         .ok()
         .and_then(|(lines, _)| lines.into_iter().next());
-    let (state, reason) = judge(format, &exit, outcome.as_ref(), stop_reason, last_stderr);
+    let (mut state, mut reason) = judge(format, &exit, outcome.as_ref(), stop_reason, last_stderr);
+    let limited_until = shared
+        .lock_table()
+        .task_of_run(&run_id)
+        .and_then(|t| t.health.rate_limited_until)
+        .filter(|u| *u > SystemTime::now());
+    if let (SlotState::Failed, true, Some(until)) = (state, stop_reason_was_none, limited_until) {
+        // Not a failure: the CLI waits for its usage limit. The slot keeps the issue; the task resumes after.
+        state = SlotState::Abandoned;
+        reason = Some(format!("rate limited until {}", rfc3339(until)));
+        let slot = shared
+            .lock_table()
+            .slots
+            .iter()
+            .find(|s| s.task.as_ref().is_some_and(|t| t.record.run_id == run_id))
+            .map(|s| s.name.clone());
+        if let Some(slot) = slot {
+            resume_after_limit(&shared, &slot, &run_id, until);
+        }
+    }
     tracing::info!(run = %run_id, state = state.as_str(), reason = reason.as_deref().unwrap_or(""), "run ended");
     let done = finish_task(&shared, &run_id, state, reason, exit.ok(), outcome.as_ref());
     // Nothing signals the group from here on (finish_task released it), so the pid may be freed.
@@ -820,7 +893,11 @@ fn publish(shared: &Shared, run_id: &str, preview: &Preview, findings: &mut Find
     let new_session = {
         let mut table = shared.lock_table();
         let Some(task) = table.task_of_run(run_id) else { return };
-        if findings.new_bytes == 0 && findings.session_id.is_none() && findings.progress.is_none() {
+        if findings.new_bytes == 0
+            && findings.session_id.is_none()
+            && findings.progress.is_none()
+            && findings.rate_limit.is_none()
+        {
             return;
         }
         if findings.new_bytes > 0 {
@@ -831,6 +908,11 @@ fn publish(shared: &Shared, run_id: &str, preview: &Preview, findings: &mut Find
             if task.state == SlotState::Stale {
                 task.state = SlotState::InProgress;
             }
+        }
+        if let Some(limit) = findings.rate_limit.take() {
+            let until = limit.unwrap_or_else(|| SystemTime::now() + RATE_LIMIT_GUESS);
+            task.health.rate_limited_until = Some(until);
+            tracing::warn!(run = %run_id, "the CLI hit a usage limit; waiting until {}", rfc3339(until));
         }
         if let Some((percent, message)) = findings.progress.take() {
             task.health.progress = Some(percent);
@@ -985,6 +1067,7 @@ pub(super) fn record_end(shared: &Shared, end: &RunEnd) {
     if let Err(e) = result {
         tracing::error!(slot = %exit.slot, "cannot update the slot's lockfile: {e}");
     }
+    comment(shared, &exit.slot, true);
 }
 
 /// Handles `stop`: TERM to the run's process group, KILL after the grace period, and answers once it is over.
@@ -1048,6 +1131,34 @@ async fn wait_ended(rx: &mut watch::Receiver<RunSignal>) {
     let _ = rx.wait_for(|s| s.ended).await;
 }
 
+/// With a policy that resumes (`onAbandoned: resume`, or `retry.maxAttempts` > 1), resumes a rate-limited task
+/// once its limit has reset.
+fn resume_after_limit(shared: &Arc<Shared>, slot: &str, run_id: &str, until: SystemTime) {
+    let config = &shared.config.raw;
+    if config.supervisor.on_abandoned != crate::config::OnAbandoned::Resume && config.retry.max_attempts <= 1 {
+        return;
+    }
+    let wait = until.duration_since(SystemTime::now()).unwrap_or_default() + Duration::from_secs(1);
+    let (shared, slot, run_id) = (shared.clone(), slot.to_string(), run_id.to_string());
+    tokio::spawn(async move {
+        tokio::time::sleep(wait).await;
+        let unchanged = shared
+            .lock_table()
+            .get(&slot)
+            .and_then(|s| s.task.as_ref())
+            .is_some_and(|t| t.record.run_id == run_id && t.state == SlotState::Abandoned);
+        if unchanged && let Err(e) = resume(&shared, &slot, true).await {
+            tracing::warn!(slot, "resume after the usage limit: {}", e.message);
+        }
+    });
+}
+
+/// Whether a failure came from the LLM's service rather than the task.
+fn provider_trouble(reason: &str) -> bool {
+    let r = reason.to_lowercase();
+    ["api error", "overloaded", "quota", "rate limit", "usage limit", "529", "503", "502"].iter().any(|n| r.contains(n))
+}
+
 /// Errors a retry cannot fix: the same run would fail the same way.
 fn retryable(reason: &str) -> bool {
     let r = reason.to_lowercase();
@@ -1109,11 +1220,15 @@ pub async fn retry(shared: &Arc<Shared>, slot: &str) -> Result<(), ErrorReply> {
             None,
         ));
     }
-    let own_enabled = {
+    let (own_enabled, provider_trouble) = {
         let table = shared.lock_table();
-        table.get(slot).is_some_and(|s| table.providers[s.provider].enabled && !s.extra)
+        let own = table.get(slot).is_some_and(|s| table.providers[s.provider].enabled && !s.extra);
+        let reason = table.get(slot).and_then(|s| s.task.as_ref()).and_then(|t| t.reason.clone()).unwrap_or_default();
+        (own, provider_trouble(&reason))
     };
-    if own_enabled {
+    // Trouble with the LLM's service itself (API errors, overload, quota) goes to a fallback LLM first.
+    let fallback_first = provider_trouble && !shared.config.raw.retry.fallback.is_empty();
+    if own_enabled && !fallback_first {
         return resume(shared, slot, true).await.map(drop);
     }
     // Move the task to a fallback LLM's free slot.

@@ -60,6 +60,8 @@ pub struct Health {
     pub cpu_ticks: Option<u64>,
     pub last_cpu_at: Option<SystemTime>,
     pub sampled_at: Option<std::time::Instant>,
+    /// The CLI hit a usage or rate limit; not stale or failed until then.
+    pub rate_limited_until: Option<SystemTime>,
 }
 
 /// Why a run was stopped, which decides what the task becomes.
@@ -364,7 +366,7 @@ impl SlotTable {
         self.slots.iter().map(|s| self.status_row(s)).collect()
     }
 
-    fn status_row(&self, slot: &Slot) -> SlotStatus {
+    pub fn status_row(&self, slot: &Slot) -> SlotStatus {
         let provider = self.providers[slot.provider].name.clone();
         let Some(t) = &slot.task else {
             return SlotStatus {
@@ -394,6 +396,7 @@ impl SlotTable {
                 cpu_percent: None,
                 memory_mb: None,
                 attempt: 0,
+                rate_limited_until: None,
             };
         };
         SlotStatus {
@@ -423,6 +426,7 @@ impl SlotTable {
             cpu_percent: t.health.cpu_percent.filter(|_| t.state.is_running()),
             memory_mb: t.health.memory_mb.filter(|_| t.state.is_running()),
             attempt: t.record.runs.len() as u32,
+            rate_limited_until: t.health.rate_limited_until.filter(|u| *u > SystemTime::now()).map(rfc3339),
         }
     }
 
@@ -498,6 +502,8 @@ mod tests {
             auto_resumes: Vec::new(),
             worktree: None,
             branch: None,
+            title: None,
+            comment_id: None,
         }
     }
 

@@ -185,6 +185,21 @@ impl GitHub {
         serde_json::from_str(&text).map_err(|e| GhError::Other(format!("GitHub sent JSON that does not parse: {e}")))
     }
 
+    /// POST or PATCH a REST path with a JSON body; returns the JSON answer. Never retried here: a POST whose answer
+    /// was lost may have happened (callers look before they post again).
+    pub async fn rest_send(&self, method: &str, path: &str, body: &Value) -> Result<Value, GhError> {
+        let response = match method {
+            "PATCH" => self.rest._patch(path, Some(body)).await,
+            _ => self.rest._post(path, Some(body)).await,
+        }
+        .map_err(transport_error)?;
+        let (parts, body) = response.into_parts();
+        let text =
+            self.rest.body_to_string(http::Response::from_parts(parts.clone(), body)).await.map_err(transport_error)?;
+        status_error(parts.status.as_u16(), &parts.headers, &text)?;
+        serde_json::from_str(&text).map_err(|e| GhError::Other(format!("GitHub sent JSON that does not parse: {e}")))
+    }
+
     /// Runs a GraphQL document. `Err` when nothing usable came back; otherwise the data and any errors, which the
     /// caller inspects (a batched mutation can partly succeed).
     pub async fn graphql(&self, document: &str, variables: Value) -> Result<GqlReply, GhError> {

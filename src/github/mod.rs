@@ -3,6 +3,7 @@
 
 pub mod board;
 pub mod client;
+pub mod comments;
 pub mod sync;
 
 use std::path::Path;
@@ -22,6 +23,8 @@ pub struct GitHubCtx {
     /// Reads issues (with their board item) and, when `project.enabled`, keeps the board true.
     pub reconciler: Arc<Reconciler>,
     pub sync_enabled: bool,
+    /// The INSTANCE_STATUS comments, unless `statusComments.enabled` is false.
+    pub comments: Option<Arc<comments::Comments>>,
 }
 
 /// Why GitHub is off, when it is.
@@ -59,7 +62,33 @@ pub fn setup(config: &Config, workspace: &Path, state_dir: &Path) -> Result<GitH
     if sync_enabled {
         tokio::spawn(reconciler.clone().run());
     }
-    Ok(GitHubCtx { owner, repo, token_source, gh, reconciler, sync_enabled })
+    let settings = &config.raw.status_comments;
+    let comments = settings.enabled.then(|| {
+        let redactor = comments::Redactor::new(&settings.redact_patterns, known_secrets(config, &token));
+        let worker = comments::Comments::new(
+            gh.clone(),
+            owner.clone(),
+            repo.clone(),
+            std::time::Duration::from_secs_f64(settings.interval_secs),
+            redactor,
+        );
+        tokio::spawn(worker.clone().run());
+        worker
+    });
+    Ok(GitHubCtx { owner, repo, token_source, gh, reconciler, sync_enabled, comments })
+}
+
+/// Secret values autodev knows, removed verbatim from anything it posts: the GitHub token, the LLMs' API keys,
+/// and the values of their environment variables whose names say they are keys or tokens.
+fn known_secrets(config: &Config, token: &client::Token) -> Vec<String> {
+    let secret_name = |k: &str| ["KEY", "TOKEN", "SECRET", "PASSWORD"].iter().any(|w| k.to_uppercase().contains(w));
+    let mut out = vec![token.expose().to_string()];
+    for entry in config.providers() {
+        out.extend(entry.llm.api_key.clone());
+        out.extend(entry.llm.env.iter().filter(|(k, _)| secret_name(k)).map(|(_, v)| v.clone()));
+    }
+    out.extend(std::env::vars().filter(|(k, _)| secret_name(k)).map(|(_, v)| v));
+    out
 }
 
 fn origin_repo(workspace: &Path) -> Option<(String, String)> {

@@ -67,6 +67,8 @@ pub struct State {
     pub log: Vec<Logged>,
     /// Every request body and header block seen, to check no secret leaks in.
     pub seen: Vec<String>,
+    /// Issue comments: id → (issue, body).
+    pub comments: BTreeMap<u64, (u64, String)>,
 }
 
 pub struct FakeGitHub {
@@ -114,6 +116,7 @@ impl FakeGitHub {
             failing: None,
             log: Vec::new(),
             seen: Vec::new(),
+            comments: BTreeMap::new(),
         }));
         let shared = state.clone();
         std::thread::spawn(move || {
@@ -157,6 +160,11 @@ impl FakeGitHub {
     }
 
     /// Operation names (GraphQL) or paths (REST) of the requests so far.
+    /// The bodies of the comments on `issue`.
+    pub fn comments_on(&self, issue: u64) -> Vec<(u64, String)> {
+        self.lock().comments.iter().filter(|(_, (i, _))| *i == issue).map(|(id, (_, b))| (*id, b.clone())).collect()
+    }
+
     pub fn operations(&self) -> Vec<String> {
         self.lock()
             .log
@@ -263,6 +271,44 @@ fn handle(state: &Mutex<State>, method: &str, path: &str, headers: &str, body: &
     }
     let scopes = "x-oauth-scopes: repo, project\r\n".to_string();
     let mut s = state.lock().unwrap();
+    let route = path.split('?').next().unwrap_or("");
+    let query = path.split_once('?').map_or("", |(_, q)| q);
+    let issue_of = |p: &str| {
+        p.strip_prefix("/repos/octo/widgets/issues/")
+            .and_then(|r| r.strip_suffix("/comments"))
+            .and_then(|n| n.parse::<u64>().ok())
+    };
+    if let Some(issue) = issue_of(route) {
+        if !s.issues.contains_key(&issue) {
+            return (404, scopes, json!({ "message": "Not Found" }));
+        }
+        if method == "GET" {
+            let page: usize =
+                query.split('&').find_map(|kv| kv.strip_prefix("page=")).and_then(|p| p.parse().ok()).unwrap_or(1);
+            let list: Vec<Value> = s
+                .comments
+                .iter()
+                .filter(|(_, (i, _))| *i == issue)
+                .skip((page - 1) * 100)
+                .take(100)
+                .map(|(id, (_, b))| json!({ "id": id, "body": b }))
+                .collect();
+            return (200, scopes, json!(list));
+        }
+        let id = 1000 + s.comments.len() as u64;
+        let text = body["body"].as_str().unwrap_or("").to_string();
+        s.comments.insert(id, (issue, text.clone()));
+        return (201, scopes, json!({ "id": id, "body": text }));
+    }
+    if let Some(id) = route.strip_prefix("/repos/octo/widgets/issues/comments/").and_then(|n| n.parse::<u64>().ok()) {
+        return match s.comments.get_mut(&id) {
+            Some(c) if method == "PATCH" => {
+                c.1 = body["body"].as_str().unwrap_or("").to_string();
+                (200, scopes, json!({ "id": id, "body": c.1 }))
+            }
+            _ => (404, scopes, json!({ "message": "Not Found" })),
+        };
+    }
     if method == "GET" {
         return match path {
             "/repos/octo/widgets" => (200, scopes, json!({ "full_name": "octo/widgets" })),

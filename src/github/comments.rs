@@ -1,0 +1,349 @@
+//! Status comments (seed 000): one comment per task on its GitHub issue, created when the run starts and edited in
+//! place on every state change and at most once per `statusComments.intervalSecs` while it runs. The body holds a
+//! short summary and the INSTANCE_STATUS block with its JSON. Secrets are removed from previews first.
+//!
+//! A comment is never created twice: its id is kept with the task, and before any POST for a task whose id is not
+//! known (a crash, a POST whose answer was lost) the issue's comments are searched for the task's marker.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use regex::Regex;
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+
+use super::client::{GhError, GitHub};
+use crate::protocol::SlotStatus;
+
+/// GitHub counts comment writes against content-creation limits: at least this long between two writes.
+const WRITE_SPACING: Duration = Duration::from_secs(1);
+/// Comments read back per page and pages searched when looking for a task's comment.
+const SEARCH_PAGES: u32 = 10;
+
+/// What a comment is about, as of the moment it was asked for.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub task_id: String,
+    pub issue: u64,
+    pub title: String,
+    pub row: SlotStatus,
+    /// A state change: written at once; otherwise it waits for the interval.
+    pub urgent: bool,
+}
+
+struct Entry {
+    snapshot: Snapshot,
+    comment_id: Option<u64>,
+    last_written: Option<Instant>,
+    /// Bumped by every update; the worker settles an entry only if no update came while it wrote.
+    version: u64,
+    written: u64,
+    retry_at: Option<Instant>,
+    failures: u32,
+}
+
+pub struct Comments {
+    gh: Arc<GitHub>,
+    owner: String,
+    repo: String,
+    interval: Duration,
+    redact: Redactor,
+    entries: Mutex<HashMap<String, Entry>>,
+    wake: Notify,
+    /// Comment ids learned, for the task records (task id → comment id), taken by the daemon.
+    learned: Mutex<Vec<(String, u64)>>,
+}
+
+impl Comments {
+    pub fn new(gh: Arc<GitHub>, owner: String, repo: String, interval: Duration, redact: Redactor) -> Arc<Comments> {
+        Arc::new(Comments {
+            gh,
+            owner,
+            repo,
+            interval,
+            redact,
+            entries: Mutex::new(HashMap::new()),
+            wake: Notify::new(),
+            learned: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Asks for the task's comment to show `snapshot`; `known_id` is the comment id the task record has.
+    pub fn update(&self, snapshot: Snapshot, known_id: Option<u64>) {
+        let urgent = snapshot.urgent;
+        let mut entries = self.lock();
+        let entry = entries.entry(snapshot.task_id.clone()).or_insert_with(|| Entry {
+            snapshot: snapshot.clone(),
+            comment_id: known_id,
+            last_written: None,
+            version: 0,
+            written: 0,
+            retry_at: None,
+            failures: 0,
+        });
+        // An urgent change not yet written stays urgent when a routine one follows it.
+        let pending_urgent = entry.snapshot.urgent && entry.written < entry.version;
+        entry.snapshot = Snapshot { urgent: urgent || pending_urgent, ..snapshot };
+        entry.comment_id = entry.comment_id.or(known_id);
+        entry.version += 1;
+        drop(entries);
+        if urgent {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Comment ids found or created since the last call.
+    pub fn take_learned(&self) -> Vec<(String, u64)> {
+        std::mem::take(&mut *self.learned.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The worker: writes what is due, one write a second at most.
+    pub async fn run(self: Arc<Self>) {
+        loop {
+            let due = {
+                let entries = self.lock();
+                let now = Instant::now();
+                entries
+                    .iter()
+                    .filter(|(_, e)| e.written < e.version && e.retry_at.is_none_or(|t| t <= now))
+                    .filter(|(_, e)| {
+                        e.snapshot.urgent || e.last_written.is_none_or(|t| now.duration_since(t) >= self.interval)
+                    })
+                    .map(|(k, e)| (k.clone(), e.snapshot.clone(), e.comment_id, e.version))
+                    .collect::<Vec<_>>()
+            };
+            for (task_id, snapshot, id, version) in due {
+                let body = render(&snapshot, &self.redact);
+                let result = self.write(&snapshot, &task_id, id, &body).await;
+                {
+                    let mut entries = self.lock();
+                    if let Some(entry) = entries.get_mut(&task_id) {
+                        match result {
+                            Ok(new_id) => {
+                                entry.comment_id = Some(new_id);
+                                entry.last_written = Some(Instant::now());
+                                entry.written = version;
+                                entry.failures = 0;
+                                entry.retry_at = None;
+                                if entry.version == version {
+                                    entry.snapshot.urgent = false;
+                                }
+                            }
+                            Err(GhError::NotFound(what)) if entry.comment_id.is_none() => {
+                                // The issue is not on GitHub (a task given with --prompt): nothing to comment on.
+                                tracing::info!(issue = snapshot.issue, "no status comment: {what}");
+                                entry.written = entry.version;
+                                entry.retry_at = Some(Instant::now() + Duration::from_secs(86_400));
+                            }
+                            Err(e) => {
+                                entry.failures += 1;
+                                let wait = e.wait_hint().unwrap_or(Duration::from_secs(1 << entry.failures.min(8)));
+                                tracing::warn!(issue = snapshot.issue, "status comment: {e}; trying again in {wait:?}");
+                                entry.retry_at = Some(Instant::now() + wait);
+                            }
+                        }
+                    }
+                }
+                tokio::time::sleep(WRITE_SPACING).await;
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.wake.notified()).await;
+        }
+    }
+
+    /// PATCHes the task's comment, or finds it, or (only if it does not exist) creates it. Returns its id.
+    async fn write(&self, snapshot: &Snapshot, task_id: &str, known: Option<u64>, body: &str) -> Result<u64, GhError> {
+        let (owner, repo) = (&self.owner, &self.repo);
+        let id = match known {
+            Some(id) => Some(id),
+            None => self.find(snapshot.issue, task_id).await?,
+        };
+        let id = match id {
+            Some(id) => {
+                let reply = self
+                    .gh
+                    .rest_send(
+                        "PATCH",
+                        &format!("/repos/{owner}/{repo}/issues/comments/{id}"),
+                        &json!({ "body": body }),
+                    )
+                    .await;
+                match reply {
+                    Ok(_) => id,
+                    // Deleted by someone: a new one is made next time (after a search).
+                    Err(GhError::NotFound(_)) => {
+                        if let Some(e) = self.lock().get_mut(task_id) {
+                            e.comment_id = None;
+                        }
+                        return Err(GhError::Other(format!("comment {id} is gone; a new one will be made")));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            None => {
+                let created = self
+                    .gh
+                    .rest_send(
+                        "POST",
+                        &format!("/repos/{owner}/{repo}/issues/{}/comments", snapshot.issue),
+                        &json!({ "body": body }),
+                    )
+                    .await?;
+                created["id"]
+                    .as_u64()
+                    .ok_or_else(|| GhError::Other("GitHub did not say the new comment's id".into()))?
+            }
+        };
+        self.learned.lock().unwrap_or_else(|e| e.into_inner()).push((task_id.to_string(), id));
+        Ok(id)
+    }
+
+    /// The task's comment on the issue, if one exists (found by its marker).
+    async fn find(&self, issue: u64, task_id: &str) -> Result<Option<u64>, GhError> {
+        let marker = task_marker(task_id);
+        for page in 1..=SEARCH_PAGES {
+            let path = format!("/repos/{}/{}/issues/{issue}/comments?per_page=100&page={page}", self.owner, self.repo);
+            let list = self.gh.rest_get(&path).await?;
+            let Some(items) = list.as_array() else { return Ok(None) };
+            if let Some(found) = items.iter().find(|c| c["body"].as_str().is_some_and(|b| b.contains(&marker))) {
+                return Ok(found["id"].as_u64());
+            }
+            if items.len() < 100 {
+                break;
+            }
+        }
+        Ok(None)
+    }
+}
+
+fn task_marker(task_id: &str) -> String {
+    format!("<!-- autodev-task:{task_id} -->")
+}
+
+/// Removes secrets from text that leaves the machine: known token shapes, configured patterns, and the literal
+/// values of the secrets autodev knows (its GitHub token, the LLMs' API keys).
+pub struct Redactor {
+    patterns: Vec<Regex>,
+    literals: Vec<String>,
+}
+
+const BUILTIN_PATTERNS: &[&str] = &[
+    r"gh[pousr]_[A-Za-z0-9]{20,}",
+    r"github_pat_[A-Za-z0-9_]{20,}",
+    r"sk-ant-[A-Za-z0-9_\-]{8,}",
+    r"sk-[A-Za-z0-9_\-]{20,}",
+    r"AKIA[0-9A-Z]{16}",
+    r"AIza[0-9A-Za-z_\-]{30,}",
+    r"xox[abprs]-[A-Za-z0-9\-]{10,}",
+    r"(?i)bearer\s+[A-Za-z0-9._~+/\-]{10,}=*",
+    r"(?i)\b(api[_-]?key|access[_-]?token|auth[_-]?token|secret|password)\b\s*[:=]\s*\S+",
+];
+
+impl Redactor {
+    pub fn new(extra: &[String], literals: Vec<String>) -> Redactor {
+        let patterns = BUILTIN_PATTERNS
+            .iter()
+            .map(|p| p.to_string())
+            .chain(extra.iter().cloned())
+            // Built-in patterns are tested; configured ones were checked when the config was read.
+            .filter_map(|p| Regex::new(&p).inspect_err(|e| tracing::error!("redaction pattern {p:?}: {e}")).ok())
+            .collect();
+        Redactor { patterns, literals: literals.into_iter().filter(|l| l.len() >= 6).collect() }
+    }
+
+    pub fn clean(&self, text: &str) -> String {
+        let mut out = text.to_string();
+        for literal in &self.literals {
+            out = out.replace(literal.as_str(), "[redacted]");
+        }
+        for pattern in &self.patterns {
+            out = pattern.replace_all(&out, "[redacted]").into_owned();
+        }
+        out
+    }
+}
+
+fn bar(percent: u8) -> String {
+    let filled = usize::from(percent.min(100)) / 10;
+    format!("{}{} {percent}%", "█".repeat(filled), "░".repeat(10 - filled))
+}
+
+/// The comment: a human summary, then the seed's INSTANCE_STATUS block (JSON that parses), then the task marker.
+pub fn render(s: &Snapshot, redact: &Redactor) -> String {
+    let row = &s.row;
+    let preview: Vec<String> = row.console_preview.iter().map(|l| redact.clean(l)).collect();
+    let uptime =
+        row.started_at.as_deref().and_then(crate::timefmt::parse_rfc3339).map(crate::timefmt::age).unwrap_or(0);
+    let json_block = json!({
+        "instance_id": row.slot,
+        "status": row.state.as_str(),
+        "role": "worker",
+        "current_task": {
+            "id": format!("issue-{}", s.issue),
+            "description": redact.clean(&s.title),
+            "progress": row.progress.unwrap_or(0),
+            "started_at": row.started_at,
+        },
+        "health": {
+            "cpu_usage": row.cpu_percent.unwrap_or(0.0),
+            "memory_mb": row.memory_mb.unwrap_or(0.0),
+            "last_heartbeat": row.heartbeat_at,
+            "uptime_seconds": uptime,
+        },
+        "console_preview": preview,
+    });
+    let progress = match (row.progress, &row.progress_message) {
+        (Some(p), Some(m)) => format!("{} {}", bar(p), redact.clean(m)),
+        (Some(p), None) => bar(p),
+        _ => "no progress reported".into(),
+    };
+    let mut summary = format!("**autodev** · `{}` · **{}** · {progress}\n", row.slot, row.state.as_str());
+    if let Some(reason) = &row.reason {
+        summary.push_str(&format!("{}\n", redact.clean(reason)));
+    }
+    summary.push_str(&format!(
+        "cpu {:.0}% · memory {:.0} MB · last heartbeat {}\n",
+        row.cpu_percent.unwrap_or(0.0),
+        row.memory_mb.unwrap_or(0.0),
+        row.heartbeat_at.as_deref().unwrap_or("-")
+    ));
+    let pretty = serde_json::to_string_pretty(&json_block).unwrap_or_else(|_| Value::Null.to_string());
+    format!(
+        "{summary}\n<!-- INSTANCE_STATUS:START:{slot} -->\n```json\n{pretty}\n```\n<!-- INSTANCE_STATUS:END:{slot} -->\n{marker}\n",
+        slot = row.slot,
+        marker = task_marker(&s.task_id)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redaction_removes_token_shapes_and_known_values() {
+        let r = Redactor::new(&["internal-[0-9]+".to_string()], vec!["my-very-secret-value".into()]);
+        let text = "ghp_abcdefghijklmnopqrstuvwxyz12 sk-ant-api03-xyzxyzxyz API_KEY=abc123 internal-42 my-very-secret-value ok";
+        let clean = r.clean(text);
+        for gone in ["ghp_", "sk-ant", "abc123", "internal-42", "my-very-secret"] {
+            assert!(!clean.contains(gone), "{gone} left in {clean}");
+        }
+        assert!(clean.ends_with(" ok"));
+    }
+
+    #[test]
+    fn every_builtin_pattern_compiles() {
+        for p in BUILTIN_PATTERNS {
+            Regex::new(p).unwrap_or_else(|e| panic!("{p}: {e}"));
+        }
+    }
+
+    #[test]
+    fn progress_bar() {
+        assert_eq!(bar(70), "███████░░░ 70%");
+        assert_eq!(bar(0), "░░░░░░░░░░ 0%");
+    }
+}

@@ -1,0 +1,161 @@
+//! Health end to end: stale and back, CPU and memory, progress from inside (and refused from outside), retries on
+//! a fallback LLM, the INSTANCE_STATUS comment (parses, edited not duplicated across a restart, no secrets), history.
+
+mod common;
+
+use common::fake_github::{FakeGitHub, TOKEN};
+use common::{Daemon, fake_config, wait_until};
+use serde_json::{Value, json};
+
+fn config() -> Value {
+    let mut c = fake_config(1);
+    c["health"] = json!({ "sampleSecs": 0.1, "staleAfterSecs": 1 });
+    for llm in ["claude", "gemini", "codex"] {
+        c["llms"][llm]["env"]["AUTODEVCTL"] = json!(env!("CARGO_BIN_EXE_autodevctl"));
+    }
+    c
+}
+
+#[test]
+fn a_silent_run_goes_stale_and_comes_back_with_output() {
+    let d = Daemon::start(&config());
+    d.assign(1, &[], "@say start\n@sleep 2.5\n@say back\n@sleep 0.3");
+    let stale = d.wait_state("claude-1", "stale");
+    assert!(stale["pid"].is_i64(), "a stale run is still running: {stale}");
+    wait_until("back to in_progress", || {
+        let row = d.slot("claude-1");
+        (row["state"] == "in_progress" && row["console_preview"].as_array()?.contains(&json!("back"))).then_some(())
+    });
+    d.wait_state("claude-1", "completed");
+    let table = d.ctl(&["status"]);
+    assert!(table.contains("instances 3 total"), "{table}");
+}
+
+#[test]
+fn a_busy_run_shows_cpu_and_memory_and_is_not_stale() {
+    let d = Daemon::start(&config());
+    d.assign(2, &[], "@burn 3");
+    let row = wait_until("CPU and memory samples", || {
+        let row = d.slot("claude-1");
+        (row["cpu_percent"].as_f64()? > 20.0 && row["memory_mb"].as_f64()? > 1.0).then_some(row)
+    });
+    assert_eq!(row["state"], "in_progress", "busy for longer than staleAfterSecs, yet not stale: {row}");
+}
+
+#[test]
+fn progress_is_taken_from_inside_a_run_and_refused_from_outside() {
+    let d = Daemon::start(&config());
+    d.assign(3, &[], "@progress 42 Writing tests\n@sleep 3");
+    let row = wait_until("the progress report", || {
+        let row = d.slot("claude-1");
+        (row["progress"] == 42).then_some(row)
+    });
+    assert_eq!(row["progress_message"], "Writing tests");
+    let record = d.record(row["run_id"].as_str().unwrap());
+    assert_eq!(record["progress"][0]["rc"], 0, "{record}");
+    // The same request from a process that is not part of the run.
+    let out = d
+        .ctl_command(&["progress", "99", "forged"])
+        .env("AUTODEV_SLOT", "claude-1")
+        .env("AUTODEV_RUN", row["run_id"].as_str().unwrap())
+        .env("AUTODEV_SOCKET", d.socket())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("only taken from inside its run"));
+    assert_eq!(d.slot("claude-1")["progress"], 42);
+    let out = d.ctl_command(&["progress", "5"]).env_remove("AUTODEV_SLOT").output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("runs inside an agent's slot"));
+}
+
+#[test]
+fn a_failing_task_is_retried_on_a_fallback_llm_with_its_attempt_count() {
+    let mut c = config();
+    c["retry"] = json!({ "maxAttempts": 2, "fallback": ["codex"], "backoffSecs": 0.1 });
+    let d = Daemon::start(&c);
+    d.assign(4, &[], "the task\n@fail-on claude");
+    d.wait_state("claude-1", "failed");
+    let moved = d.wait_state("codex-1", "completed");
+    assert_eq!(moved["issue"], 4);
+    assert_eq!(moved["attempt"], 2, "{moved}");
+    assert_eq!(moved["runs"].as_array().unwrap().len(), 2);
+    let history: Value = serde_json::from_str(&d.ctl(&["history", "--json", "--issue", "4"])).unwrap();
+    let states: Vec<(&str, &str, usize)> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| (h["slot"].as_str().unwrap(), h["state"].as_str().unwrap(), h["runs"].as_array().unwrap().len()))
+        .collect();
+    assert_eq!(states, [("claude-1", "failed", 1), ("codex-1", "completed", 2)]);
+    assert!(d.ctl(&["history"]).contains("codex-1"));
+    // Errors a retry cannot fix are not retried.
+    let mut c = config();
+    c["retry"] = json!({ "maxAttempts": 3, "backoffSecs": 0.1 });
+    c["llms"]["gemini"]["cliPath"] = json!("/nonexistent/gemini");
+    let d = Daemon::start(&c);
+    let _ = d.try_ctl(&["assign", "5", "--llm", "gemini", "--prompt", "x"]);
+    let history: Value = serde_json::from_str(&d.ctl(&["history", "--json"])).unwrap();
+    assert_eq!(history.as_array().unwrap().len(), 1, "a missing CLI is not retried: {history}");
+}
+
+#[test]
+fn the_status_comment_parses_is_edited_not_duplicated_and_keeps_secrets_home() {
+    let fake = FakeGitHub::start("TEXT");
+    fake.add_issue(70, "Commented task", false);
+    let mut c = config();
+    c["health"] = json!({ "sampleSecs": 0.1, "staleAfterSecs": 30 });
+    c["github"] = json!({ "owner": "octo", "repo": "widgets", "apiUrl": fake.url, "timeoutSecs": 2 });
+    c["statusComments"] = json!({ "intervalSecs": 0.3, "redactPatterns": ["corp-secret-[0-9]+"] });
+    c["llms"]["claude"]["apiKey"] = json!("sk-planted-api-key-value");
+    let mut d = Daemon::start(&c);
+    let planted = "token ghp_abcdefghijklmnopqrstuvwxyz0123 key sk-ant-api03-plantedplanted corp-secret-42 sk-planted-api-key-value";
+    d.assign(70, &[], &format!("@say {planted}\n@progress 30 Half way\n@sleep 3\n@say finishing"));
+    let body = wait_until("an in-progress comment", || {
+        let comments = fake.comments_on(70);
+        comments.first().filter(|(_, b)| b.contains("\"status\": \"in_progress\"")).map(|(_, b)| b.clone())
+    });
+    let start = body.find("<!-- INSTANCE_STATUS:START:claude-1 -->").expect("start marker");
+    let end = body.find("<!-- INSTANCE_STATUS:END:claude-1 -->").expect("end marker");
+    let block = &body[start..end];
+    let json_text = block.split("```json").nth(1).unwrap().split("```").next().unwrap();
+    let status: Value = serde_json::from_str(json_text).expect("the JSON in the comment parses");
+    assert_eq!(status["instance_id"], "claude-1");
+    assert_eq!(status["role"], "worker");
+    assert_eq!(status["current_task"]["id"], "issue-70");
+    for key in ["cpu_usage", "memory_mb", "last_heartbeat", "uptime_seconds"] {
+        assert!(status["health"].get(key).is_some(), "health.{key} missing: {status}");
+    }
+    assert!(status["console_preview"].is_array());
+    wait_until("the progress in the comment", || fake.comments_on(70)[0].1.contains("Half way").then_some(()));
+    // A crash and a restart: the run is adopted, and the same comment is edited to its end.
+    d.kill9();
+    d.launch();
+    d.wait_state("claude-1", "completed");
+    wait_until("the final comment", || fake.comments_on(70)[0].1.contains("\"status\": \"completed\"").then_some(()));
+    assert_eq!(fake.comments_on(70).len(), 1, "one comment per task, across restarts");
+    let everything = fake.lock().seen.join("\n");
+    for secret in [
+        "ghp_abcdefghijklmnopqrstuvwxyz0123",
+        "sk-ant-api03-plantedplanted",
+        "corp-secret-42",
+        "sk-planted-api-key-value",
+    ] {
+        assert!(!everything.contains(secret), "{secret} reached GitHub");
+    }
+    assert!(everything.contains("[redacted]"));
+    // The token only ever travels in the Authorization header.
+    assert!(fake.comments_on(70)[0].1.find(TOKEN).is_none());
+}
+
+#[test]
+fn a_usage_limit_is_waited_out_not_failed_and_then_resumed() {
+    let mut c = config();
+    c["supervisor"]["onAbandoned"] = json!("resume");
+    let d = Daemon::start(&c);
+    let reset = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 2;
+    d.assign(8, &[], &format!("@say Claude AI usage limit reached|{reset}\n@no-result\n@exit 1"));
+    let row = d.wait_state("claude-1", "abandoned");
+    assert!(row["reason"].as_str().unwrap().starts_with("rate limited until"), "not failed: {row}");
+    let resumed = d.wait_state("claude-1", "completed");
+    assert_eq!(resumed["runs"].as_array().unwrap().len(), 2, "resumed after the reset: {resumed}");
+}
