@@ -51,8 +51,11 @@ fn progress_is_taken_from_inside_a_run_and_refused_from_outside() {
         (row["progress"] == 42).then_some(row)
     });
     assert_eq!(row["progress_message"], "Writing tests");
-    let record = d.record(row["run_id"].as_str().unwrap());
-    assert_eq!(record["progress"][0]["rc"], 0, "{record}");
+    // The fake writes the command's exit code once the command has returned.
+    let rc = wait_until("autodevctl progress to return", || {
+        d.record(row["run_id"].as_str().unwrap())["progress"][0]["rc"].as_i64()
+    });
+    assert_eq!(rc, 0);
     // The same request from a process that is not part of the run.
     let out = d
         .ctl_command(&["progress", "99", "forged"])
