@@ -254,7 +254,7 @@ fn recovery_startup(report: &mut Vec<String>) {
             let mut lock = template.clone();
             (lock.slot, lock.issue, lock.pid, lock.pgid) =
                 (slot.clone(), 7000 + i as u64, Some(dead_pid), Some(dead_pid));
-            lock.run_id = format!("dead-{i}");
+            lock.run_id = format!("01DEAD{i:020}");
             lock.stdout = d.state_dir().join("runs").join(&lock.run_id).join("stdout");
             std::fs::write(slots.join(format!("{slot}.lock")), serde_json::to_vec(&lock).unwrap()).unwrap();
         }
@@ -328,12 +328,38 @@ fn worktree_reuse(report: &mut Vec<String>) {
     ));
 }
 
+/// Health sampling of 64 running slots: daemon CPU over a period, as a share of one core, at a sample every
+/// second (ten times the default rate) and at the default 10 s.
+fn health_sampling(report: &mut Vec<String>) {
+    let slots = 64u32;
+    let secs = if quick() { 5 } else { 30 };
+    for sample_secs in [1.0, 10.0] {
+        let mut config = writer_config();
+        config["llms"]["bench"]["maxConcurrentIssues"] = json!(slots);
+        config["health"] = json!({ "sampleSecs": sample_secs });
+        let d = Daemon::start(&config);
+        for i in 0..slots {
+            d.assign(8000 + u64::from(i), &[], "sleep 900");
+        }
+        std::thread::sleep(Duration::from_secs(2));
+        let before = daemon_cpu_secs(d.pid());
+        std::thread::sleep(Duration::from_secs(secs));
+        let used = daemon_cpu_secs(d.pid()) - before;
+        let sampled = d.status()["slots"].as_array().unwrap().iter().filter(|s| s["memory_mb"].is_number()).count();
+        assert_eq!(sampled, slots as usize, "every slot is sampled");
+        report.push(format!(
+            "| health sampling of {slots} running slots, a sample every {sample_secs} s | **{:.3}% of one core** ({used:.3} s CPU in {secs} s) |",
+            used / secs as f64 * 100.0
+        ));
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--writer") {
         return writer(&args[i + 1]);
     }
-    // BENCH_ONLY=capture,status,memory,idle,latency,recovery,worktree runs only those sections.
+    // BENCH_ONLY=capture,status,memory,idle,latency,recovery,worktree,health runs only those sections.
     let only = std::env::var("BENCH_ONLY").ok();
     let wanted = |name: &str| only.as_deref().is_none_or(|o| o.split(',').any(|x| x == name));
     let (gib, rounds) = if quick() { (64u64 << 20, 2) } else { (1u64 << 30, 5) };
@@ -370,6 +396,9 @@ fn main() {
     }
     if wanted("worktree") {
         worktree_reuse(&mut other);
+    }
+    if wanted("health") {
+        health_sampling(&mut other);
     }
 
     println!("\n## Capture cost (medians of {rounds} alternating rounds)\n");

@@ -23,7 +23,10 @@ fn cut(text: &str, max: usize) -> String {
 fn activity(row: &SlotStatus) -> String {
     let text = match row.state {
         SlotState::Completed | SlotState::Failed | SlotState::Abandoned => row.reason.clone(),
-        _ => row.progress_message.clone().or_else(|| row.console_preview.last().cloned()),
+        _ => match &row.rate_limited_until {
+            Some(until) => Some(format!("rate limited until {until}")),
+            None => row.progress_message.clone().or_else(|| row.console_preview.last().cloned()),
+        },
     };
     cut(&text.unwrap_or_default(), ACTIVITY_CHARS)
 }

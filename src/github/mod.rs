@@ -111,7 +111,8 @@ You are working on GitHub issue #{number}: {title}
 ---
 Resolve this issue in this repository. Read the relevant code first, make focused changes, add or update tests, \
 and run the project's test suite. Commit your work on branch {branch} with messages that reference #{number}. \
-When you are done, end with a short summary of what you changed and anything left open.";
+Now and then report how far you are with `autodevctl progress <percent> \"<what you are doing>\"` (it knows your \
+slot, {slot}). When you are done, end with a short summary of what you changed and anything left open.";
 
 /// Fills a prompt template; unknown placeholders stay as they are, and issue text is never expanded again.
 pub fn render_prompt(template: &str, issue: &IssueView, slot: &str, branch: Option<&str>) -> String {
