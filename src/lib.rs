@@ -11,5 +11,6 @@ pub mod paths;
 pub mod protocol;
 pub mod provider;
 pub mod supervisor;
+pub mod template;
 pub mod timefmt;
 pub mod workspace;

@@ -284,7 +284,7 @@ impl Provider {
             .map(|arg| {
                 prompt_in_args |= arg.contains("{prompt}") || arg.contains("{prompt_file}");
                 // One pass over the template: a placeholder inside the prompt text is never expanded again.
-                expand_placeholders(arg, |name| match name {
+                crate::template::expand(arg, |name| match name {
                     "prompt" => Some(ctx.prompt.to_string()),
                     "prompt_file" => Some(ctx.prompt_file.display().to_string()),
                     "model" => Some(self.model.clone().unwrap_or_default()),
@@ -302,28 +302,6 @@ impl Provider {
             session_id: session.map(str::to_string),
         }
     }
-}
-
-/// Replaces `{name}` with `lookup(name)`; unknown names stay as they are.
-fn expand_placeholders(arg: &str, lookup: impl Fn(&str) -> Option<String>) -> String {
-    let mut out = String::with_capacity(arg.len());
-    let mut rest = arg;
-    while let Some(open) = rest.find('{') {
-        out.push_str(&rest[..open]);
-        let after = &rest[open + 1..];
-        match after.find('}').and_then(|close| lookup(&after[..close]).map(|v| (close, v))) {
-            Some((close, value)) => {
-                out.push_str(&value);
-                rest = &after[close + 1..];
-            }
-            None => {
-                out.push('{');
-                rest = after;
-            }
-        }
-    }
-    out.push_str(rest);
-    out
 }
 
 /// How a run ended, as its final event says.

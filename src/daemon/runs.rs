@@ -1139,6 +1139,18 @@ fn resume_after_limit(shared: &Arc<Shared>, slot: &str, run_id: &str, until: Sys
         return;
     }
     let wait = until.duration_since(SystemTime::now()).unwrap_or_default() + Duration::from_secs(1);
+    later(shared, slot, run_id, SlotState::Abandoned, wait, |shared, slot| async move {
+        resume(&shared, &slot, true).await.map(drop)
+    });
+}
+
+/// After `wait`, runs `then` on the slot's task, but only if it is still run `run_id` in `state`: a resume, a
+/// release or a new assignment meanwhile wins.
+fn later<F, Fut>(shared: &Arc<Shared>, slot: &str, run_id: &str, state: SlotState, wait: Duration, then: F)
+where
+    F: FnOnce(Arc<Shared>, String) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), ErrorReply>> + Send,
+{
     let (shared, slot, run_id) = (shared.clone(), slot.to_string(), run_id.to_string());
     tokio::spawn(async move {
         tokio::time::sleep(wait).await;
@@ -1146,9 +1158,9 @@ fn resume_after_limit(shared: &Arc<Shared>, slot: &str, run_id: &str, until: Sys
             .lock_table()
             .get(&slot)
             .and_then(|s| s.task.as_ref())
-            .is_some_and(|t| t.record.run_id == run_id && t.state == SlotState::Abandoned);
-        if unchanged && let Err(e) = resume(&shared, &slot, true).await {
-            tracing::warn!(slot, "resume after the usage limit: {}", e.message);
+            .is_some_and(|t| t.record.run_id == run_id && t.state == state);
+        if unchanged && let Err(e) = then(shared.clone(), slot.clone()).await {
+            tracing::warn!(slot, "{}", e.message);
         }
     });
 }
@@ -1186,19 +1198,9 @@ fn schedule_retry(shared: &Arc<Shared>, exit: &ExitRecord) {
         return;
     }
     let wait = Duration::from_secs_f64(policy.backoff_secs * f64::from(1u32 << (attempts - 1).min(10)));
-    let (shared, slot, run_id) = (shared.clone(), exit.slot.clone(), exit.run_id.clone());
-    tracing::info!(slot, "retrying the task in {wait:?} (attempt {} of {})", attempts + 1, policy.max_attempts);
-    tokio::spawn(async move {
-        tokio::time::sleep(wait).await;
-        // Only if nothing happened to the task meanwhile (a resume, a release, a new assignment).
-        let unchanged = shared
-            .lock_table()
-            .get(&slot)
-            .and_then(|s| s.task.as_ref())
-            .is_some_and(|t| t.record.run_id == run_id && t.state == SlotState::Failed);
-        if unchanged && let Err(e) = retry(&shared, &slot).await {
-            tracing::warn!(slot, "retry: {}", e.message);
-        }
+    tracing::info!(slot = %exit.slot, "retrying the task in {wait:?} (attempt {} of {})", attempts + 1, policy.max_attempts);
+    later(shared, &exit.slot, &exit.run_id, SlotState::Failed, wait, |shared, slot| async move {
+        retry(&shared, &slot).await
     });
 }
 

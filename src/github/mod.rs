@@ -116,39 +116,18 @@ slot, {slot}). When you are done, end with a short summary of what you changed a
 
 /// Fills a prompt template; unknown placeholders stay as they are, and issue text is never expanded again.
 pub fn render_prompt(template: &str, issue: &IssueView, slot: &str, branch: Option<&str>) -> String {
-    let labels = issue.labels.join(", ");
-    let number = issue.number.to_string();
-    let mut out = String::with_capacity(template.len() + issue.body.len());
-    let mut rest = template;
-    while let Some(open) = rest.find('{') {
-        out.push_str(&rest[..open]);
-        let after = &rest[open + 1..];
-        let value = after.find('}').and_then(|close| {
-            let v = match &after[..close] {
-                "number" => number.as_str(),
-                "title" => issue.title.as_str(),
-                "body" => issue.body.as_str(),
-                "url" => issue.url.as_str(),
-                "slot" => slot,
-                "branch" => branch.unwrap_or("(the current branch)"),
-                "labels" => labels.as_str(),
-                _ => return None,
-            };
-            Some((close, v))
-        });
-        match value {
-            Some((close, v)) => {
-                out.push_str(v);
-                rest = &after[close + 1..];
-            }
-            None => {
-                out.push('{');
-                rest = after;
-            }
-        }
-    }
-    out.push_str(rest);
-    out
+    crate::template::expand(template, |name| {
+        Some(match name {
+            "number" => issue.number.to_string(),
+            "title" => issue.title.clone(),
+            "body" => issue.body.clone(),
+            "url" => issue.url.clone(),
+            "slot" => slot.to_string(),
+            "branch" => branch.unwrap_or("(the current branch)").to_string(),
+            "labels" => issue.labels.join(", "),
+            _ => return None,
+        })
+    })
 }
 
 #[cfg(test)]
