@@ -312,12 +312,12 @@ fn worktree_reuse(report: &mut Vec<String>) {
     git(&repo, &["fetch", "--quiet", "origin"]);
     git(&repo, &["remote", "set-head", "origin", "main"]);
     let config = autodev::config::WorktreeConfig::default();
-    let first = autodev::workspace::prepare(&repo, &config, "claude-1", 1, "first task").unwrap();
+    let first = autodev::workspace::prepare(&repo, &config, "claude-1", 1, "first task", &[]).unwrap();
     let rounds = if quick() { 3 } else { 15 };
     let mut times = Vec::new();
     for i in 0..rounds {
         let start = Instant::now();
-        let p = autodev::workspace::prepare(&repo, &config, "claude-1", 2 + i, &format!("task {i}")).unwrap();
+        let p = autodev::workspace::prepare(&repo, &config, "claude-1", 2 + i, &format!("task {i}"), &[]).unwrap();
         times.push(start.elapsed().as_secs_f64() * 1000.0);
         assert_eq!(p.path, first.path, "the clean worktree is reused");
     }

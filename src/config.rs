@@ -483,6 +483,9 @@ impl Config {
         if !(0.1..=86_400.0).contains(&health.stale_after_secs) {
             return Err(invalid("health.staleAfterSecs".into(), "must be between 0.1 and 86400".into()));
         }
+        if !(0.1..=86_400.0).contains(&self.raw.status_comments.interval_secs) {
+            return Err(invalid("statusComments.intervalSecs".into(), "must be between 0.1 and 86400".into()));
+        }
         for (i, pattern) in self.raw.status_comments.redact_patterns.iter().enumerate() {
             if let Err(e) = regex::Regex::new(pattern) {
                 return Err(invalid(

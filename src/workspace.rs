@@ -172,7 +172,14 @@ pub fn unsaved_work(path: &Path) -> Result<Option<&'static str>, String> {
 
 /// Gets the worktree for a task of `issue` in `slot`: the slot's worktree reused when that loses nothing, else a
 /// fresh one; on the issue's existing branch, else on a new branch from the newest default branch.
-pub fn prepare(root: &Path, config: &WorktreeConfig, slot: &str, issue: u64, title: &str) -> Result<Prepared, String> {
+pub fn prepare(
+    root: &Path,
+    config: &WorktreeConfig,
+    slot: &str,
+    issue: u64,
+    title: &str,
+    in_use: &[PathBuf],
+) -> Result<Prepared, String> {
     let mut notes = Vec::new();
     let base = base_dir(root, config);
     std::fs::create_dir_all(&base)
@@ -199,7 +206,10 @@ pub fn prepare(root: &Path, config: &WorktreeConfig, slot: &str, issue: u64, tit
         if !path.exists() {
             break;
         }
-        if is_worktree(root, &path) {
+        let taken = in_use.iter().any(|p| same_path(p, &path));
+        if taken {
+            notes.push(format!("worktree {} is in use by another task; using a new one", path.display()));
+        } else if is_worktree(root, &path) {
             let current = git(&path, &["symbolic-ref", "--quiet", "--short", "HEAD"]).ok();
             if current.as_deref() == Some(branch.as_str()) {
                 // The issue's own earlier work, in the slot's own worktree: carry on there.
@@ -222,6 +232,13 @@ pub fn prepare(root: &Path, config: &WorktreeConfig, slot: &str, issue: u64, tit
     }
     add_worktree(root, &path, &mut branch, start.as_deref(), &mut notes)?;
     Ok(Prepared { path, branch, base: start, notes })
+}
+
+fn same_path(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
 }
 
 /// Puts a reused worktree on `branch` (new from `start`, or existing).

@@ -243,3 +243,16 @@ fn project_status_shows_fields_scopes_and_what_is_missing() {
     assert!(text.contains("✗ missing   field \"Agent\""), "{text}");
     assert!(text.contains("Todo, Ready, In Progress"), "{text}");
 }
+
+#[test]
+fn a_task_for_an_issue_github_does_not_have_leaves_nothing_pending() {
+    let fake = FakeGitHub::start("TEXT");
+    let d = Daemon::start(&config(&fake));
+    d.assign(999, &[], "@say a task of my own");
+    d.wait_state("claude-1", "completed");
+    let report = wait_until("the owed updates to be dropped", || {
+        let r = project_status(&d);
+        r["pending"].as_array()?.is_empty().then_some(r)
+    });
+    assert!(report["last_error"].as_str().unwrap().contains("no board update for it"), "{report}");
+}

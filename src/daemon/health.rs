@@ -23,11 +23,18 @@ pub(super) async fn run(shared: Arc<Shared>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let (running, went_stale) = sample(&shared);
+        // Comment ids learned meanwhile go into the task records (also for tasks whose run just ended).
+        runs::remember_comments(&shared);
+        let groups = running_groups(&shared);
+        if groups.is_empty() {
+            continue;
+        }
+        // The /proc walk is blocking work: off the runtime thread, so followers and replies never wait for it.
+        let Ok(totals) = tokio::task::spawn_blocking(move || scan(&groups)).await else { continue };
+        let (running, went_stale) = apply(&shared, &totals);
         for slot in &running {
             runs::comment(&shared, slot, went_stale.contains(slot));
         }
-        runs::remember_comments(&shared);
         for slot in went_stale {
             tokio::spawn(on_stale(shared.clone(), slot));
         }
@@ -49,19 +56,19 @@ fn scan(groups: &HashMap<i32, ()>) -> HashMap<i32, (u64, u64)> {
     totals
 }
 
-/// One sample of every running task; returns the running slots and those that just went stale.
-fn sample(shared: &Shared) -> (Vec<String>, Vec<String>) {
-    let groups: HashMap<i32, ()> = shared
+/// The process groups of the running tasks.
+fn running_groups(shared: &Shared) -> HashMap<i32, ()> {
+    shared
         .lock_table()
         .slots
         .iter()
         .filter_map(|s| s.task.as_ref().filter(|t| t.state.is_running()))
         .filter_map(|t| t.record.pgid.map(|g| (g as i32, ())))
-        .collect();
-    if groups.is_empty() {
-        return (Vec::new(), Vec::new());
-    }
-    let totals = scan(&groups);
+        .collect()
+}
+
+/// Applies one sample to every running task; returns the running slots and those that just went stale.
+fn apply(shared: &Shared, totals: &HashMap<i32, (u64, u64)>) -> (Vec<String>, Vec<String>) {
     let ticks_per_sec = procfs::ticks_per_second() as f64;
     let page = procfs::page_size() as f64;
     let stale_after = Duration::from_secs_f64(shared.config.raw.health.stale_after_secs);

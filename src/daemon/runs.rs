@@ -169,7 +169,12 @@ async fn intake(
     if !need_text && !gh.sync_enabled {
         return Ok(None);
     }
-    let wait = Duration::from_secs_f64(shared.config.raw.github.timeout_secs);
+    let mut wait = Duration::from_secs_f64(shared.config.raw.github.timeout_secs);
+    if !need_text {
+        // Only a check with a prompt in hand: a slow GitHub must not hold the assignment up (the reconciler checks
+        // again before it writes).
+        wait = wait.min(Duration::from_secs(3));
+    }
     let view = match tokio::time::timeout(wait, gh.reconciler.read_issue(issue)).await {
         Ok(Ok(view)) => view,
         failure if need_text => {
@@ -301,9 +306,17 @@ async fn prepare_worktree(
     }
     let workspace = shared.workspace.clone();
     let (slot_name, title) = (slot.to_string(), title.to_string());
+    // Worktrees other tasks work in (a task moved to a fallback slot keeps its own) are never touched.
+    let in_use: Vec<PathBuf> = shared
+        .lock_table()
+        .slots
+        .iter()
+        .filter(|s| s.name != slot && s.is_held())
+        .filter_map(|s| s.task.as_ref()?.record.worktree.clone())
+        .collect();
     let prepared = tokio::task::spawn_blocking(move || {
         let Some(root) = workspace::repo_root(&workspace) else { return Ok(None) };
-        workspace::prepare(&root, &config, &slot_name, issue, &title).map(Some)
+        workspace::prepare(&root, &config, &slot_name, issue, &title, &in_use).map(Some)
     })
     .await
     .map_err(|e| format!("internal error: {e}"))??;
@@ -756,6 +769,7 @@ async fn follow_run(
     };
     let stop_reason = shared.lock_table().task_of_run(&run_id).and_then(|t| t.stop_reason.clone());
     let stop_reason_was_none = stop_reason.is_none();
+    let stopped_stale = matches!(stop_reason, Some(StopReason::Stale(_)));
     let last_stderr = render_tail(&files.stderr(), EventFormat::Text, 1, shared.preview_chars)
         .ok()
         .and_then(|(lines, _)| lines.into_iter().next());
@@ -786,9 +800,11 @@ async fn follow_run(
     wake.disarm(&shared);
     if let Some(done) = done {
         record_end(&shared, &done);
-        cleanup_worktree(&shared, &done.exit).await;
-        if state == SlotState::Failed && stop_reason_was_none {
-            schedule_retry(&shared, &done.exit);
+        // A task that goes on (a retry, a restart after going stale) keeps its worktree.
+        let goes_on = state == SlotState::Failed
+            && (stopped_stale || stop_reason_was_none && schedule_retry(&shared, &done.exit));
+        if !goes_on {
+            cleanup_worktree(&shared, &done.exit).await;
         }
     }
 }
@@ -1190,18 +1206,19 @@ fn retryable(reason: &str) -> bool {
 }
 
 /// After a run failed by itself: if `retry.maxAttempts` allows another run and the error is one a retry can fix,
-/// retries the task after a growing backoff.
-fn schedule_retry(shared: &Arc<Shared>, exit: &ExitRecord) {
+/// retries the task after a growing backoff. Returns whether a retry is coming.
+fn schedule_retry(shared: &Arc<Shared>, exit: &ExitRecord) -> bool {
     let policy = &shared.config.raw.retry;
     let attempts = exit.runs.len() as u32;
     if attempts >= policy.max_attempts || !retryable(exit.reason.as_deref().unwrap_or_default()) {
-        return;
+        return false;
     }
     let wait = Duration::from_secs_f64(policy.backoff_secs * f64::from(1u32 << (attempts - 1).min(10)));
     tracing::info!(slot = %exit.slot, "retrying the task in {wait:?} (attempt {} of {})", attempts + 1, policy.max_attempts);
     later(shared, &exit.slot, &exit.run_id, SlotState::Failed, wait, |shared, slot| async move {
         retry(&shared, &slot).await
     });
+    true
 }
 
 /// Retries the failed task of `slot`: in its own slot (same conversation) if its LLM is enabled, else in a free
@@ -1233,7 +1250,19 @@ pub async fn retry(shared: &Arc<Shared>, slot: &str) -> Result<(), ErrorReply> {
     if own_enabled && !fallback_first {
         return resume(shared, slot, true).await.map(drop);
     }
-    // Move the task to a fallback LLM's free slot.
+    // Move the task to a fallback LLM's free slot. The prompt is read first: nothing is reserved for a task
+    // that cannot start.
+    let prompt_file = shared.lock_table().get(slot).and_then(|s| s.task.as_ref()).map(|t| t.record.prompt_file.clone());
+    let Some(prompt_file) = prompt_file else {
+        return Err(refuse(ErrorKind::NotFound, format!("slot {slot} has no task"), None));
+    };
+    let prompt = std::fs::read_to_string(&prompt_file).map_err(|e| {
+        refuse(
+            ErrorKind::Failed,
+            format!("cannot read the task's original prompt {}: {e}", prompt_file.display()),
+            None,
+        )
+    })?;
     let moved = {
         let mut table = shared.lock_table();
         let fallback = shared.config.raw.retry.fallback.iter().find_map(|name| {
@@ -1252,9 +1281,9 @@ pub async fn retry(shared: &Arc<Shared>, slot: &str) -> Result<(), ErrorReply> {
         };
         let run_id = ulid::Ulid::new().to_string();
         let files = RunFiles::at(shared.paths.run_dir(&run_id));
-        let target_slot = &mut table.slots[target];
+        let name = table.slots[target].name.clone();
         let mut record = old;
-        record.slot = target_slot.name.clone();
+        record.slot = name.clone();
         record.run_id = run_id.clone();
         record.runs.push(run_id);
         record.state = "starting".into();
@@ -1265,24 +1294,16 @@ pub async fn retry(shared: &Arc<Shared>, slot: &str) -> Result<(), ErrorReply> {
         record.run_started_at = rfc3339(SystemTime::now());
         record.daemon_pid = shared.daemon_pid;
         record.auto_resumes.push(rfc3339(SystemTime::now()));
-        let name = target_slot.name.clone();
-        let prompt_file = record.prompt_file.clone();
         let issue = record.issue;
         record.provider = table.providers[table.slots[target].provider].name.clone();
         table.slots[target].task = Some(Task::starting(record));
-        (name, prompt_file, issue)
+        (name, issue)
     };
-    let (target, prompt_file, issue) = moved;
-    let prompt = std::fs::read_to_string(&prompt_file).map_err(|e| {
-        refuse(
-            ErrorKind::Failed,
-            format!("cannot read the task's original prompt {}: {e}", prompt_file.display()),
-            None,
-        )
-    })?;
+    let (target, issue) = moved;
     tracing::info!(from = slot, to = %target, issue, "task moved to a fallback LLM");
     let started = start_run(shared, &target, RunKind::Restart, &prompt).await?;
-    board_wants(shared, started.issue, &target, Target::InProgress, false);
+    // The board still names the old slot, which was ours: take it over.
+    board_wants(shared, started.issue, &target, Target::InProgress, true);
     Ok(())
 }
 
@@ -1327,10 +1348,18 @@ pub fn progress(
 }
 
 /// Handles `history`: finished runs from history.jsonl (its last 8 MiB), newest last.
-pub fn history(shared: &Shared, issue: Option<u64>, limit: Option<usize>) -> Result<Reply, ErrorReply> {
-    let mut runs = ledger::read_history_tail(&shared.paths.history_file(), 8 << 20).map_err(|e| {
-        refuse(ErrorKind::Failed, format!("cannot read {}: {e}", shared.paths.history_file().display()), None)
-    })?;
+pub async fn history(shared: &Shared, issue: Option<u64>, limit: Option<usize>) -> Result<Reply, ErrorReply> {
+    let path = shared.paths.history_file();
+    // Off the runtime thread: up to 8 MiB to read and parse must not hold up followers and status replies.
+    let read = tokio::task::spawn_blocking(move || ledger::read_history_tail(&path, 8 << 20)).await;
+    let mut runs = match read {
+        Ok(Ok(runs)) => runs,
+        Ok(Err(e)) => {
+            let shown = shared.paths.history_file().display().to_string();
+            return Err(refuse(ErrorKind::Failed, format!("cannot read {shown}: {e}"), None));
+        }
+        Err(e) => return Err(refuse(ErrorKind::Failed, format!("internal error: {e}"), None)),
+    };
     if let Some(issue) = issue {
         runs.retain(|r| r.issue == issue);
     }

@@ -102,7 +102,7 @@ async fn handle(shared: &Arc<Shared>, request: Request, stream: &mut UnixStream)
             let peer = stream.peer_cred().ok().and_then(|c| c.pid());
             runs::progress(shared, &slot, &run_id, percent, &message, peer).unwrap_or_else(Reply::Error)
         }
-        Request::History { issue, limit } => runs::history(shared, issue, limit).unwrap_or_else(Reply::Error),
+        Request::History { issue, limit } => runs::history(shared, issue, limit).await.unwrap_or_else(Reply::Error),
         Request::Stop { slot } => runs::stop(shared, &slot, StopReason::User).await.unwrap_or_else(Reply::Error),
         Request::Resume { slot } => runs::resume(shared, &slot, false).await.unwrap_or_else(Reply::Error),
         Request::Release { slot, done } => runs::release(shared, &slot, done).unwrap_or_else(Reply::Error),

@@ -257,7 +257,8 @@ fn first_line(s: &str) -> String {
 
 fn reset_of(headers: &http::HeaderMap) -> Option<SystemTime> {
     let secs = headers.get("x-ratelimit-reset")?.to_str().ok()?.parse::<u64>().ok()?;
-    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+    // A header from a proxy can say anything: an absurd value is no reset time.
+    SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(secs))
 }
 
 fn status_error(status: u16, headers: &http::HeaderMap, body: &str) -> Result<(), GhError> {
@@ -269,7 +270,7 @@ fn status_error(status: u16, headers: &http::HeaderMap, body: &str) -> Result<()
         .get("retry-after")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
-        .map(Duration::from_secs);
+        .map(|s| Duration::from_secs(s.min(86_400)));
     let remaining_zero = headers.get("x-ratelimit-remaining").and_then(|v| v.to_str().ok()) == Some("0");
     match status {
         200..=299 => Ok(()),

@@ -89,7 +89,7 @@ impl Comments {
         // An urgent change not yet written stays urgent when a routine one follows it.
         let pending_urgent = entry.snapshot.urgent && entry.written < entry.version;
         entry.snapshot = Snapshot { urgent: urgent || pending_urgent, ..snapshot };
-        entry.comment_id = entry.comment_id.or(known_id);
+        // The entry's own id wins: a comment found gone (404) must not come back from the task record.
         entry.version += 1;
         drop(entries);
         if urgent {
@@ -142,11 +142,22 @@ impl Comments {
                             }
                             Err(e) => {
                                 entry.failures += 1;
-                                let wait = e.wait_hint().unwrap_or(Duration::from_secs(1 << entry.failures.min(8)));
+                                let wait = e
+                                    .wait_hint()
+                                    .unwrap_or(Duration::from_secs(1 << entry.failures.min(8)))
+                                    .min(Duration::from_secs(3600));
                                 tracing::warn!(issue = snapshot.issue, "status comment: {e}; trying again in {wait:?}");
                                 entry.retry_at = Some(Instant::now() + wait);
                             }
                         }
+                    }
+                    // A task whose run is over and whose last state is written needs no entry any more (a resume
+                    // brings it back, with the id from the task record).
+                    let done = entries
+                        .get(&task_id)
+                        .is_some_and(|e| e.written == e.version && !e.snapshot.row.state.is_running());
+                    if done {
+                        entries.remove(&task_id);
                     }
                 }
                 tokio::time::sleep(WRITE_SPACING).await;
@@ -240,7 +251,7 @@ const BUILTIN_PATTERNS: &[&str] = &[
     r"AIza[0-9A-Za-z_\-]{30,}",
     r"xox[abprs]-[A-Za-z0-9\-]{10,}",
     r"(?i)bearer\s+[A-Za-z0-9._~+/\-]{10,}=*",
-    r"(?i)\b(api[_-]?key|access[_-]?token|auth[_-]?token|secret|password)\b\s*[:=]\s*\S+",
+    r#"(?i)[A-Za-z0-9_\-]*(api[_-]?key|access[_-]?token|auth[_-]?token|secret|password|passwd)[A-Za-z0-9_\-]*"?\s*[:=]\s*"?[^\s",]+"#,
 ];
 
 impl Redactor {
@@ -326,9 +337,10 @@ mod tests {
     #[test]
     fn redaction_removes_token_shapes_and_known_values() {
         let r = Redactor::new(&["internal-[0-9]+".to_string()], vec!["my-very-secret-value".into()]);
-        let text = "ghp_abcdefghijklmnopqrstuvwxyz12 sk-ant-api03-xyzxyzxyz API_KEY=abc123 internal-42 my-very-secret-value ok";
+        let text = "ghp_abcdefghijklmnopqrstuvwxyz12 sk-ant-api03-xyzxyzxyz API_KEY=abc123 internal-42 \
+                    my-very-secret-value DB_PASSWORD=hunter2 AWS_SECRET_ACCESS_KEY=wJalrXUt {\"password\": \"pw9\"} ok";
         let clean = r.clean(text);
-        for gone in ["ghp_", "sk-ant", "abc123", "internal-42", "my-very-secret"] {
+        for gone in ["ghp_", "sk-ant", "abc123", "internal-42", "my-very-secret", "hunter2", "wJalrXUt", "pw9"] {
             assert!(!clean.contains(gone), "{gone} left in {clean}");
         }
         assert!(clean.ends_with(" ok"));

@@ -164,7 +164,10 @@ impl Reconciler {
 
     /// A fresh read of the issue (from intake), so the reconciler's next update of it needs no read of its own.
     pub fn hint(&self, view: IssueView) {
-        self.lock().hints.insert(view.number, (view, Instant::now()));
+        let mut state = self.lock();
+        // Old hints are worthless (the next update reads the issue again); never let them pile up.
+        state.hints.retain(|_, (_, at)| at.elapsed() < HINT_FRESH);
+        state.hints.insert(view.number, (view, Instant::now()));
     }
 
     /// Counts a request made for this board outside the reconciler (intake reads).
@@ -294,7 +297,13 @@ impl Reconciler {
         };
         let view = match hinted.filter(|_| owed.target == Target::InProgress) {
             Some(view) => view,
-            None => self.read_issue(owed.issue).await?,
+            None => match self.read_issue(owed.issue).await {
+                // The issue does not exist (a task given with --prompt and a number of its own): nothing to update.
+                Err(GhError::NotFound(what)) if what.starts_with("issue #") => {
+                    return Ok(Some(format!("{what}: no board update for it")));
+                }
+                other => other?,
+            },
         };
         let item = match &view.item {
             Some(item) => item.clone(),
