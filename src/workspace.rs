@@ -217,7 +217,7 @@ pub fn prepare(
             }
             match unsaved_work(&path)? {
                 None => {
-                    switch_branch(root, &path, &mut branch, start.as_deref(), &mut notes)?;
+                    check_out(root, &path, true, &mut branch, start.as_deref(), &mut notes)?;
                     return Ok(Prepared { path, branch, base: start, notes });
                 }
                 Some(what) => notes.push(format!(
@@ -230,7 +230,7 @@ pub fn prepare(
         path = base.join(format!("{name}-{n}"));
         n += 1;
     }
-    add_worktree(root, &path, &mut branch, start.as_deref(), &mut notes)?;
+    check_out(root, &path, false, &mut branch, start.as_deref(), &mut notes)?;
     Ok(Prepared { path, branch, base: start, notes })
 }
 
@@ -241,55 +241,36 @@ fn same_path(a: &Path, b: &Path) -> bool {
     }
 }
 
-/// Puts a reused worktree on `branch` (new from `start`, or existing).
-fn switch_branch(
+/// Puts worktree `path` on `branch`: a new branch from `start`, or the existing one. `reuse`: the worktree exists
+/// and is switched; otherwise it is added. An existing branch that is checked out in another worktree is continued
+/// from its tip on a branch of our own (`<name>-2`), so neither worktree loses anything.
+fn check_out(
     root: &Path,
     path: &Path,
-    branch: &mut String,
-    start: Option<&str>,
-    notes: &mut Vec<String>,
-) -> Result<(), String> {
-    let result = match start {
-        Some(start) => git(path, &["switch", "--quiet", "-c", branch, start]),
-        None => git(path, &["switch", "--quiet", branch]),
-    };
-    on_clash(root, result, branch, start, notes, |new, taken| git(path, &["switch", "--quiet", "-c", new, taken]))
-}
-
-fn add_worktree(
-    root: &Path,
-    path: &Path,
+    reuse: bool,
     branch: &mut String,
     start: Option<&str>,
     notes: &mut Vec<String>,
 ) -> Result<(), String> {
     let path_str = path.to_string_lossy();
-    let result = match start {
-        Some(start) => git(root, &["worktree", "add", "--quiet", "-b", branch, &path_str, start]),
-        None => git(root, &["worktree", "add", "--quiet", &path_str, branch]),
+    // `new`: the branch to create; `from`: what it starts from, or the existing branch when `new` is None.
+    let run = |new: Option<&str>, from: &str| match (reuse, new) {
+        (true, Some(new)) => git(path, &["switch", "--quiet", "-c", new, from]),
+        (true, None) => git(path, &["switch", "--quiet", from]),
+        (false, Some(new)) => git(root, &["worktree", "add", "--quiet", "-b", new, &path_str, from]),
+        (false, None) => git(root, &["worktree", "add", "--quiet", &path_str, from]),
     };
-    on_clash(root, result, branch, start, notes, |new, taken| {
-        git(root, &["worktree", "add", "--quiet", "-b", new, &path_str, taken])
-    })
-}
-
-/// An existing branch that could not be checked out is checked out in another worktree: continue from its tip
-/// on a branch of our own (`<name>-2`), so neither worktree loses anything.
-fn on_clash(
-    root: &Path,
-    result: Result<String, String>,
-    branch: &mut String,
-    start: Option<&str>,
-    notes: &mut Vec<String>,
-    continue_on: impl Fn(&str, &str) -> Result<String, String>,
-) -> Result<(), String> {
+    let result = match start {
+        Some(start) => run(Some(branch.as_str()), start),
+        None => run(None, branch.as_str()),
+    };
     match result {
         Ok(_) => Ok(()),
         Err(e) if start.is_none() => {
             let taken = branch.clone();
             *branch = free_branch_name(root, &taken)?;
             notes.push(format!("branch {taken} is checked out elsewhere ({e}); continuing it on {branch}"));
-            continue_on(branch, &taken).map(drop)
+            run(Some(branch.as_str()), &taken).map(drop)
         }
         Err(e) => Err(e),
     }

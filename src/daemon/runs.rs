@@ -446,11 +446,17 @@ fn continuation_prompt(issue: u64, reason: Option<&str>, branch: Option<&str>) -
 
 /// Starts the run the slot's task record names (state `starting`). On failure the task ends as failed.
 async fn start_run(shared: &Arc<Shared>, slot: &str, kind: RunKind, prompt: &str) -> Result<Assigned, ErrorReply> {
-    let (provider, mut record) = {
+    let reserved = {
         let table = shared.lock_table();
-        let s = table.get(slot).expect("the slot was just reserved");
-        let task = s.task.as_ref().expect("the slot holds the task");
-        (table.providers[s.provider].clone(), task.record.clone())
+        table.get(slot).and_then(|s| Some((table.providers[s.provider].clone(), s.task.as_ref()?.record.clone())))
+    };
+    // Nothing takes a starting slot away; should that ever change, this is an error, not a ghost "starting" slot.
+    let Some((provider, mut record)) = reserved else {
+        return Err(refuse(
+            ErrorKind::Failed,
+            format!("slot {slot} lost its reservation before the run started"),
+            None,
+        ));
     };
     if shared.shutting_down.load(std::sync::atomic::Ordering::SeqCst) {
         let reason = "autodevd is shutting down; assign or resume again once it is back".to_string();
