@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use super::Shared;
-use super::runs;
 use super::slots::StopReason;
+use super::{issue_sync, retry, runs};
 use crate::config::OnStale;
 use crate::protocol::SlotState;
 
@@ -24,7 +24,7 @@ pub(super) async fn run(shared: Arc<Shared>) {
     loop {
         tick.tick().await;
         // Comment ids learned meanwhile go into the task records (also for tasks whose run just ended).
-        runs::remember_comments(&shared);
+        issue_sync::remember_comments(&shared);
         let groups = running_groups(&shared);
         if groups.is_empty() {
             continue;
@@ -33,7 +33,7 @@ pub(super) async fn run(shared: Arc<Shared>) {
         let Ok(totals) = tokio::task::spawn_blocking(move || scan(&groups)).await else { continue };
         let (running, went_stale) = apply(&shared, &totals);
         for slot in &running {
-            runs::comment(&shared, slot, went_stale.contains(slot));
+            issue_sync::comment(&shared, slot, went_stale.contains(slot));
         }
         for slot in went_stale {
             tokio::spawn(on_stale(shared.clone(), slot));
@@ -138,7 +138,7 @@ async fn on_stale(shared: Arc<Shared>, slot: String) {
         return;
     }
     let result = match policy {
-        OnStale::Reassign => runs::retry(&shared, &slot).await,
+        OnStale::Reassign => retry::retry(&shared, &slot).await,
         _ => runs::resume(&shared, &slot, true).await.map(drop),
     };
     if let Err(e) = result {

@@ -2,7 +2,10 @@
 //! signals), and shutdown. Callable from tests and benchmarks through [`run`].
 
 mod health;
+mod issue_sync;
 mod recovery;
+mod requests;
+mod retry;
 mod runs;
 mod server;
 mod slots;

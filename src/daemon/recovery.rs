@@ -219,7 +219,7 @@ async fn recover_one(
             if !recorded.contains(exit.run_id.as_str()) {
                 let _ = ledger::append_history(&shared.paths.history_file(), &exit);
             }
-            runs::board_wants_for_end(shared, &exit);
+            super::issue_sync::board_wants_for_end(shared, &exit);
             let state = if exit.state == "completed" { SlotState::Completed } else { SlotState::Failed };
             install(shared, Task::idle(lock.clone(), state, exit.reason.clone()));
             ledger::remove_slot_lock(&shared.paths.slots_dir(), &lock.slot).map_err(|e| e.to_string())?;

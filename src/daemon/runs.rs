@@ -13,11 +13,13 @@ use nix::sys::signal::Signal;
 use tokio::sync::{Notify, watch};
 
 use super::Shared;
+use super::issue_sync::{board_wants, board_wants_for_end, comment, intake};
+use super::retry::{resume_after_limit, schedule_retry};
 use super::slots::{RunSignal, SlotRequest, StopReason, Task};
 use crate::github::sync::Target;
 use crate::ledger::{self, ExitRecord, RECORD_VERSION, RunFiles, RunRecord, SlotLock};
 use crate::output::{FileFollower, Findings, Preview, render_tail, scan_outcome};
-use crate::protocol::{Assigned, ErrorKind, ErrorReply, Reply, SlotState, WorkspacesReport, WorktreeStatus};
+use crate::protocol::{Assigned, ErrorKind, ErrorReply, Reply, SlotState};
 use crate::provider::{EventFormat, LaunchContext, Outcome, Provider};
 use crate::supervisor::{self, Child, ExitInfo, SpawnError, SpawnSpec};
 use crate::timefmt::rfc3339;
@@ -34,12 +36,12 @@ const KILL_WAIT: Duration = Duration::from_secs(10);
 /// The lock file in a run's directory whose lock the run's processes hold.
 pub const RUN_LOCK: &str = "run.lock";
 
-fn refuse(kind: ErrorKind, message: String, hint: Option<String>) -> ErrorReply {
+pub(super) fn refuse(kind: ErrorKind, message: String, hint: Option<String>) -> ErrorReply {
     ErrorReply { kind, message, hint }
 }
 
 /// How a run continues its task.
-enum RunKind {
+pub(super) enum RunKind {
     /// A new conversation with the task's prompt.
     New,
     /// The same conversation, with a continuation prompt.
@@ -143,153 +145,6 @@ pub async fn assign(
     let assigned = start_run(shared, &slot_name, RunKind::New, &text).await?;
     board_wants(shared, issue, &slot_name, Target::InProgress, force);
     Ok(Reply::Assigned(assigned))
-}
-
-/// Reads the issue from GitHub when the task comes from it, or when the board must be checked: a closed issue, a
-/// label rule, or an Assigned Instance someone else set refuses the assignment (`force` overrides the last two).
-/// With a prompt given, GitHub being unreachable does not stop the assignment (the reconciler checks again before
-/// it writes anything).
-async fn intake(
-    shared: &Shared,
-    issue: u64,
-    need_text: bool,
-    force: bool,
-) -> Result<Option<crate::github::board::IssueView>, ErrorReply> {
-    let gh = match &shared.github {
-        Ok(gh) => gh,
-        Err(why) if need_text => {
-            return Err(refuse(
-                ErrorKind::Failed,
-                format!("cannot take issue #{issue} from GitHub: {why}"),
-                Some("or give the task with --prompt / --prompt-file".into()),
-            ));
-        }
-        Err(_) => return Ok(None),
-    };
-    if !need_text && !gh.sync_enabled {
-        return Ok(None);
-    }
-    let mut wait = Duration::from_secs_f64(shared.config.raw.github.timeout_secs);
-    if !need_text {
-        // Only a check with a prompt in hand: a slow GitHub must not hold the assignment up (the reconciler checks
-        // again before it writes).
-        wait = wait.min(Duration::from_secs(3));
-    }
-    let view = match tokio::time::timeout(wait, gh.reconciler.read_issue(issue)).await {
-        Ok(Ok(view)) => view,
-        failure if need_text => {
-            let why = match failure {
-                Ok(Err(e)) => e.to_string(),
-                _ => format!("no answer within {wait:?}"),
-            };
-            return Err(refuse(
-                ErrorKind::Failed,
-                format!("cannot fetch issue #{issue} of {}/{}: {why}", gh.owner, gh.repo),
-                Some("check `autodevctl project status`, or give the task with --prompt".into()),
-            ));
-        }
-        failure => {
-            tracing::warn!(issue, "could not check the board before assigning ({failure:?}); the reconciler will");
-            return Ok(None);
-        }
-    };
-    if need_text && !view.open {
-        return Err(refuse(ErrorKind::Conflict, format!("issue #{issue} is closed"), None));
-    }
-    let rules = &shared.config.raw.github;
-    if need_text && !force {
-        if let Some(label) = view.labels.iter().find(|l| rules.exclude_labels.contains(l)) {
-            return Err(refuse(
-                ErrorKind::Conflict,
-                format!("issue #{issue} has the label {label:?}, which github.excludeLabels excludes"),
-                Some("--force to assign it anyway".into()),
-            ));
-        }
-        if !rules.labels.is_empty() && !view.labels.iter().any(|l| rules.labels.contains(l)) {
-            return Err(refuse(
-                ErrorKind::Conflict,
-                format!("issue #{issue} has none of the labels github.labels asks for ({})", rules.labels.join(", ")),
-                Some("--force to assign it anyway".into()),
-            ));
-        }
-    }
-    if gh.sync_enabled
-        && !force
-        && let Some(other) = view.item.as_ref().and_then(|i| i.assigned.clone())
-    {
-        return Err(refuse(
-            ErrorKind::Conflict,
-            format!("issue #{issue} is assigned to {other:?} on the project board (Assigned Instance)"),
-            Some("--force to take it over".into()),
-        ));
-    }
-    gh.reconciler.hint(view.clone());
-    Ok(Some(view))
-}
-
-/// What the board should say after a run ended. An abandoned task changes nothing on the board: its slot still
-/// holds the issue, which is what the board says.
-pub(super) fn board_wants_for_end(shared: &Shared, exit: &ExitRecord) {
-    match exit.state.as_str() {
-        "completed" => board_wants(shared, exit.issue, &exit.slot, Target::Completed, false),
-        "failed" => board_wants(shared, exit.issue, &exit.slot, Target::Failed, false),
-        _ => {}
-    }
-}
-
-/// Asks for the task's status comment to show the slot as it is now (when status comments are on). `urgent`: a
-/// state change, written at once; otherwise within `statusComments.intervalSecs`.
-pub(super) fn comment(shared: &Shared, slot: &str, urgent: bool) {
-    let Ok(gh) = &shared.github else { return };
-    let Some(comments) = &gh.comments else { return };
-    let snapshot = {
-        let table = shared.lock_table();
-        let Some(s) = table.get(slot) else { return };
-        let Some(t) = s.task.as_ref() else { return };
-        let snapshot = crate::github::comments::Snapshot {
-            task_id: t.record.task_id.clone(),
-            issue: t.issue(),
-            title: t.record.title.clone().unwrap_or_default(),
-            row: table.status_row(s),
-            urgent,
-        };
-        (snapshot, t.record.comment_id)
-    };
-    comments.update(snapshot.0, snapshot.1);
-}
-
-/// Keeps the comment ids the comment worker found or made with their tasks (in the lockfile too), so a restart
-/// edits the same comment.
-pub(super) fn remember_comments(shared: &Shared) {
-    let Ok(gh) = &shared.github else { return };
-    let Some(comments) = &gh.comments else { return };
-    for (task_id, id) in comments.take_learned() {
-        let lock = {
-            let mut table = shared.lock_table();
-            let task = table.slots.iter_mut().filter_map(|s| s.task.as_mut()).find(|t| t.record.task_id == task_id);
-            match task {
-                Some(t) if t.record.comment_id != Some(id) => {
-                    t.record.comment_id = Some(id);
-                    t.state.holds_slot().then(|| t.record.clone())
-                }
-                _ => None,
-            }
-        };
-        if let Some(lock) = lock
-            && let Err(e) = shared.write_lock(&lock)
-        {
-            tracing::warn!(slot = %lock.slot, "cannot record the status comment id: {e}");
-        }
-    }
-}
-
-/// Tells the board reconciler what the board should say (when project sync is on).
-fn board_wants(shared: &Shared, issue: u64, slot: &str, target: Target, takeover: bool) {
-    if let Ok(gh) = &shared.github
-        && gh.sync_enabled
-    {
-        gh.reconciler.want(issue, slot, target, takeover);
-    }
 }
 
 /// Puts a new task in its own git worktree when the workspace is a git repository (and `worktree.enabled`), and
@@ -445,7 +300,12 @@ fn continuation_prompt(issue: u64, reason: Option<&str>, branch: Option<&str>) -
 }
 
 /// Starts the run the slot's task record names (state `starting`). On failure the task ends as failed.
-async fn start_run(shared: &Arc<Shared>, slot: &str, kind: RunKind, prompt: &str) -> Result<Assigned, ErrorReply> {
+pub(super) async fn start_run(
+    shared: &Arc<Shared>,
+    slot: &str,
+    kind: RunKind,
+    prompt: &str,
+) -> Result<Assigned, ErrorReply> {
     let reserved = {
         let table = shared.lock_table();
         table.get(slot).and_then(|s| Some((table.providers[s.provider].clone(), s.task.as_ref()?.record.clone())))
@@ -839,59 +699,6 @@ async fn cleanup_worktree(shared: &Shared, exit: &ExitRecord) {
     }
 }
 
-/// Handles `workspaces`: every worktree autodev made, and with `prune` removes those that are safe to remove
-/// (no task holds them, nothing in them exists nowhere else).
-pub async fn workspaces(shared: &Shared, prune: bool) -> Result<Reply, ErrorReply> {
-    let in_use: Vec<(std::path::PathBuf, String)> = shared
-        .lock_table()
-        .slots
-        .iter()
-        .filter(|s| s.is_held())
-        .filter_map(|s| Some((s.task.as_ref()?.record.worktree.clone()?, s.name.clone())))
-        .collect();
-    let workspace = shared.workspace.clone();
-    let config = shared.config.raw.worktree.clone();
-    let report = tokio::task::spawn_blocking(move || -> Result<WorkspacesReport, String> {
-        let Some(root) = workspace::repo_root(&workspace) else {
-            return Ok(WorkspacesReport {
-                repository: None,
-                worktrees: Vec::new(),
-                removed: Vec::new(),
-                kept: Vec::new(),
-            });
-        };
-        let user = |path: &str| {
-            let canonical = std::fs::canonicalize(path).ok();
-            in_use.iter().find(|(p, _)| std::fs::canonicalize(p).ok() == canonical).map(|(_, s)| s.clone())
-        };
-        let (mut removed, mut kept) = (Vec::new(), Vec::new());
-        let mut worktrees = Vec::new();
-        for info in workspace::list(&root, &config)? {
-            let in_use_by = user(&info.path);
-            if prune {
-                match (&in_use_by, info.state.as_str()) {
-                    (Some(slot), _) => kept.push(format!("{}: in use by {slot}", info.path)),
-                    (None, "clean") => match workspace::remove_if_safe(&root, Path::new(&info.path)) {
-                        Ok(true) => {
-                            removed.push(info.path.clone());
-                            continue;
-                        }
-                        Ok(false) => kept.push(format!("{}: holds unsaved work", info.path)),
-                        Err(e) => kept.push(format!("{}: {e}", info.path)),
-                    },
-                    (None, state) => kept.push(format!("{}: {state}", info.path)),
-                }
-            }
-            worktrees.push(WorktreeStatus { info, in_use_by });
-        }
-        Ok(WorkspacesReport { repository: Some(root.display().to_string()), worktrees, removed, kept })
-    })
-    .await
-    .map_err(|e| refuse(ErrorKind::Failed, format!("internal error: {e}"), None))?
-    .map_err(|e| refuse(ErrorKind::Failed, e, None))?;
-    Ok(Reply::Workspaces(report))
-}
-
 /// A bug in the follower must not leave a ghost "in_progress" slot: if it panics, the run is recorded as failed.
 async fn fail_run_if_follower_dies(shared: Arc<Shared>, run_id: String, follower: tokio::task::JoinHandle<()>) {
     if let Err(e) = follower.await {
@@ -1151,227 +958,6 @@ fn group_is_ours(task: &Task, pgid: i32) -> bool {
 async fn wait_ended(rx: &mut watch::Receiver<RunSignal>) {
     // A dropped sender means the task record is gone, which only happens once the run is over.
     let _ = rx.wait_for(|s| s.ended).await;
-}
-
-/// With a policy that resumes (`onAbandoned: resume`, or `retry.maxAttempts` > 1), resumes a rate-limited task
-/// once its limit has reset.
-fn resume_after_limit(shared: &Arc<Shared>, slot: &str, run_id: &str, until: SystemTime) {
-    let config = &shared.config.raw;
-    if config.supervisor.on_abandoned != crate::config::OnAbandoned::Resume && config.retry.max_attempts <= 1 {
-        return;
-    }
-    let wait = until.duration_since(SystemTime::now()).unwrap_or_default() + Duration::from_secs(1);
-    later(shared, slot, run_id, SlotState::Abandoned, wait, |shared, slot| async move {
-        resume(&shared, &slot, true).await.map(drop)
-    });
-}
-
-/// After `wait`, runs `then` on the slot's task, but only if it is still run `run_id` in `state`: a resume, a
-/// release or a new assignment meanwhile wins.
-fn later<F, Fut>(shared: &Arc<Shared>, slot: &str, run_id: &str, state: SlotState, wait: Duration, then: F)
-where
-    F: FnOnce(Arc<Shared>, String) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = Result<(), ErrorReply>> + Send,
-{
-    let (shared, slot, run_id) = (shared.clone(), slot.to_string(), run_id.to_string());
-    tokio::spawn(async move {
-        tokio::time::sleep(wait).await;
-        let unchanged = shared
-            .lock_table()
-            .get(&slot)
-            .and_then(|s| s.task.as_ref())
-            .is_some_and(|t| t.record.run_id == run_id && t.state == state);
-        if unchanged && let Err(e) = then(shared.clone(), slot.clone()).await {
-            tracing::warn!(slot, "{}", e.message);
-        }
-    });
-}
-
-/// Whether a failure came from the LLM's service rather than the task.
-fn provider_trouble(reason: &str) -> bool {
-    let r = reason.to_lowercase();
-    ["api error", "overloaded", "quota", "rate limit", "usage limit", "529", "503", "502"].iter().any(|n| r.contains(n))
-}
-
-/// Errors a retry cannot fix: the same run would fail the same way.
-fn retryable(reason: &str) -> bool {
-    let r = reason.to_lowercase();
-    ![
-        "command not found",
-        "cannot be run",
-        "401",
-        "unauthorized",
-        "authentication",
-        "api key",
-        "not logged in",
-        "invalid config",
-        "working directory",
-    ]
-    .iter()
-    .any(|needle| r.contains(needle))
-}
-
-/// After a run failed by itself: if `retry.maxAttempts` allows another run and the error is one a retry can fix,
-/// retries the task after a growing backoff. Returns whether a retry is coming.
-fn schedule_retry(shared: &Arc<Shared>, exit: &ExitRecord) -> bool {
-    let policy = &shared.config.raw.retry;
-    let attempts = exit.runs.len() as u32;
-    if attempts >= policy.max_attempts || !retryable(exit.reason.as_deref().unwrap_or_default()) {
-        return false;
-    }
-    let wait = Duration::from_secs_f64(policy.backoff_secs * f64::from(1u32 << (attempts - 1).min(10)));
-    tracing::info!(slot = %exit.slot, "retrying the task in {wait:?} (attempt {} of {})", attempts + 1, policy.max_attempts);
-    later(shared, &exit.slot, &exit.run_id, SlotState::Failed, wait, |shared, slot| async move {
-        retry(&shared, &slot).await
-    });
-    true
-}
-
-/// Retries the failed task of `slot`: in its own slot (same conversation) if its LLM is enabled, else in a free
-/// slot of the first `retry.fallback` LLM that has one (a new conversation there, from the original prompt).
-pub async fn retry(shared: &Arc<Shared>, slot: &str) -> Result<(), ErrorReply> {
-    let recent_restarts = {
-        let table = shared.lock_table();
-        let Some(task) = table.get(slot).and_then(|s| s.task.as_ref()) else {
-            return Err(refuse(ErrorKind::NotFound, format!("slot {slot} has no task"), None));
-        };
-        let since = SystemTime::now() - Duration::from_secs(300);
-        task.record.auto_resumes.iter().filter_map(|t| crate::timefmt::parse_rfc3339(t)).filter(|t| *t > since).count()
-    };
-    if recent_restarts >= 3 {
-        return Err(refuse(
-            ErrorKind::Conflict,
-            format!("{slot}: 3 automatic restarts in 5 minutes already; left failed"),
-            None,
-        ));
-    }
-    let (own_enabled, provider_trouble) = {
-        let table = shared.lock_table();
-        let own = table.get(slot).is_some_and(|s| table.providers[s.provider].enabled && !s.extra);
-        let reason = table.get(slot).and_then(|s| s.task.as_ref()).and_then(|t| t.reason.clone()).unwrap_or_default();
-        (own, provider_trouble(&reason))
-    };
-    // Trouble with the LLM's service itself (API errors, overload, quota) goes to a fallback LLM first.
-    let fallback_first = provider_trouble && !shared.config.raw.retry.fallback.is_empty();
-    if own_enabled && !fallback_first {
-        return resume(shared, slot, true).await.map(drop);
-    }
-    // Move the task to a fallback LLM's free slot. The prompt is read first: nothing is reserved for a task
-    // that cannot start.
-    let prompt_file = shared.lock_table().get(slot).and_then(|s| s.task.as_ref()).map(|t| t.record.prompt_file.clone());
-    let Some(prompt_file) = prompt_file else {
-        return Err(refuse(ErrorKind::NotFound, format!("slot {slot} has no task"), None));
-    };
-    let prompt = std::fs::read_to_string(&prompt_file).map_err(|e| {
-        refuse(
-            ErrorKind::Failed,
-            format!("cannot read the task's original prompt {}: {e}", prompt_file.display()),
-            None,
-        )
-    })?;
-    let moved = {
-        let mut table = shared.lock_table();
-        let fallback = shared.config.raw.retry.fallback.iter().find_map(|name| {
-            let p = table.providers.iter().position(|p| &p.name == name && p.enabled)?;
-            table.slots.iter().position(|s| s.provider == p && !s.extra && !s.is_held())
-        });
-        let Some(target) = fallback else {
-            return Err(refuse(
-                ErrorKind::Conflict,
-                format!("no free slot for the task of {slot} on any fallback LLM"),
-                None,
-            ));
-        };
-        let Some(old) = table.get(slot).and_then(|s| s.task.as_ref()).map(|t| t.record.clone()) else {
-            return Err(refuse(ErrorKind::NotFound, format!("slot {slot} has no task"), None));
-        };
-        let run_id = ulid::Ulid::new().to_string();
-        let files = RunFiles::at(shared.paths.run_dir(&run_id));
-        let name = table.slots[target].name.clone();
-        let mut record = old;
-        record.slot = name.clone();
-        record.run_id = run_id.clone();
-        record.runs.push(run_id);
-        record.state = "starting".into();
-        record.reason = None;
-        (record.pid, record.pgid, record.start_time, record.session_id) = (None, None, None, None);
-        record.stdout = files.stdout();
-        record.stderr = files.stderr();
-        record.run_started_at = rfc3339(SystemTime::now());
-        record.daemon_pid = shared.daemon_pid;
-        record.auto_resumes.push(rfc3339(SystemTime::now()));
-        let issue = record.issue;
-        record.provider = table.providers[table.slots[target].provider].name.clone();
-        table.slots[target].task = Some(Task::starting(record));
-        (name, issue)
-    };
-    let (target, issue) = moved;
-    tracing::info!(from = slot, to = %target, issue, "task moved to a fallback LLM");
-    let started = start_run(shared, &target, RunKind::Restart, &prompt).await?;
-    // The board still names the old slot, which was ours: take it over.
-    board_wants(shared, started.issue, &target, Target::InProgress, true);
-    Ok(())
-}
-
-/// Handles `progress` from inside a run: only a process of that run (holding its run lock, or in its process
-/// group) may report for it.
-pub fn progress(
-    shared: &Shared,
-    slot: &str,
-    run_id: &str,
-    percent: u8,
-    message: &str,
-    peer: Option<i32>,
-) -> Result<Reply, ErrorReply> {
-    let mut table = shared.lock_table();
-    let refused = || {
-        refuse(
-            ErrorKind::Conflict,
-            format!("progress for {slot} is only taken from inside its run (autodevctl progress, run by the agent)"),
-            None,
-        )
-    };
-    let Some(task) = table.get_mut(slot).and_then(|s| s.task.as_mut()) else { return Err(refused()) };
-    if task.record.run_id != run_id || !task.state.is_running() {
-        return Err(refused());
-    }
-    let lock = shared.paths.run_dir(run_id).join(RUN_LOCK);
-    let inside = peer.is_some_and(|pid| {
-        supervisor::holds_run_lock(pid, &lock)
-            || supervisor::proc_stat(pid).is_some_and(|s| Some(s.pgrp as u32) == task.record.pgid)
-    });
-    if !inside {
-        return Err(refused());
-    }
-    task.health.progress = Some(percent.min(100));
-    task.health.progress_message = Some(crate::output::clean_line(message.as_bytes(), 200));
-    task.health.last_progress_at = Some(SystemTime::now());
-    if task.state == SlotState::Stale {
-        task.state = SlotState::InProgress;
-    }
-    task.signal.send_modify(|s| s.batches += 1);
-    Ok(Reply::ProgressNoted { slot: slot.to_string(), percent: percent.min(100) })
-}
-
-/// Handles `history`: finished runs from history.jsonl (its last 8 MiB), newest last.
-pub async fn history(shared: &Shared, issue: Option<u64>, limit: Option<usize>) -> Result<Reply, ErrorReply> {
-    let path = shared.paths.history_file();
-    // Off the runtime thread: up to 8 MiB to read and parse must not hold up followers and status replies.
-    let read = tokio::task::spawn_blocking(move || ledger::read_history_tail(&path, 8 << 20)).await;
-    let mut runs = match read {
-        Ok(Ok(runs)) => runs,
-        Ok(Err(e)) => {
-            let shown = shared.paths.history_file().display().to_string();
-            return Err(refuse(ErrorKind::Failed, format!("cannot read {shown}: {e}"), None));
-        }
-        Err(e) => return Err(refuse(ErrorKind::Failed, format!("internal error: {e}"), None)),
-    };
-    if let Some(issue) = issue {
-        runs.retain(|r| r.issue == issue);
-    }
-    let keep = limit.unwrap_or(50);
-    let skip = runs.len().saturating_sub(keep);
-    Ok(Reply::History { runs: runs.split_off(skip) })
 }
 
 /// Handles `release`: ends an abandoned task (failed, or completed with `done`) and frees its slot.

@@ -9,8 +9,8 @@ use tokio::net::UnixStream;
 use tokio::sync::watch;
 
 use super::Shared;
-use super::runs;
 use super::slots::{RunSignal, StopReason};
+use super::{requests, runs};
 use crate::output::{LineAssembler, render_lines, render_tail, tail_offset};
 use crate::protocol::{
     self, ErrorKind, ErrorReply, Frame, FrameError, MAX_REQUEST_FRAME, PROTOCOL_VERSION, Reply, Request, SlotState,
@@ -100,13 +100,13 @@ async fn handle(shared: &Arc<Shared>, request: Request, stream: &mut UnixStream)
         Request::ProjectStatus => Reply::ProjectStatus(project_status(shared).await),
         Request::Progress { slot, run_id, percent, message } => {
             let peer = stream.peer_cred().ok().and_then(|c| c.pid());
-            runs::progress(shared, &slot, &run_id, percent, &message, peer).unwrap_or_else(Reply::Error)
+            requests::progress(shared, &slot, &run_id, percent, &message, peer).unwrap_or_else(Reply::Error)
         }
-        Request::History { issue, limit } => runs::history(shared, issue, limit).await.unwrap_or_else(Reply::Error),
+        Request::History { issue, limit } => requests::history(shared, issue, limit).await.unwrap_or_else(Reply::Error),
         Request::Stop { slot } => runs::stop(shared, &slot, StopReason::User).await.unwrap_or_else(Reply::Error),
         Request::Resume { slot } => runs::resume(shared, &slot, false).await.unwrap_or_else(Reply::Error),
         Request::Release { slot, done } => runs::release(shared, &slot, done).unwrap_or_else(Reply::Error),
-        Request::Workspaces { prune } => runs::workspaces(shared, prune).await.unwrap_or_else(Reply::Error),
+        Request::Workspaces { prune } => requests::workspaces(shared, prune).await.unwrap_or_else(Reply::Error),
         Request::Logs { slot, lines, follow, raw, stderr } => {
             return stream_logs(shared, stream, &slot, lines, follow, raw, stderr).await;
         }
