@@ -156,9 +156,21 @@ fn a_usage_limit_is_waited_out_not_failed_and_then_resumed() {
     c["supervisor"]["onAbandoned"] = json!("resume");
     let d = Daemon::start(&c);
     let reset = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 2;
-    d.assign(8, &[], &format!("@say Claude AI usage limit reached|{reset}\n@no-result\n@exit 1"));
+    // As claude reports it: the final result is an error whose text carries the reset time.
+    d.assign(8, &[], &format!("@result-text Claude AI usage limit reached|{reset}\n@fail\n@exit 1"));
     let row = d.wait_state("claude-1", "abandoned");
     assert!(row["reason"].as_str().unwrap().starts_with("rate limited until"), "not failed: {row}");
     let resumed = d.wait_state("claude-1", "completed");
     assert_eq!(resumed["runs"].as_array().unwrap().len(), 2, "resumed after the reset: {resumed}");
+}
+
+#[test]
+fn an_agent_talking_about_rate_limits_is_not_rate_limited() {
+    let mut c = config();
+    c["health"] = json!({ "sampleSecs": 0.1, "staleAfterSecs": 1 });
+    let d = Daemon::start(&c);
+    d.assign(9, &[], "@say Adding a rate limit: usage limit reached errors now say try again in 5 minutes\n@sleep 2.5");
+    // Silent after that line: it goes stale, because nothing the CLI reported was a usage limit.
+    let row = d.wait_state("claude-1", "stale");
+    assert_eq!(row["rate_limited_until"], Value::Null, "{row}");
 }
