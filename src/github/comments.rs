@@ -18,6 +18,9 @@ use crate::protocol::SlotStatus;
 
 /// GitHub counts comment writes against content-creation limits: at least this long between two writes.
 const WRITE_SPACING: Duration = Duration::from_secs(1);
+/// Preview lines (and characters of each) a comment carries, whatever the preview keeps.
+const COMMENT_PREVIEW_LINES: usize = 20;
+const COMMENT_LINE_CHARS: usize = 500;
 /// Comments read back per page and pages searched when looking for a task's comment.
 const SEARCH_PAGES: u32 = 10;
 
@@ -286,7 +289,12 @@ fn bar(percent: u8) -> String {
 /// The comment: a human summary, then the seed's INSTANCE_STATUS block (JSON that parses), then the task marker.
 pub fn render(s: &Snapshot, redact: &Redactor) -> String {
     let row = &s.row;
-    let preview: Vec<String> = row.console_preview.iter().map(|l| redact.clean(l)).collect();
+    // GitHub takes at most 65,536 characters per comment; the preview config allows far more.
+    let skip = row.console_preview.len().saturating_sub(COMMENT_PREVIEW_LINES);
+    let preview: Vec<String> = row.console_preview[skip..]
+        .iter()
+        .map(|l| redact.clean(&l.chars().take(COMMENT_LINE_CHARS).collect::<String>()))
+        .collect();
     let uptime =
         row.started_at.as_deref().and_then(crate::timefmt::parse_rfc3339).map(crate::timefmt::age).unwrap_or(0);
     let json_block = json!({
@@ -351,6 +359,22 @@ mod tests {
         for p in BUILTIN_PATTERNS {
             Regex::new(p).unwrap_or_else(|e| panic!("{p}: {e}"));
         }
+    }
+
+    #[test]
+    fn a_huge_preview_still_fits_in_a_comment() {
+        let row: SlotStatus = serde_json::from_value(json!({
+            "slot": "claude-1", "provider": "claude", "state": "in_progress", "issue": 1, "task_id": "t", "run_id": "r",
+            "runs": [], "worktree": null, "branch": null, "pid": 1, "adopted": false, "started_at": null,
+            "last_output_at": null, "ended_at": null, "session_id": null, "exit_code": null, "reason": null,
+            "cost_usd": null, "turns": null, "console_preview": vec!["x".repeat(10_000); 1000], "heartbeat_at": null,
+            "progress": null, "progress_message": null, "cpu_percent": null, "memory_mb": null, "attempt": 1,
+            "rate_limited_until": null
+        }))
+        .unwrap();
+        let snapshot = Snapshot { task_id: "t".into(), issue: 1, title: "t".into(), row, urgent: false };
+        let body = render(&snapshot, &Redactor::new(&[], vec![]));
+        assert!(body.chars().count() < 65_536, "{} characters", body.chars().count());
     }
 
     #[test]
