@@ -142,6 +142,58 @@ pub struct SlotLock {
     pub comment_id: Option<u64>,
 }
 
+impl SlotLock {
+    /// A new task's record, with what is known before its first run: [`SlotLock::next_run`] names the run.
+    pub fn new(slot: &str, provider: &str, issue: u64, cwd: PathBuf, prompt_file: PathBuf) -> SlotLock {
+        let now = crate::timefmt::rfc3339(std::time::SystemTime::now());
+        SlotLock {
+            version: RECORD_VERSION,
+            slot: slot.to_string(),
+            provider: provider.to_string(),
+            issue,
+            task_id: ulid::Ulid::new().to_string(),
+            run_id: String::new(),
+            runs: Vec::new(),
+            state: "starting".into(),
+            reason: None,
+            pid: None,
+            pgid: None,
+            start_time: None,
+            boot_id: String::new(),
+            session_id: None,
+            cwd,
+            program: String::new(),
+            args: Vec::new(),
+            prompt_file,
+            stdout: PathBuf::new(),
+            stderr: PathBuf::new(),
+            started_at: now.clone(),
+            run_started_at: now,
+            daemon_pid: 0,
+            auto_resumes: Vec::new(),
+            worktree: None,
+            branch: None,
+            title: None,
+            comment_id: None,
+        }
+    }
+
+    /// Makes the record name the task's next run (the first, a resume, a retry): the chain of runs grows and what
+    /// belonged to the previous run's process goes. The conversation (session id) stays.
+    pub fn next_run(&mut self, run_id: String, files: &RunFiles, boot_id: &str, daemon_pid: u32) {
+        self.run_id = run_id.clone();
+        self.runs.push(run_id);
+        self.state = "starting".into();
+        self.reason = None;
+        (self.pid, self.pgid, self.start_time) = (None, None, None);
+        self.boot_id = boot_id.to_string();
+        self.stdout = files.stdout();
+        self.stderr = files.stderr();
+        self.run_started_at = crate::timefmt::rfc3339(std::time::SystemTime::now());
+        self.daemon_pid = daemon_pid;
+    }
+}
+
 /// Where slot lockfiles live.
 pub fn slot_lock_path(slots_dir: &Path, slot: &str) -> PathBuf {
     slots_dir.join(format!("{slot}.lock"))

@@ -83,36 +83,14 @@ fn rebuild_from_live_run(shared: &Shared, slot: &str, valid: &[SlotLock]) -> Opt
         })
         .find(|r| r.slot == slot)?;
     let files = RunFiles::at(shared.paths.run_dir(&run.run_id));
-    Some(SlotLock {
-        version: ledger::RECORD_VERSION,
-        slot: run.slot.clone(),
-        provider: run.provider.clone(),
-        issue: run.issue,
-        task_id: run.run_id.clone(),
-        run_id: run.run_id.clone(),
-        runs: vec![run.run_id.clone()],
-        state: "in_progress".into(),
-        reason: None,
-        pid: None,
-        pgid: None,
-        start_time: None,
-        boot_id: shared.boot_id.clone(),
-        session_id: run.session_id.clone(),
-        cwd: run.cwd.clone(),
-        program: run.program.clone(),
-        args: run.args.clone(),
-        prompt_file: files.prompt(),
-        stdout: files.stdout(),
-        stderr: files.stderr(),
-        started_at: run.started_at.clone(),
-        run_started_at: run.started_at.clone(),
-        daemon_pid: run.daemon_pid,
-        auto_resumes: Vec::new(),
-        worktree: None,
-        branch: None,
-        title: None,
-        comment_id: None,
-    })
+    let mut lock = SlotLock::new(&run.slot, &run.provider, run.issue, run.cwd.clone(), files.prompt());
+    lock.task_id = run.run_id.clone();
+    lock.next_run(run.run_id.clone(), &files, &shared.boot_id, run.daemon_pid);
+    lock.state = "in_progress".into();
+    lock.session_id = run.session_id.clone();
+    (lock.program, lock.args) = (run.program.clone(), run.args.clone());
+    (lock.started_at, lock.run_started_at) = (run.started_at.clone(), run.started_at);
+    Some(lock)
 }
 
 /// Slots without a lockfile show their last finished task from the history, so `status` and `resume` survive a
@@ -141,36 +119,17 @@ fn show_last_finished(shared: &Shared, history: &[ExitRecord], locks: &[SlotLock
 /// The task record of a finished run, for display and `resume`.
 fn record_of_exit(shared: &Shared, exit: &ExitRecord) -> SlotLock {
     let files = RunFiles::at(shared.paths.run_dir(&exit.run_id));
-    SlotLock {
-        version: ledger::RECORD_VERSION,
-        slot: exit.slot.clone(),
-        provider: exit.provider.clone(),
-        issue: exit.issue,
-        task_id: exit.task_id.clone(),
-        run_id: exit.run_id.clone(),
-        runs: if exit.runs.is_empty() { vec![exit.run_id.clone()] } else { exit.runs.clone() },
-        state: exit.state.clone(),
-        reason: exit.reason.clone(),
-        pid: None,
-        pgid: None,
-        start_time: None,
-        boot_id: String::new(),
-        session_id: exit.session_id.clone(),
-        cwd: exit.cwd.clone(),
-        program: String::new(),
-        args: Vec::new(),
-        prompt_file: exit.prompt_file.clone(),
-        stdout: files.stdout(),
-        stderr: files.stderr(),
-        started_at: exit.started_at.clone(),
-        run_started_at: exit.started_at.clone(),
-        daemon_pid: 0,
-        auto_resumes: Vec::new(),
-        worktree: exit.worktree.clone(),
-        branch: exit.branch.clone(),
-        title: None,
-        comment_id: None,
+    let mut lock = SlotLock::new(&exit.slot, &exit.provider, exit.issue, exit.cwd.clone(), exit.prompt_file.clone());
+    lock.task_id = exit.task_id.clone();
+    lock.next_run(exit.run_id.clone(), &files, "", 0);
+    if !exit.runs.is_empty() {
+        lock.runs = exit.runs.clone();
     }
+    (lock.state, lock.reason) = (exit.state.clone(), exit.reason.clone());
+    lock.session_id = exit.session_id.clone();
+    (lock.started_at, lock.run_started_at) = (exit.started_at.clone(), exit.started_at.clone());
+    (lock.worktree, lock.branch) = (exit.worktree.clone(), exit.branch.clone());
+    lock
 }
 
 /// Settles one lockfile. Returns the state the slot ends in, or a warning.

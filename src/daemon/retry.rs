@@ -150,15 +150,9 @@ pub(super) async fn retry(shared: &Arc<Shared>, slot: &str) -> Result<(), ErrorR
         let name = table.slots[target].name.clone();
         let mut record = old;
         record.slot = name.clone();
-        record.run_id = run_id.clone();
-        record.runs.push(run_id);
-        record.state = "starting".into();
-        record.reason = None;
-        (record.pid, record.pgid, record.start_time, record.session_id) = (None, None, None, None);
-        record.stdout = files.stdout();
-        record.stderr = files.stderr();
-        record.run_started_at = rfc3339(SystemTime::now());
-        record.daemon_pid = shared.daemon_pid;
+        record.next_run(run_id, &files, &shared.boot_id, shared.daemon_pid);
+        // Another LLM: a new conversation there.
+        record.session_id = None;
         record.auto_resumes.push(rfc3339(SystemTime::now()));
         let issue = record.issue;
         record.provider = table.providers[table.slots[target].provider].name.clone();

@@ -71,37 +71,8 @@ pub async fn assign(
         let provider = table.providers[table.slots[index].provider].name.clone();
         let slot = &mut table.slots[index];
         let files = RunFiles::at(shared.paths.run_dir(&run_id));
-        let now = rfc3339(SystemTime::now());
-        let record = SlotLock {
-            version: RECORD_VERSION,
-            slot: slot.name.clone(),
-            provider,
-            issue,
-            task_id: ulid::Ulid::new().to_string(),
-            run_id: run_id.clone(),
-            runs: vec![run_id.clone()],
-            state: "starting".into(),
-            reason: None,
-            pid: None,
-            pgid: None,
-            start_time: None,
-            boot_id: shared.boot_id.clone(),
-            session_id: None,
-            cwd: shared.workspace.clone(),
-            program: String::new(),
-            args: Vec::new(),
-            prompt_file: files.prompt(),
-            stdout: files.stdout(),
-            stderr: files.stderr(),
-            started_at: now.clone(),
-            run_started_at: now,
-            daemon_pid: shared.daemon_pid,
-            auto_resumes: Vec::new(),
-            worktree: None,
-            branch: None,
-            title: None,
-            comment_id: None,
-        };
+        let mut record = SlotLock::new(&slot.name, &provider, issue, shared.workspace.clone(), files.prompt());
+        record.next_run(run_id.clone(), &files, &shared.boot_id, shared.daemon_pid);
         // The slot's last finished task is kept aside, to come back if the worktree cannot be made.
         let previous = slot.task.replace(Task::starting(record));
         (slot.name.clone(), previous)
@@ -245,16 +216,7 @@ pub async fn resume(shared: &Arc<Shared>, slot: &str, automatic: bool) -> Result
         let run_id = ulid::Ulid::new().to_string();
         let files = RunFiles::at(shared.paths.run_dir(&run_id));
         let mut record = task.record.clone();
-        record.run_id = run_id.clone();
-        record.runs.push(run_id);
-        record.state = "starting".into();
-        record.reason = None;
-        (record.pid, record.pgid, record.start_time) = (None, None, None);
-        record.boot_id = shared.boot_id.clone();
-        record.stdout = files.stdout();
-        record.stderr = files.stderr();
-        record.run_started_at = rfc3339(SystemTime::now());
-        record.daemon_pid = shared.daemon_pid;
+        record.next_run(run_id, &files, &shared.boot_id, shared.daemon_pid);
         if automatic {
             record.auto_resumes.push(rfc3339(SystemTime::now()));
         }
