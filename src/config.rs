@@ -86,6 +86,22 @@ pub struct SupervisorConfig {
     pub preview_line_chars: usize,
     /// What start-up does with a task whose run died unwatched.
     pub on_abandoned: OnAbandoned,
+    /// Automatic restarts a task may get (stale restarts, abandoned resumes, retries after failures).
+    pub restart_allowance: RestartAllowance,
+}
+
+/// `supervisor.restartAllowance`: at most `count` automatic restarts of one task per `perSecs`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct RestartAllowance {
+    pub count: u32,
+    pub per_secs: f64,
+}
+
+impl Default for RestartAllowance {
+    fn default() -> Self {
+        RestartAllowance { count: 3, per_secs: 3600.0 }
+    }
 }
 
 impl Default for SupervisorConfig {
@@ -95,6 +111,7 @@ impl Default for SupervisorConfig {
             preview_lines: 10,
             preview_line_chars: 240,
             on_abandoned: OnAbandoned::Ask,
+            restart_allowance: RestartAllowance::default(),
         }
     }
 }
@@ -170,7 +187,7 @@ pub enum OnAbandoned {
     /// Leave them for the user (`autodevctl resume` or `release`).
     #[default]
     Ask,
-    /// Resume them at once, at most 3 times per slot per hour.
+    /// Resume them at once, within `supervisor.restartAllowance`.
     Resume,
     /// Mark them failed and free their slots.
     Fail,
@@ -453,6 +470,12 @@ impl Config {
         }
         if !(1..=1000).contains(&sup.preview_lines) {
             return Err(invalid("supervisor.previewLines".into(), "must be between 1 and 1000".into()));
+        }
+        if !(1.0..=31_536_000.0).contains(&sup.restart_allowance.per_secs) {
+            return Err(invalid(
+                "supervisor.restartAllowance.perSecs".into(),
+                "must be between 1 and 31536000 (a year)".into(),
+            ));
         }
         let project = &self.raw.project;
         if project.enabled && project.project_number.is_none() {

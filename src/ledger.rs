@@ -10,8 +10,14 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-/// Version of the record formats below.
-pub const RECORD_VERSION: u32 = 1;
+/// Version of the run and exit records and the history lines. 1: before end causes; 2: `end_cause`.
+pub const RECORD_VERSION: u32 = 2;
+
+/// Whether an error of one of autodev's own writes means the filesystem is full (or the quota spent): then the
+/// write is kept to do again, never given up. EIO and the rest are not that.
+pub fn is_disk_full(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+}
 
 /// Writes `bytes` to `path` atomically and durably.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
@@ -37,6 +43,9 @@ pub fn write_json<T: Serialize>(path: &Path, value: &T) -> io::Result<()> {
     bytes.push(b'\n');
     write_atomic(path, &bytes)
 }
+
+/// The lock file in a run's directory whose lock the run's processes hold (the child inherits a descriptor of it).
+pub const RUN_LOCK: &str = "run.lock";
 
 /// The files of one run.
 #[derive(Debug, Clone)]
@@ -91,106 +100,121 @@ pub struct RunRecord {
     pub daemon_pid: u32,
 }
 
-/// A busy slot's durable truth, `slots/<slot>.lock`. Present while the slot holds a task (starting, in progress,
-/// abandoned); absent when the slot is free. Read by the recovery pass after any crash.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SlotLock {
-    pub version: u32,
-    pub slot: String,
-    pub provider: String,
-    pub issue: u64,
-    /// The work on the issue; stays the same across resumes.
-    pub task_id: String,
-    /// The current run.
-    pub run_id: String,
-    /// Every run of the task, oldest first (the chain of resumes).
-    pub runs: Vec<String>,
-    /// `starting`, `in_progress` or `abandoned`, as last written. Recovery re-derives the truth from the process
-    /// (a run recorded `in_progress` whose process is gone is abandoned).
-    pub state: String,
-    pub reason: Option<String>,
-    pub pid: Option<u32>,
-    pub pgid: Option<u32>,
-    /// Field 22 of /proc/<pid>/stat: with the boot id, tells this process from a later one with the same pid.
-    pub start_time: Option<u64>,
-    pub boot_id: String,
-    pub session_id: Option<String>,
-    pub cwd: PathBuf,
-    pub program: String,
-    pub args: Vec<String>,
-    /// The task's original prompt (first run), for a restart when no session was captured.
-    pub prompt_file: PathBuf,
-    pub stdout: PathBuf,
-    pub stderr: PathBuf,
-    /// When the task was assigned.
-    pub started_at: String,
-    pub run_started_at: String,
-    pub daemon_pid: u32,
-    /// When automatic resumes happened (policy `onAbandoned: resume` allows 3 per hour).
-    #[serde(default)]
-    pub auto_resumes: Vec<String>,
-    /// The task's git worktree (its `cwd`) and branch, when it has one.
-    #[serde(default)]
-    pub worktree: Option<PathBuf>,
-    #[serde(default)]
-    pub branch: Option<String>,
-    /// What the task is about in a few words (the issue title, else the prompt's first line).
-    #[serde(default)]
-    pub title: Option<String>,
-    /// The task's status comment on its issue, once made.
-    #[serde(default)]
-    pub comment_id: Option<u64>,
+/// Reads a run's `run.json` of any version this autodevd knows (versions 1 and 2 have the same fields).
+pub fn read_run_record(path: &Path) -> Option<RunRecord> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    File::open(path).ok()?.take(1 << 20).read_to_end(&mut bytes).ok()?;
+    let record: RunRecord = serde_json::from_slice(&bytes).ok()?;
+    (record.version <= RECORD_VERSION).then_some(record)
 }
 
-impl SlotLock {
-    /// A new task's record, with what is known before its first run: [`SlotLock::next_run`] names the run.
-    pub fn new(slot: &str, provider: &str, issue: u64, cwd: PathBuf, prompt_file: PathBuf) -> SlotLock {
-        let now = crate::timefmt::rfc3339(std::time::SystemTime::now());
+pub use crate::task::SlotLock;
+use crate::task::{EndCause, LOCK_VERSION, Phase};
+
+/// The lockfile format before the task state machine (version 1): the phase as a `state` string and a `reason`.
+/// Read only to migrate.
+#[derive(Debug, Deserialize)]
+struct SlotLockV1 {
+    slot: String,
+    provider: String,
+    issue: u64,
+    task_id: String,
+    run_id: String,
+    runs: Vec<String>,
+    state: String,
+    reason: Option<String>,
+    pid: Option<u32>,
+    pgid: Option<u32>,
+    start_time: Option<u64>,
+    boot_id: String,
+    session_id: Option<String>,
+    cwd: PathBuf,
+    program: String,
+    args: Vec<String>,
+    prompt_file: PathBuf,
+    stdout: PathBuf,
+    stderr: PathBuf,
+    started_at: String,
+    run_started_at: String,
+    daemon_pid: u32,
+    #[serde(default)]
+    auto_resumes: Vec<String>,
+    #[serde(default)]
+    worktree: Option<PathBuf>,
+    #[serde(default)]
+    branch: Option<String>,
+    #[serde(default)]
+    title: Option<String>,
+    #[serde(default)]
+    comment_id: Option<u64>,
+}
+
+impl SlotLockV1 {
+    fn migrate(self) -> SlotLock {
+        let phase = match self.state.as_str() {
+            "starting" => Phase::Starting,
+            "abandoned" => Phase::Abandoned { reason: self.reason.unwrap_or_else(|| "abandoned".into()) },
+            // `in_progress`, and anything else version 1 wrote: recovery looks at the process either way.
+            _ => Phase::Running { stale: false, stop: None },
+        };
         SlotLock {
-            version: RECORD_VERSION,
-            slot: slot.to_string(),
-            provider: provider.to_string(),
-            issue,
-            task_id: ulid::Ulid::new().to_string(),
-            run_id: String::new(),
-            runs: Vec::new(),
-            state: "starting".into(),
-            reason: None,
-            pid: None,
-            pgid: None,
-            start_time: None,
-            boot_id: String::new(),
-            session_id: None,
-            cwd,
-            program: String::new(),
-            args: Vec::new(),
-            prompt_file,
-            stdout: PathBuf::new(),
-            stderr: PathBuf::new(),
-            started_at: now.clone(),
-            run_started_at: now,
-            daemon_pid: 0,
-            auto_resumes: Vec::new(),
-            worktree: None,
-            branch: None,
-            title: None,
-            comment_id: None,
+            version: LOCK_VERSION,
+            slot: self.slot,
+            provider: self.provider,
+            issue: self.issue,
+            task_id: self.task_id,
+            run_id: self.run_id,
+            runs: self.runs,
+            phase,
+            pid: self.pid,
+            pgid: self.pgid,
+            start_time: self.start_time,
+            boot_id: self.boot_id,
+            session_id: self.session_id,
+            cwd: self.cwd,
+            program: self.program,
+            args: self.args,
+            prompt_file: self.prompt_file,
+            stdout: self.stdout,
+            stderr: self.stderr,
+            started_at: self.started_at,
+            run_started_at: self.run_started_at,
+            daemon_pid: self.daemon_pid,
+            restarts: self.auto_resumes,
+            worktree: self.worktree,
+            branch: self.branch,
+            title: self.title,
+            comment_id: self.comment_id,
         }
     }
+}
 
-    /// Makes the record name the task's next run (the first, a resume, a retry): the chain of runs grows and what
-    /// belonged to the previous run's process goes. The conversation (session id) stays.
-    pub fn next_run(&mut self, run_id: String, files: &RunFiles, boot_id: &str, daemon_pid: u32) {
-        self.run_id = run_id.clone();
-        self.runs.push(run_id);
-        self.state = "starting".into();
-        self.reason = None;
-        (self.pid, self.pgid, self.start_time) = (None, None, None);
-        self.boot_id = boot_id.to_string();
-        self.stdout = files.stdout();
-        self.stderr = files.stderr();
-        self.run_started_at = crate::timefmt::rfc3339(std::time::SystemTime::now());
-        self.daemon_pid = daemon_pid;
+/// Why a lockfile could not be taken as it is.
+#[derive(Debug, thiserror::Error)]
+pub enum LockProblem {
+    /// Torn, not JSON, or not a lockfile: moved aside.
+    #[error("{0}")]
+    Corrupt(String),
+    /// Written by a newer autodev: never moved aside (that would strip an abandoned task of its slot and session).
+    #[error("format version {0} is newer than this autodevd understands ({LOCK_VERSION})")]
+    Newer(u32),
+}
+
+/// Reads a lockfile of any version this autodevd knows, migrating older ones in memory (persisted on the next
+/// write).
+pub fn parse_slot_lock(bytes: &[u8]) -> Result<SlotLock, LockProblem> {
+    #[derive(Deserialize)]
+    struct Version {
+        version: u32,
+    }
+    let corrupt = |e: serde_json::Error| LockProblem::Corrupt(e.to_string());
+    let Version { version } = serde_json::from_slice(bytes).map_err(corrupt)?;
+    match version {
+        1 => Ok(serde_json::from_slice::<SlotLockV1>(bytes).map_err(corrupt)?.migrate()),
+        LOCK_VERSION => serde_json::from_slice(bytes).map_err(corrupt),
+        v if v > LOCK_VERSION => Err(LockProblem::Newer(v)),
+        v => Err(LockProblem::Corrupt(format!("unknown format version {v}"))),
     }
 }
 
@@ -231,20 +255,26 @@ pub fn read_slot_locks(slots_dir: &Path) -> io::Result<(Vec<SlotLock>, Vec<Corru
         };
         let slot = slot.to_string();
         let parsed = std::fs::read(&path)
-            .map_err(|e| e.to_string())
-            .and_then(|bytes| serde_json::from_slice::<SlotLock>(&bytes).map_err(|e| e.to_string()))
+            .map_err(|e| LockProblem::Corrupt(e.to_string()))
+            .and_then(|bytes| parse_slot_lock(&bytes))
             .and_then(|lock| {
                 if lock.slot != slot {
-                    Err(format!("it names slot {:?}", lock.slot))
-                } else if lock.version != RECORD_VERSION {
-                    Err(format!("unknown format version {}", lock.version))
+                    Err(LockProblem::Corrupt(format!("it names slot {:?}", lock.slot)))
                 } else {
                     Ok(lock)
                 }
             });
+        if let Err(LockProblem::Newer(v)) = parsed {
+            return Err(io::Error::other(format!(
+                "{} has format version {v}, newer than this autodevd understands ({LOCK_VERSION}): it was written by \
+                 a newer autodev. Run that version again (or remove the file if its task is over)",
+                path.display()
+            )));
+        }
         match parsed {
             Ok(lock) => good.push(lock),
             Err(error) => {
+                let error = error.to_string();
                 let moved_to = free_name(&path.with_extension("lock.corrupt"));
                 std::fs::rename(&path, &moved_to)?;
                 bad.push(CorruptLock { slot, moved_to, error });
@@ -282,7 +312,11 @@ pub struct ExitRecord {
     pub run_id: String,
     pub slot: String,
     pub issue: u64,
+    /// How the run ended for the task: `completed`, `failed`, `abandoned`.
     pub state: String,
+    /// Why, as a typed fact. `None` only in version-1 records of failed runs.
+    #[serde(default)]
+    pub end_cause: Option<EndCause>,
     pub reason: Option<String>,
     pub exit_code: Option<i32>,
     pub signal: Option<i32>,
@@ -327,7 +361,28 @@ pub fn read_history_tail(path: &Path, max_bytes: u64) -> io::Result<Vec<ExitReco
         lines.next(); // a fragment
     }
     // A torn last line (crash during append) or a foreign line is skipped, not fatal.
-    Ok(lines.filter_map(|l| serde_json::from_slice(l).ok()).collect())
+    Ok(lines.filter(|l| !l.is_empty()).filter_map(|l| parse_exit_record(l).ok()).collect())
+}
+
+/// Reads an exit record (a history line or `exit.json`) of any version this autodevd knows, migrating older ones in
+/// memory. A newer one is refused with a warning: its fields may mean something else.
+pub fn parse_exit_record(bytes: &[u8]) -> Result<ExitRecord, String> {
+    let mut record: ExitRecord = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    match record.version {
+        1 => {
+            // Version 1 knew no causes; a completed run succeeded, a failure's cause is not known.
+            record.end_cause = (record.state == "completed").then_some(EndCause::Succeeded);
+            record.version = RECORD_VERSION;
+            Ok(record)
+        }
+        RECORD_VERSION => Ok(record),
+        v => {
+            let why =
+                format!("run {}: record format version {v} is not one this autodevd knows; skipped", record.run_id);
+            tracing::warn!("{why}");
+            Err(why)
+        }
+    }
 }
 
 /// Appends one finished run to `history.jsonl` and syncs it. One line per run; a torn last line from a crash is
@@ -335,7 +390,13 @@ pub fn read_history_tail(path: &Path, max_bytes: u64) -> io::Result<Vec<ExitReco
 pub fn append_history(path: &Path, record: &ExitRecord) -> io::Result<()> {
     let mut line = serde_json::to_vec(record).map_err(io::Error::other)?;
     line.push(b'\n');
-    let mut file = OpenOptions::new().create(true).append(true).mode(0o600).open(path)?;
+    let mut file = OpenOptions::new().create(true).append(true).read(true).mode(0o600).open(path)?;
+    // A write cut short (a full disk, a crash) left a torn line: end it, so this record starts a line of its own.
+    let size = file.metadata()?.len();
+    let mut last = [0u8; 1];
+    if size > 0 && std::os::unix::fs::FileExt::read_at(&file, &mut last, size - 1)? == 1 && last[0] != b'\n' {
+        line.insert(0, b'\n');
+    }
     file.write_all(&line)?;
     file.sync_data()
 }

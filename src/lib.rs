@@ -11,6 +11,7 @@ pub mod paths;
 pub mod protocol;
 pub mod provider;
 pub mod supervisor;
+pub mod task;
 pub mod template;
 pub mod timefmt;
 pub mod workspace;

@@ -235,20 +235,13 @@ pub fn digest_line(format: EventFormat, line: Line<'_>, preview: &mut Preview, f
         return;
     }
     let parsed = parse_line(format, &text);
-    // A usage limit is something the CLI reports as an error, not something the agent says: an agent working on
-    // rate limiting writes those words all day. So for structured CLIs only error events and failed results are
-    // looked at; plain-text output and stderr have nothing else to go by.
-    let said_by_cli = match format {
-        EventFormat::Text => Some(text.as_ref()),
-        _ => parsed
-            .outcome
-            .as_ref()
-            .filter(|o| !o.success)
-            .map(|o| o.summary.as_str())
-            .or_else(|| parsed.lines.iter().find(|l| l.starts_with("error:")).map(String::as_str)),
-    };
-    if let Some(limit) = said_by_cli.filter(|t| t.len() < 4096).and_then(crate::provider::rate_limit_in) {
+    // A usage limit is a typed fact the CLI reports (never words: an agent working on rate limiting writes those
+    // all day): a rate-limited retry while it runs, or a final event that failed on the account's limit.
+    if let Some(limit) = parsed.rate_limited {
         findings.rate_limit = Some(limit);
+    }
+    if let Some(crate::provider::Failure::UsageLimit { resets_at }) = parsed.outcome.as_ref().and_then(|o| o.failure) {
+        findings.rate_limit = Some(resets_at);
     }
     if !parsed.continues {
         preview.close_line();

@@ -91,3 +91,17 @@ pub fn ensure_private_dir(dir: &Path) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The mount point of the filesystem `path` is on (the longest mount point in `/proc/self/mounts` that contains
+/// it), to say which filesystem is full.
+pub fn mount_point(path: &Path) -> Option<PathBuf> {
+    let path = std::fs::canonicalize(path).ok()?;
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(1))
+        // Spaces and the like are octal escapes there (`\040`).
+        .map(|m| PathBuf::from(m.replace("\\040", " ")))
+        .filter(|m| path.starts_with(m))
+        .max_by_key(|m| m.as_os_str().len())
+}

@@ -110,7 +110,7 @@ pub enum Reply {
     Workspaces(WorkspacesReport),
     ProjectStatus(ProjectReport),
     ProgressNoted { slot: String, percent: u8 },
-    History { runs: Vec<crate::ledger::ExitRecord> },
+    History { runs: Vec<HistoryRun> },
     LogEnd { slot: String, run_id: String, state: SlotState },
     Error(ErrorReply),
 }
@@ -139,15 +139,19 @@ pub enum ErrorKind {
     Version,
 }
 
-/// The seed's state words.
+/// The seed's state words, plus `queued` and `waiting`. The wire's own type: the daemon's task phases map onto it.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "snake_case")]
 pub enum SlotState {
     Ready,
+    /// Waits for a free slot; holds none.
+    Queued,
     Starting,
     InProgress,
     /// Running, but no output, progress or CPU for `health.staleAfterSecs`.
     Stale,
+    /// Holds its slot until `waiting_until` (a retry's backoff, a usage limit) or a reply, then goes on by itself.
+    Waiting,
     /// Its run died while autodevd was not watching (crash, reboot, shutdown): the slot stays held by the issue
     /// until the task is resumed or released.
     Abandoned,
@@ -159,9 +163,11 @@ impl SlotState {
     pub fn as_str(self) -> &'static str {
         match self {
             SlotState::Ready => "ready",
+            SlotState::Queued => "queued",
             SlotState::Starting => "starting",
             SlotState::InProgress => "in_progress",
             SlotState::Stale => "stale",
+            SlotState::Waiting => "waiting",
             SlotState::Abandoned => "abandoned",
             SlotState::Completed => "completed",
             SlotState::Failed => "failed",
@@ -175,8 +181,62 @@ impl SlotState {
 
     /// The slot belongs to its issue: `assign` may not take it, and the issue may not go elsewhere.
     pub fn holds_slot(self) -> bool {
-        matches!(self, SlotState::Starting | SlotState::InProgress | SlotState::Stale | SlotState::Abandoned)
+        matches!(
+            self,
+            SlotState::Starting | SlotState::InProgress | SlotState::Stale | SlotState::Waiting | SlotState::Abandoned
+        )
     }
+}
+
+impl From<crate::task::State> for SlotState {
+    fn from(state: crate::task::State) -> SlotState {
+        use crate::task::State;
+        match state {
+            State::Ready => SlotState::Ready,
+            State::Queued => SlotState::Queued,
+            State::Starting => SlotState::Starting,
+            State::InProgress => SlotState::InProgress,
+            State::Stale => SlotState::Stale,
+            State::Waiting => SlotState::Waiting,
+            State::Abandoned => SlotState::Abandoned,
+            State::Completed => SlotState::Completed,
+            State::Failed => SlotState::Failed,
+        }
+    }
+}
+
+/// The restart allowance of a task: automatic restarts used in the window, of how many.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Restarts {
+    pub used: u32,
+    pub allowed: u32,
+    pub per_secs: u64,
+}
+
+/// One finished run in `history`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HistoryRun {
+    pub run_id: String,
+    pub task_id: String,
+    pub slot: String,
+    pub provider: String,
+    pub issue: u64,
+    /// `completed`, `failed` or `abandoned`.
+    pub state: String,
+    /// Why, as a typed word (`succeeded`, `agent_error`, …); null for old records of failed runs.
+    pub end_cause: Option<String>,
+    pub reason: Option<String>,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub started_at: String,
+    pub ended_at: String,
+    pub duration_secs: u64,
+    pub session_id: Option<String>,
+    pub cost_usd: Option<f64>,
+    pub turns: Option<u64>,
+    /// The runs of the task up to and including this one.
+    pub runs: Vec<String>,
+    pub branch: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -230,7 +290,17 @@ pub struct SlotStatus {
     pub ended_at: Option<String>,
     pub session_id: Option<String>,
     pub exit_code: Option<i32>,
+    /// Why an ended task ended (`succeeded`, `agent_error`, `provider_error`, `usage_limit`, `auth_error`,
+    /// `cli_missing`, `spawn_failed`, `stopped`, `killed`, `lost`, `no_result`, `disk_full`, `released`); more may
+    /// come: a client treats an unknown one as a failure.
+    pub end_cause: Option<String>,
     pub reason: Option<String>,
+    /// A waiting task goes on by itself at this time (RFC 3339; null: when a reply comes).
+    pub waiting_until: Option<String>,
+    /// `retry`, `usage_limit` or `reply`.
+    pub waiting_for: Option<String>,
+    /// Automatic restarts used of the task's allowance.
+    pub restarts: Option<Restarts>,
     pub cost_usd: Option<f64>,
     pub turns: Option<u64>,
     pub console_preview: Vec<String>,
@@ -243,8 +313,48 @@ pub struct SlotStatus {
     pub memory_mb: Option<f64>,
     /// Which run of the task this is (1 for the first; resumes and retries count up).
     pub attempt: u32,
-    /// The CLI hit a usage or rate limit: not stale, not failed, until then.
+    /// Deprecated alias, kept for this release: `waiting_until` of a usage-limit wait, or the limit a running CLI
+    /// waits out.
     pub rate_limited_until: Option<String>,
+}
+
+impl SlotStatus {
+    /// The row of a free slot.
+    pub fn ready(slot: String, provider: String) -> SlotStatus {
+        SlotStatus {
+            slot,
+            provider,
+            state: SlotState::Ready,
+            issue: None,
+            task_id: None,
+            run_id: None,
+            runs: Vec::new(),
+            worktree: None,
+            branch: None,
+            pid: None,
+            adopted: false,
+            started_at: None,
+            last_output_at: None,
+            ended_at: None,
+            session_id: None,
+            exit_code: None,
+            end_cause: None,
+            reason: None,
+            waiting_until: None,
+            waiting_for: None,
+            restarts: None,
+            cost_usd: None,
+            turns: None,
+            console_preview: Vec::new(),
+            heartbeat_at: None,
+            progress: None,
+            progress_message: None,
+            cpu_percent: None,
+            memory_mb: None,
+            attempt: 0,
+            rate_limited_until: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -312,6 +312,22 @@ pub struct Outcome {
     pub summary: String,
     pub cost_usd: Option<f64>,
     pub turns: Option<u64>,
+    /// What went wrong, from the event's typed fields (never from the words of its text).
+    pub failure: Option<Failure>,
+}
+
+/// What a failed final event says went wrong, as typed facts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Failure {
+    /// The model service answered with an HTTP error (claude `api_error_status`, gemini `error.code`), or a turn
+    /// failed in the service (codex `turn.failed`).
+    Api { status: Option<u16> },
+    /// The account's usage limit (claude's `…|<epoch>` marker or a 429; codex `usage_limit_exceeded`).
+    UsageLimit { resets_at: Option<std::time::SystemTime> },
+    /// The CLI is not logged in or its key is refused.
+    Auth,
+    /// The agent's own turn failed.
+    Agent,
 }
 
 /// What one output line says.
@@ -325,6 +341,9 @@ pub struct Parsed {
     pub outcome: Option<Outcome>,
     /// A plan's progress (codex todo_list): percent done, and the next step.
     pub progress: Option<(u8, String)>,
+    /// The CLI is waiting out a rate limit it reported as a typed fact (claude `api_retry` with status 429): until
+    /// when, if it said.
+    pub rate_limited: Option<Option<std::time::SystemTime>>,
 }
 
 /// Reads one complete output line. Lines that are not JSON events are shown as they are.
@@ -373,6 +392,18 @@ fn claude_event(e: &Value, parsed: &mut Parsed) {
                 parsed.session_id = str_at(e, "/session_id").map(str::to_string);
                 let model = str_at(e, "/model").unwrap_or("?");
                 parsed.lines.push(format!("session started (model {model})"));
+            }
+            Some("api_retry") => {
+                let status = e.get("error_status").and_then(Value::as_u64);
+                let attempt = e.get("attempt").and_then(Value::as_u64).unwrap_or(0);
+                let max = e.get("max_retries").and_then(Value::as_u64).unwrap_or(0);
+                let delay = e.get("retry_delay_ms").and_then(Value::as_u64).unwrap_or(0);
+                let what = status.map_or_else(|| "API error".to_string(), |s| format!("API error {s}"));
+                parsed.lines.push(format!("{what}, retry {attempt}/{max} in {}", short_duration(delay.div_ceil(1000))));
+                if status == Some(429) {
+                    let until = std::time::SystemTime::now() + std::time::Duration::from_millis(delay);
+                    parsed.rate_limited = Some(Some(until));
+                }
             }
             Some("permission_denied") => {
                 let tool = str_at(e, "/tool_name").unwrap_or("a tool");
@@ -431,9 +462,30 @@ fn claude_event(e: &Value, parsed: &mut Parsed) {
                 parsed.session_id = str_at(e, "/session_id").map(str::to_string);
             }
             parsed.lines.push(format!("result: {summary}"));
-            parsed.outcome = Some(Outcome { success: !is_error, summary, cost_usd: cost, turns });
+            let failure = is_error.then(|| claude_failure(e));
+            parsed.outcome = Some(Outcome { success: !is_error, summary, cost_usd: cost, turns, failure });
         }
         _ => {}
+    }
+}
+
+/// What claude's failed result says: its `api_error_status`, else its usage-limit marker (the CLI's own error
+/// string ends in `|<epoch of the reset>`), else the agent's turn failed.
+fn claude_failure(e: &Value) -> Failure {
+    let text = str_at(e, "/result").unwrap_or_default();
+    let marker = text.rsplit_once('|').and_then(|(_, epoch)| {
+        (epoch.len() == 10 && epoch.bytes().all(|b| b.is_ascii_digit())).then(|| epoch.parse::<u64>().ok()).flatten()
+    });
+    let resets_at = || {
+        marker
+            .map(|s| std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(s))
+            .or_else(|| rate_limit_in(text).flatten())
+    };
+    match e.get("api_error_status").and_then(Value::as_u64) {
+        Some(429) => Failure::UsageLimit { resets_at: resets_at() },
+        Some(status) => Failure::Api { status: u16::try_from(status).ok() },
+        None if marker.is_some() => Failure::UsageLimit { resets_at: resets_at() },
+        None => Failure::Agent,
     }
 }
 
@@ -483,7 +535,13 @@ fn gemini_event(e: &Value, parsed: &mut Parsed) {
                 format!("error: {}{facts}", first_line(&why))
             };
             parsed.lines.push(format!("result: {summary}"));
-            parsed.outcome = Some(Outcome { success, summary, cost_usd: None, turns: None });
+            let failure = (!success).then(|| {
+                match e.pointer("/error/code").and_then(Value::as_u64).and_then(|c| u16::try_from(c).ok()) {
+                    Some(status) => Failure::Api { status: Some(status) },
+                    None => Failure::Agent,
+                }
+            });
+            parsed.outcome = Some(Outcome { success, summary, cost_usd: None, turns: None, failure });
         }
         _ => {}
     }
@@ -545,12 +603,20 @@ fn codex_event(e: &Value, parsed: &mut Parsed) {
                 None => "success".to_string(),
             };
             parsed.lines.push(format!("result: {summary}"));
-            parsed.outcome = Some(Outcome { success: true, summary, cost_usd: None, turns: None });
+            parsed.outcome = Some(Outcome { success: true, summary, cost_usd: None, turns: None, failure: None });
         }
         Some("turn.failed") => {
             let summary = format!("error: {}", first_line(str_at(e, "/error/message").unwrap_or("turn failed")));
             parsed.lines.push(format!("result: {summary}"));
-            parsed.outcome = Some(Outcome { success: false, summary, cost_usd: None, turns: None });
+            // A codex turn fails only when the model service does (tool failures go back to the model); its typed
+            // error kind, where the CLI gives one, tells a usage limit or a refused key apart.
+            let failure = match str_at(e, "/error/codex_error_info") {
+                Some("usage_limit_exceeded") => Failure::UsageLimit { resets_at: None },
+                Some("unauthorized") => Failure::Auth,
+                _ => Failure::Api { status: None },
+            };
+            parsed.outcome =
+                Some(Outcome { success: false, summary, cost_usd: None, turns: None, failure: Some(failure) });
         }
         Some("error") => parsed.lines.push(format!("error: {}", first_line(str_at(e, "/message").unwrap_or("?")))),
         _ => {}

@@ -373,6 +373,20 @@ pub fn create_run_lock(path: &Path) -> io::Result<File> {
 }
 
 /// Whether anything still holds a run's lock (some process of the run lives).
+/// Whether process `pid` was started with `name=value` in its environment (`/proc/<pid>/environ`, read up to
+/// 1 MiB). What autodev put there (`AUTODEV_RUN=<run id>`) proves a process is that run's even after it closed the
+/// descriptors it inherited; a stranger named by a forged lockfile does not carry a run id of ours.
+pub fn started_with_env(pid: i32, name: &str, value: &str) -> bool {
+    use std::io::Read;
+    let Ok(file) = std::fs::File::open(format!("/proc/{pid}/environ")) else { return false };
+    let mut environ = Vec::new();
+    if file.take(1 << 20).read_to_end(&mut environ).is_err() {
+        return false;
+    }
+    let wanted = format!("{name}={value}");
+    environ.split(|b| *b == 0).any(|entry| entry == wanted.as_bytes())
+}
+
 pub fn run_lock_held(path: &Path) -> bool {
     use fs2::FileExt;
     let Ok(file) = std::fs::OpenOptions::new().read(true).open(path) else { return false };

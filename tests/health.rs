@@ -76,20 +76,25 @@ fn a_failing_task_is_retried_on_a_fallback_llm_with_its_attempt_count() {
     let mut c = config();
     c["retry"] = json!({ "maxAttempts": 2, "fallback": ["codex"], "backoffSecs": 0.1 });
     let d = Daemon::start(&c);
-    d.assign(4, &[], "the task\n@fail-on claude");
-    d.wait_state("claude-1", "failed");
+    // The service fails (a typed API status): the retry goes to the fallback LLM first.
+    d.assign(4, &[], "the task\n@fail-on claude 503");
+    let left = d.wait_state("claude-1", "failed");
+    assert_eq!(left["end_cause"], "provider_error", "{left}");
     let moved = d.wait_state("codex-1", "completed");
     assert_eq!(moved["issue"], 4);
     assert_eq!(moved["attempt"], 2, "{moved}");
     assert_eq!(moved["runs"].as_array().unwrap().len(), 2);
     let history: Value = serde_json::from_str(&d.ctl(&["history", "--json", "--issue", "4"])).unwrap();
-    let states: Vec<(&str, &str, usize)> = history
+    let states: Vec<(&str, &str, &str, usize)> = history
         .as_array()
         .unwrap()
         .iter()
-        .map(|h| (h["slot"].as_str().unwrap(), h["state"].as_str().unwrap(), h["runs"].as_array().unwrap().len()))
+        .map(|h| {
+            let cause = h["end_cause"].as_str().unwrap();
+            (h["slot"].as_str().unwrap(), h["state"].as_str().unwrap(), cause, h["runs"].as_array().unwrap().len())
+        })
         .collect();
-    assert_eq!(states, [("claude-1", "failed", 1), ("codex-1", "completed", 2)]);
+    assert_eq!(states, [("claude-1", "failed", "provider_error", 1), ("codex-1", "completed", "succeeded", 2)]);
     assert!(d.ctl(&["history"]).contains("codex-1"));
     // Errors a retry cannot fix are not retried.
     let mut c = config();
@@ -99,6 +104,27 @@ fn a_failing_task_is_retried_on_a_fallback_llm_with_its_attempt_count() {
     let _ = d.try_ctl(&["assign", "5", "--llm", "gemini", "--prompt", "x"]);
     let history: Value = serde_json::from_str(&d.ctl(&["history", "--json"])).unwrap();
     assert_eq!(history.as_array().unwrap().len(), 1, "a missing CLI is not retried: {history}");
+    assert_eq!(history[0]["end_cause"], "cli_missing", "{history}");
+}
+
+#[test]
+fn an_agent_error_is_retried_in_its_own_conversation_after_a_backoff() {
+    let mut c = config();
+    c["retry"] = json!({ "maxAttempts": 2, "fallback": ["codex"], "backoffSecs": 1 });
+    let d = Daemon::start(&c);
+    // The agent's own words name statuses; only typed facts count: an agent error, retried in its own slot.
+    d.assign(6, &[], "@replay-on-resume\n@result-text fixed bug #1502 and the 429 handler\n@fail\n@exit 1");
+    let waiting = d.wait_state("claude-1", "waiting");
+    assert_eq!(waiting["waiting_for"], "retry", "{waiting}");
+    assert!(waiting["waiting_until"].is_string(), "{waiting}");
+    assert_eq!(waiting["restarts"]["allowed"], 3, "{waiting}");
+    let row = wait_until("the retry to end", || {
+        let row = d.slot("claude-1");
+        (row["state"] == "failed" && row["runs"].as_array()?.len() == 2).then_some(row)
+    });
+    assert_eq!(row["end_cause"], "agent_error", "{row}");
+    assert_eq!(row["restarts"]["used"], 1, "{row}");
+    assert_eq!(d.slot("codex-1")["state"], "ready", "an agent error does not go to the fallback");
 }
 
 #[test]
@@ -152,14 +178,15 @@ fn the_status_comment_parses_is_edited_not_duplicated_and_keeps_secrets_home() {
 
 #[test]
 fn a_usage_limit_is_waited_out_not_failed_and_then_resumed() {
-    let mut c = config();
-    c["supervisor"]["onAbandoned"] = json!("resume");
-    let d = Daemon::start(&c);
-    let reset = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 2;
+    let d = Daemon::start(&config());
+    let reset = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 3;
     // As claude reports it: the final result is an error whose text carries the reset time.
     d.assign(8, &[], &format!("@result-text Claude AI usage limit reached|{reset}\n@fail\n@exit 1"));
-    let row = d.wait_state("claude-1", "abandoned");
-    assert!(row["reason"].as_str().unwrap().starts_with("rate limited until"), "not failed: {row}");
+    let row = d.wait_state("claude-1", "waiting");
+    assert_eq!(row["waiting_for"], "usage_limit", "not failed: {row}");
+    let until = humantime::parse_rfc3339(row["waiting_until"].as_str().unwrap()).unwrap();
+    assert_eq!(until.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs(), reset, "{row}");
+    assert_eq!(row["rate_limited_until"], row["waiting_until"], "the old name stays for this release: {row}");
     let resumed = d.wait_state("claude-1", "completed");
     assert_eq!(resumed["runs"].as_array().unwrap().len(), 2, "resumed after the reset: {resumed}");
 }

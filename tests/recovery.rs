@@ -43,7 +43,7 @@ fn lockfile_tells_the_whole_story_and_goes_when_the_slot_is_free() {
     d.assign(12, &[], "@say working\n@sleep 30");
     let row = wait_preview(&d, "claude-1", "working");
     let lock = lockfile(&d, "claude-1").expect("a busy slot has a lockfile");
-    assert_eq!((lock.slot.as_str(), lock.issue, lock.state.as_str()), ("claude-1", 12, "in_progress"));
+    assert_eq!((lock.slot.as_str(), lock.issue, lock.state().as_str()), ("claude-1", 12, "in_progress"));
     assert_eq!(Some(lock.run_id.as_str()), row["run_id"].as_str());
     assert_eq!(lock.runs, vec![lock.run_id.clone()]);
     assert_eq!(lock.pid, row["pid"].as_u64().map(|p| p as u32));
@@ -317,7 +317,7 @@ fn policy_resume_resumes_at_most_three_times_an_hour_and_policy_fail_frees() {
             assert_eq!(now["runs"].as_array().unwrap().len(), round + 1);
         } else {
             assert_eq!(now["state"], "abandoned", "round {round}: {now}");
-            assert!(now["reason"].as_str().unwrap().contains("3 automatic resumes in the last hour"), "{now}");
+            assert!(now["reason"].as_str().unwrap().contains("3 automatic restarts in 1h00m"), "{now}");
         }
     }
     d.kill9();

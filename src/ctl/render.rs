@@ -22,7 +22,19 @@ fn cut(text: &str, max: usize) -> String {
 /// What a row says the slot is doing: the failure or result for a finished task, else the last preview line.
 fn activity(row: &SlotStatus) -> String {
     let text = match row.state {
-        SlotState::Completed | SlotState::Failed | SlotState::Abandoned => row.reason.clone(),
+        SlotState::Completed | SlotState::Failed | SlotState::Abandoned => {
+            let cause = row.end_cause.as_deref().filter(|c| *c != "succeeded");
+            match (cause, &row.reason) {
+                (Some(c), Some(r)) => Some(format!("{c}: {r}")),
+                (Some(c), None) => Some(c.to_string()),
+                (None, r) => r.clone(),
+            }
+        }
+        SlotState::Waiting => {
+            let what = row.waiting_for.as_deref().unwrap_or("?").replace('_', " ");
+            let until = row.waiting_until.as_deref().map(|u| format!(" until {u}")).unwrap_or_default();
+            Some(format!("waiting for {what}{until}: {}", row.reason.as_deref().unwrap_or("")))
+        }
         _ => match &row.rate_limited_until {
             Some(until) => Some(format!("rate limited until {until}")),
             None => row.progress_message.clone().or_else(|| row.console_preview.last().cloned()),
@@ -38,6 +50,7 @@ pub fn status(report: &StatusReport, with_preview: bool) -> String {
         SlotState::InProgress,
         SlotState::Stale,
         SlotState::Starting,
+        SlotState::Waiting,
         SlotState::Abandoned,
         SlotState::Failed,
         SlotState::Completed,
@@ -223,25 +236,26 @@ pub fn project(report: &ProjectReport, verbose: bool) -> String {
     out
 }
 
-pub fn history(runs: &[crate::ledger::ExitRecord]) -> String {
+pub fn history(runs: &[crate::protocol::HistoryRun]) -> String {
     let mut out = String::new();
     if runs.is_empty() {
         return "no finished runs yet\n".into();
     }
     let _ = writeln!(
         out,
-        "{:<20}  {:<10} {:<6} {:<10} {:>8} {:>7} {:>7}  REASON",
-        "ENDED", "SLOT", "ISSUE", "STATE", "TOOK", "COST", "ATTEMPT"
+        "{:<20}  {:<10} {:<6} {:<10} {:<14} {:>8} {:>7} {:>7}  REASON",
+        "ENDED", "SLOT", "ISSUE", "STATE", "CAUSE", "TOOK", "COST", "ATTEMPT"
     );
     for r in runs {
         let cost = r.cost_usd.map_or("-".into(), |c| format!("${c:.2}"));
         let _ = writeln!(
             out,
-            "{:<20}  {:<10} {:<6} {:<10} {:>8} {:>7} {:>7}  {}",
+            "{:<20}  {:<10} {:<6} {:<10} {:<14} {:>8} {:>7} {:>7}  {}",
             r.ended_at,
             r.slot,
             format!("#{}", r.issue),
             r.state,
+            r.end_cause.as_deref().unwrap_or("-"),
             short_duration(r.duration_secs),
             cost,
             r.runs.len().max(1),

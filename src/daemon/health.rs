@@ -7,14 +7,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use super::Shared;
-use super::slots::StopReason;
-use super::{issue_sync, retry, runs};
-use crate::config::OnStale;
+use super::issue_sync;
+use super::life::drive;
 use crate::protocol::SlotState;
-
-/// Automatic restarts of stale runs allowed per slot in [`RESTART_WINDOW`]: never a hot loop.
-const RESTARTS_PER_WINDOW: usize = 3;
-const RESTART_WINDOW: Duration = Duration::from_secs(300);
+use crate::task::Event;
 
 /// Samples on `health.sampleSecs` for as long as the daemon runs.
 pub(super) async fn run(shared: Arc<Shared>) {
@@ -31,12 +27,15 @@ pub(super) async fn run(shared: Arc<Shared>) {
         }
         // The /proc walk is blocking work: off the runtime thread, so followers and replies never wait for it.
         let Ok(totals) = tokio::task::spawn_blocking(move || scan(&groups)).await else { continue };
-        let (running, went_stale) = apply(&shared, &totals);
+        let (running, changes) = apply(&shared, &totals);
         for slot in &running {
-            issue_sync::comment(&shared, slot, went_stale.contains(slot));
+            issue_sync::comment(&shared, slot, false);
         }
-        for slot in went_stale {
-            tokio::spawn(on_stale(shared.clone(), slot));
+        // The machine decides what silence means (`health.onStale`, within the restart allowance).
+        for (slot, event) in changes {
+            if let Err(e) = drive(&shared, &slot, event) {
+                tracing::warn!(slot, "{e}");
+            }
         }
     }
 }
@@ -62,22 +61,23 @@ fn running_groups(shared: &Shared) -> HashMap<i32, ()> {
         .lock_table()
         .slots
         .iter()
-        .filter_map(|s| s.task.as_ref().filter(|t| t.state.is_running()))
+        .filter_map(|s| s.task.as_ref().filter(|t| t.is_running()))
         .filter_map(|t| t.record.pgid.map(|g| (g as i32, ())))
         .collect()
 }
 
-/// Applies one sample to every running task; returns the running slots and those that just went stale.
-fn apply(shared: &Shared, totals: &HashMap<i32, (u64, u64)>) -> (Vec<String>, Vec<String>) {
+/// Applies one sample to every running task; returns the running slots and the events the sample means (a run
+/// went silent, or came back).
+fn apply(shared: &Shared, totals: &HashMap<i32, (u64, u64)>) -> (Vec<String>, Vec<(String, Event)>) {
     let ticks_per_sec = procfs::ticks_per_second() as f64;
     let page = procfs::page_size() as f64;
     let stale_after = Duration::from_secs_f64(shared.config.raw.health.stale_after_secs);
     let (now, now_instant) = (SystemTime::now(), Instant::now());
-    let mut went_stale = Vec::new();
+    let mut changes = Vec::new();
     let mut running = Vec::new();
     let mut table = shared.lock_table();
     for slot in table.slots.iter_mut() {
-        let Some(task) = slot.task.as_mut().filter(|t| t.state.is_running() && t.state != SlotState::Starting) else {
+        let Some(task) = slot.task.as_mut().filter(|t| t.is_running() && t.state() != SlotState::Starting) else {
             continue;
         };
         running.push(slot.name.clone());
@@ -100,48 +100,14 @@ fn apply(shared: &Shared, totals: &HashMap<i32, (u64, u64)>) -> (Vec<String>, Ve
             // Waiting for a usage limit to reset is not being stale.
             continue;
         }
-        match task.state {
+        match task.state() {
             SlotState::InProgress if silent > stale_after => {
-                task.state = SlotState::Stale;
                 tracing::warn!(slot = %slot.name, issue = task.issue(), "stale: no output, progress or CPU for {}s", silent.as_secs());
-                went_stale.push(slot.name.clone());
+                changes.push((slot.name.clone(), Event::Silent));
             }
-            SlotState::Stale if silent <= stale_after => task.state = SlotState::InProgress,
+            SlotState::Stale if silent <= stale_after => changes.push((slot.name.clone(), Event::Alive)),
             _ => {}
         }
     }
-    (running, went_stale)
-}
-
-/// Applies `health.onStale` to a run that just went stale.
-async fn on_stale(shared: Arc<Shared>, slot: String) {
-    let policy = shared.config.raw.health.on_stale;
-    if policy == OnStale::Mark {
-        return;
-    }
-    let recent = {
-        let table = shared.lock_table();
-        let Some(task) = table.get(&slot).and_then(|s| s.task.as_ref()) else { return };
-        let since = SystemTime::now() - RESTART_WINDOW;
-        task.record.auto_resumes.iter().filter_map(|t| crate::timefmt::parse_rfc3339(t)).filter(|t| *t > since).count()
-    };
-    if recent >= RESTARTS_PER_WINDOW {
-        tracing::warn!(
-            slot,
-            "stale again, but {RESTARTS_PER_WINDOW} automatic restarts in 5 minutes already: left as it is"
-        );
-        return;
-    }
-    let why = format!("stale for {}s", shared.config.raw.health.stale_after_secs);
-    if let Err(e) = runs::stop(&shared, &slot, StopReason::Stale(why)).await {
-        tracing::warn!(slot, "stopping the stale run: {}", e.message);
-        return;
-    }
-    let result = match policy {
-        OnStale::Reassign => retry::retry(&shared, &slot).await,
-        _ => runs::resume(&shared, &slot, true).await.map(drop),
-    };
-    if let Err(e) = result {
-        tracing::warn!(slot, "after a stale run: {}", e.message);
-    }
+    (running, changes)
 }

@@ -4,9 +4,8 @@
 use std::time::Duration;
 
 use super::Shared;
-use super::runs::refuse;
+use super::refuse;
 use crate::github::sync::Target;
-use crate::ledger::ExitRecord;
 use crate::protocol::{ErrorKind, ErrorReply};
 
 /// Reads the issue from GitHub when the task comes from it, or when the board must be checked: a closed issue, a
@@ -91,16 +90,6 @@ pub(super) async fn intake(
     Ok(Some(view))
 }
 
-/// What the board should say after a run ended. An abandoned task changes nothing on the board: its slot still
-/// holds the issue, which is what the board says.
-pub(super) fn board_wants_for_end(shared: &Shared, exit: &ExitRecord) {
-    match exit.state.as_str() {
-        "completed" => board_wants(shared, exit.issue, &exit.slot, Target::Completed, false),
-        "failed" => board_wants(shared, exit.issue, &exit.slot, Target::Failed, false),
-        _ => {}
-    }
-}
-
 /// Asks for the task's status comment to show the slot as it is now (when status comments are on). `urgent`: a
 /// state change, written at once; otherwise within `statusComments.intervalSecs`.
 pub(super) fn comment(shared: &Shared, slot: &str, urgent: bool) {
@@ -114,7 +103,7 @@ pub(super) fn comment(shared: &Shared, slot: &str, urgent: bool) {
             task_id: t.record.task_id.clone(),
             issue: t.issue(),
             title: t.record.title.clone().unwrap_or_default(),
-            row: table.status_row(s),
+            row: table.status_row(s, &shared.policy.allowance),
             urgent,
         };
         (snapshot, t.record.comment_id)
@@ -134,7 +123,7 @@ pub(super) fn remember_comments(shared: &Shared) {
             match task {
                 Some(t) if t.record.comment_id != Some(id) => {
                     t.record.comment_id = Some(id);
-                    t.state.holds_slot().then(|| t.record.clone())
+                    t.holds_slot().then(|| t.record.clone())
                 }
                 _ => None,
             }

@@ -3,6 +3,7 @@
 
 mod health;
 mod issue_sync;
+mod life;
 mod recovery;
 mod requests;
 mod retry;
@@ -27,10 +28,17 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::config::Config;
 use crate::ledger;
 use crate::paths::{Paths, ensure_private_dir};
+use crate::protocol::{ErrorKind, ErrorReply};
 use crate::provider::Provider;
 use crate::supervisor;
+use crate::task::Policy;
 use slots::SlotTable;
 pub use slots::Task;
+
+/// A refusal or failure for the client, with what to do about it.
+fn refuse(kind: ErrorKind, message: String, hint: Option<String>) -> ErrorReply {
+    ErrorReply { kind, message, hint }
+}
 
 /// How often the STATUS= line for systemd is refreshed (only sent when it changed).
 const STATUS_REFRESH: Duration = Duration::from_secs(2);
@@ -67,6 +75,12 @@ pub struct Shared {
     github: Result<crate::github::GitHubCtx, String>,
     /// Outcomes of recent runs (completed?, seconds) for the summary, newest last.
     recent: Mutex<std::collections::VecDeque<(bool, u64)>>,
+    /// What the config says about a task's life (retries, restarts, stale runs).
+    policy: Policy,
+    /// Which filesystem is full, while some of autodev's own records wait for room.
+    disk_full: Mutex<Option<String>>,
+    /// The loop that writes records waiting for room runs.
+    flushing: std::sync::atomic::AtomicBool,
 }
 
 /// How many finished runs the summary looks back on.
@@ -115,7 +129,25 @@ impl Shared {
     }
 
     fn warnings(&self) -> Vec<String> {
-        self.warnings.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        let mut warnings = self.warnings.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        warnings.extend(self.disk_full.lock().unwrap_or_else(|e| e.into_inner()).clone());
+        warnings
+    }
+
+    /// Notes that one of autodev's writes found the state dir's filesystem full, for `status`.
+    fn note_disk_full(&self, error: &std::io::Error) {
+        let mount = crate::paths::mount_point(&self.paths.state_dir)
+            .map_or_else(|| "?".to_string(), |m| m.display().to_string());
+        let message = format!(
+            "the filesystem of the state dir {} (mounted at {mount}) is full ({error}): records of ended runs wait \
+             in memory and their slots stay held until there is room; free some space",
+            self.paths.state_dir.display()
+        );
+        *self.disk_full.lock().unwrap_or_else(|e| e.into_inner()) = Some(message);
+    }
+
+    fn clear_disk_full(&self) {
+        *self.disk_full.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 }
 
@@ -144,10 +176,16 @@ fn take_daemon_lock(paths: &Paths) -> anyhow::Result<DaemonLock> {
             paths.state_dir.display()
         );
     }
-    file.set_len(0)?;
-    file.rewind()?;
-    writeln!(file, "{}", std::process::id())?;
-    file.sync_all()?;
+    // The pid is for people; a full disk must not keep the daemon from starting (the lock is what counts).
+    let noted = (|| {
+        file.set_len(0)?;
+        file.rewind()?;
+        writeln!(file, "{}", std::process::id())?;
+        file.sync_all()
+    })();
+    if let Err(e) = noted {
+        tracing::warn!("cannot write the pid into {}: {e}", path.display());
+    }
     Ok(DaemonLock { _file: file })
 }
 
@@ -203,6 +241,9 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         warnings: Mutex::new(Vec::new()),
         shutting_down: std::sync::atomic::AtomicBool::new(false),
         recent: Mutex::new(std::collections::VecDeque::new()),
+        policy: Policy::from_config(&config.raw),
+        disk_full: Mutex::new(None),
+        flushing: std::sync::atomic::AtomicBool::new(false),
         paths: paths.clone(),
         config,
     });
@@ -285,9 +326,13 @@ fn summary(shared: &Shared) -> String {
     let table = shared.lock_table();
     let count = |f: &dyn Fn(SlotState) -> bool| table.slots.iter().filter(|s| f(s.state())).count();
     let running = count(&|s| s.is_running());
+    let waiting = count(&|s| s == SlotState::Waiting);
     let abandoned = count(&|s| s == SlotState::Abandoned);
-    let free = count(&|s| !s.holds_slot());
+    let free = table.slots.iter().filter(|s| !s.extra && !s.is_held()).count();
     let mut parts = vec![format!("{running} in progress")];
+    if waiting > 0 {
+        parts.push(format!("{waiting} waiting"));
+    }
     if abandoned > 0 {
         parts.push(format!("{abandoned} abandoned"));
     }

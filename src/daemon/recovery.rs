@@ -1,26 +1,27 @@
-//! Start-up reconciliation, before the socket answers: every lockfile ends as an adopted run (its process is
-//! alive and provably the same), an abandoned task (the slot stays held), or a finished one (its exit record was
-//! written before the crash). A pid that names a stranger is never signalled; leftovers of a run are found through
-//! its run lock, which only the run's own processes hold.
+//! Start-up reconciliation, before the socket answers: every lockfile ends as an adopted run (its process is alive
+//! and provably the run's), a finished one (its exit record, or the final event in its output, says how it ended:
+//! it is never run again), a waiting task (woken at the same moment as before), or an abandoned one (the slot stays
+//! held). A pid that names a stranger is never signalled; leftovers of a run are found through its run lock.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
+use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use super::Shared;
-use super::runs::{self, RUN_LOCK, Wake};
+use super::life::{drive, wake_at};
+use super::runs::{self, Wake};
 use super::slots::Task;
 use crate::config::OnAbandoned;
-use crate::ledger::{self, ExitRecord, RunFiles, SlotLock};
-use crate::protocol::SlotState;
-use crate::supervisor;
-use crate::timefmt::{parse_rfc3339, rfc3339};
+use crate::ledger::{self, ExitRecord, RUN_LOCK, RunFiles, SlotLock};
+use crate::output::scan_outcome;
+use crate::provider::{EventFormat, Outcome};
+use crate::supervisor::{self, ExitInfo};
+use crate::task::{EndCause, Event, Phase, Verdict, verdict};
+use crate::timefmt::parse_rfc3339;
 
 /// How much of the history's tail is read to know each slot's last task.
 const HISTORY_TAIL: u64 = 1 << 20;
-/// Automatic resumes allowed per slot per hour (policy `onAbandoned: resume`): a crash loop must not become a
-/// resume loop that burns model money.
-const AUTO_RESUMES_PER_HOUR: usize = 3;
 
 /// Runs the recovery pass; returns warnings for `status`. Lockfiles that cannot be read at all are an error:
 /// starting without them could hand a held issue to a second agent.
@@ -52,12 +53,14 @@ pub(super) async fn recover(shared: &Arc<Shared>) -> Result<Vec<String>, String>
     for exit in history.iter().filter(|h| h.state == "completed" || h.state == "failed") {
         shared.note_outcome(exit.state == "completed", exit.duration_secs);
     }
-    let recorded: HashSet<&str> = history.iter().map(|h| h.run_id.as_str()).collect();
+    let recorded: HashMap<&str, (String, Option<EndCause>)> =
+        history.iter().map(|h| (h.run_id.as_str(), (h.state.clone(), h.end_cause))).collect();
     let mut abandoned = Vec::new();
     for lock in locks {
         let slot = lock.slot.clone();
-        match recover_one(shared, lock, &recorded).await {
-            Ok(Some(SlotState::Abandoned)) => abandoned.push(slot),
+        let already = recorded.get(lock.run_id.as_str()).cloned();
+        match recover_one(shared, lock, already).await {
+            Ok(Settled::Abandoned) => abandoned.push(slot),
             Ok(_) => {}
             Err(message) => {
                 tracing::error!("{message}");
@@ -73,20 +76,18 @@ pub(super) async fn recover(shared: &Arc<Shared>) -> Result<Vec<String>, String>
 /// which issue it works on. The rebuilt lockfile (no pid on record) goes through recovery like any other.
 fn rebuild_from_live_run(shared: &Shared, slot: &str, valid: &[SlotLock]) -> Option<SlotLock> {
     let runs = std::fs::read_dir(shared.paths.runs_dir()).ok()?;
-    let claimed: HashSet<&str> = valid.iter().map(|l| l.run_id.as_str()).collect();
+    let claimed: std::collections::HashSet<&str> = valid.iter().map(|l| l.run_id.as_str()).collect();
     let run = runs
         .filter_map(|e| e.ok())
         .filter(|e| !claimed.contains(e.file_name().to_string_lossy().as_ref()))
         .filter(|e| supervisor::run_lock_held(&e.path().join(RUN_LOCK)))
-        .filter_map(|e| {
-            serde_json::from_slice::<ledger::RunRecord>(&std::fs::read(e.path().join("run.json")).ok()?).ok()
-        })
+        .filter_map(|e| ledger::read_run_record(&e.path().join("run.json")))
         .find(|r| r.slot == slot)?;
     let files = RunFiles::at(shared.paths.run_dir(&run.run_id));
     let mut lock = SlotLock::new(&run.slot, &run.provider, run.issue, run.cwd.clone(), files.prompt());
     lock.task_id = run.run_id.clone();
-    lock.next_run(run.run_id.clone(), &files, &shared.boot_id, run.daemon_pid);
-    lock.state = "in_progress".into();
+    lock.next_run(run.run_id.clone(), &files.dir, &shared.boot_id, run.daemon_pid);
+    lock.phase = Phase::Running { stale: false, stop: None };
     lock.session_id = run.session_id.clone();
     (lock.program, lock.args) = (run.program.clone(), run.args.clone());
     (lock.started_at, lock.run_started_at) = (run.started_at.clone(), run.started_at);
@@ -101,17 +102,14 @@ fn show_last_finished(shared: &Shared, history: &[ExitRecord], locks: &[SlotLock
         if locks.iter().any(|l| l.slot == exit.slot) || exit.state == "abandoned" {
             continue;
         }
-        let state = match exit.state.as_str() {
-            "completed" => SlotState::Completed,
-            _ => SlotState::Failed,
-        };
         let Some(slot) = table.slots.iter_mut().find(|s| s.name == exit.slot) else { continue };
-        let mut task = Task::idle(record_of_exit(shared, exit), state, exit.reason.clone());
-        task.exit_code = exit.exit_code;
+        let mut task = Task::idle(record_of_exit(shared, exit));
+        task.exit = exit.exit_code.map(ExitInfo::Code);
         task.cost_usd = exit.cost_usd;
         task.turns = exit.turns;
         task.ended_at = parse_rfc3339(&exit.ended_at);
         task.run_started_at = parse_rfc3339(&exit.started_at).unwrap_or(SystemTime::UNIX_EPOCH);
+        task.recorded_as = Some((exit.state.clone(), exit.end_cause));
         slot.task = Some(task);
     }
 }
@@ -121,23 +119,96 @@ fn record_of_exit(shared: &Shared, exit: &ExitRecord) -> SlotLock {
     let files = RunFiles::at(shared.paths.run_dir(&exit.run_id));
     let mut lock = SlotLock::new(&exit.slot, &exit.provider, exit.issue, exit.cwd.clone(), exit.prompt_file.clone());
     lock.task_id = exit.task_id.clone();
-    lock.next_run(exit.run_id.clone(), &files, "", 0);
+    lock.next_run(exit.run_id.clone(), &files.dir, "", 0);
     if !exit.runs.is_empty() {
         lock.runs = exit.runs.clone();
     }
-    (lock.state, lock.reason) = (exit.state.clone(), exit.reason.clone());
+    let cause = exit.end_cause.unwrap_or(if exit.state == "completed" { EndCause::Succeeded } else { EndCause::Lost });
+    lock.phase = Phase::Ended { cause, reason: exit.reason.clone(), exit_code: exit.exit_code };
     lock.session_id = exit.session_id.clone();
     (lock.started_at, lock.run_started_at) = (exit.started_at.clone(), exit.started_at.clone());
     (lock.worktree, lock.branch) = (exit.worktree.clone(), exit.branch.clone());
     lock
 }
 
-/// Settles one lockfile. Returns the state the slot ends in, or a warning.
+/// What a lockfile comes to at start-up.
+#[derive(Debug, PartialEq)]
+enum Settle {
+    /// Waiting: woken at the time it waits for (at once, if that passed while autodevd was down).
+    Wait(Option<SystemTime>),
+    /// Abandoned before, and still.
+    StayAbandoned,
+    /// The run's process lives and is provably the run's.
+    Adopt(u32),
+    /// The run ended and says how: its exit record, or its final event (a run that finished while autodevd was
+    /// down is never run again).
+    Ended(Verdict),
+    /// An abandoned task whose end (release, give-up) was recorded just before a crash.
+    Released { done: bool },
+    /// Gone, and nothing says how it ended.
+    Dead(String),
+}
+
+/// The facts recovery looks at.
+struct Facts<'a> {
+    phase: &'a Phase,
+    exit: Option<&'a ExitRecord>,
+    /// The run's leader, alive and proven to be the run's.
+    leader: Option<u32>,
+    same_boot: bool,
+    pid: Option<u32>,
+    /// The pid now names another process (its start time differs).
+    pid_reused: bool,
+}
+
+/// The recovery decision, from facts only. `final_event` is read only when it is needed (a dead run).
+fn settle(f: &Facts, format: EventFormat, final_event: impl FnOnce() -> Option<Outcome>) -> Settle {
+    let exit_verdict = |exit: &ExitRecord| Verdict {
+        cause: exit.end_cause.unwrap_or(if exit.state == "completed" { EndCause::Succeeded } else { EndCause::Lost }),
+        reason: exit.reason.clone(),
+        exit_code: exit.exit_code,
+        resets_at: None,
+    };
+    match (f.phase, f.exit) {
+        (Phase::Waiting { until, .. }, _) => return Settle::Wait(*until),
+        (Phase::Abandoned { .. }, Some(exit)) if exit.state != "abandoned" => {
+            let done = exit.end_cause == Some(EndCause::Succeeded);
+            return Settle::Released { done };
+        }
+        (Phase::Abandoned { .. } | Phase::Ended { .. } | Phase::Queued, _) => return Settle::StayAbandoned,
+        (_, Some(exit)) if exit.state == "abandoned" => return Settle::StayAbandoned,
+        (_, Some(exit)) => return Settle::Ended(exit_verdict(exit)),
+        (Phase::Starting | Phase::Running { .. }, None) => {}
+    }
+    if let Some(pid) = f.leader {
+        return Settle::Adopt(pid);
+    }
+    if let Some(outcome) = final_event() {
+        return Settle::Ended(verdict(format, &Ok(ExitInfo::Unknown), Some(&outcome), None));
+    }
+    Settle::Dead(match f.pid {
+        _ if !f.same_boot => "the machine restarted while the run was going".into(),
+        None => "autodevd stopped before the run's process was recorded".into(),
+        Some(pid) if f.pid_reused => {
+            format!("process {pid} ended while autodevd was not running (the pid now names another process)")
+        }
+        Some(pid) => format!("process {pid} ended while autodevd was not running"),
+    })
+}
+
+/// How one lockfile settled.
+enum Settled {
+    Running,
+    Abandoned,
+    Other,
+}
+
+/// Settles one lockfile. Returns how, or a warning.
 async fn recover_one(
     shared: &Arc<Shared>,
     mut lock: SlotLock,
-    recorded: &HashSet<&str>,
-) -> Result<Option<SlotState>, String> {
+    recorded: Option<(String, Option<EndCause>)>,
+) -> Result<Settled, String> {
     // The run's files are found from its id, never from paths in the file: an edited or copied lockfile must
     // not point recovery at another run's lock.
     if !is_run_id(&lock.run_id) {
@@ -165,81 +236,91 @@ async fn recover_one(
         let provider = slot.provider;
         table.providers[provider].format
     };
-
-    // The run ended and was recorded, and the daemon died before it freed or rewrote the lockfile.
-    if let Ok(bytes) = std::fs::read(files.exit_record())
-        && let Ok(exit) = serde_json::from_slice::<ExitRecord>(&bytes)
-        && exit.run_id == lock.run_id
-    {
-        if exit.state != "abandoned" {
-            if lock.boot_id == shared.boot_id && supervisor::run_lock_held(&run_lock) {
-                supervisor::clear_lock_holders(&run_lock, None, shared.grace).await;
-            }
-            if !recorded.contains(exit.run_id.as_str()) {
-                let _ = ledger::append_history(&shared.paths.history_file(), &exit);
-            }
-            super::issue_sync::board_wants_for_end(shared, &exit);
-            let state = if exit.state == "completed" { SlotState::Completed } else { SlotState::Failed };
-            install(shared, Task::idle(lock.clone(), state, exit.reason.clone()));
-            ledger::remove_slot_lock(&shared.paths.slots_dir(), &lock.slot).map_err(|e| e.to_string())?;
-            return Ok(Some(state));
-        }
-        lock.state = "abandoned".into();
-        lock.reason = exit.reason.clone();
-    }
-
+    let exit = std::fs::read(files.exit_record())
+        .ok()
+        .and_then(|bytes| ledger::parse_exit_record(&bytes).ok())
+        .filter(|e| e.run_id == lock.run_id);
     let same_boot = lock.boot_id == shared.boot_id;
     // Leftovers of the run (its grandchildren, say) still hold the run lock: they are provably ours.
     let leftovers = same_boot && supervisor::run_lock_held(&run_lock);
-    if lock.state != "abandoned"
-        && same_boot
-        && let Some(pid) = live_leader(&mut lock, &run_lock, leftovers)
-    {
+    let leader = match (&lock.phase, &exit) {
+        (Phase::Starting | Phase::Running { .. }, None) if same_boot => live_leader(&mut lock, &run_lock, leftovers),
+        _ => None,
+    };
+    let pid_reused = lock
+        .pid
+        .and_then(|p| supervisor::proc_stat(p as i32))
+        .is_some_and(|s| s.state != 'Z' && Some(s.start_time) != lock.start_time);
+    let facts = Facts { phase: &lock.phase, exit: exit.as_ref(), leader, same_boot, pid: lock.pid, pid_reused };
+    let decision = settle(&facts, format, || scan_outcome(&files.stdout(), format).ok().flatten());
+    if let Settle::Adopt(pid) = decision {
         match supervisor::adopt(pid as i32) {
             Ok(child) => return adopt(shared, lock, child, format, &files),
             Err(e) => tracing::warn!(slot = %lock.slot, pid, "cannot watch the run's process: {e}"),
         }
     }
-    let reason = match (&lock.state[..], lock.pid) {
-        ("abandoned", _) => lock.reason.clone().unwrap_or_else(|| "abandoned".into()),
-        _ if !same_boot => "the machine restarted while the run was going".into(),
-        (_, None) => "autodevd stopped before the run's process was recorded".into(),
-        (_, Some(pid)) => match supervisor::proc_stat(pid as i32) {
-            Some(stat) if stat.state != 'Z' && Some(stat.start_time) != lock.start_time => {
-                format!("process {pid} ended while autodevd was not running (the pid now names another process)")
-            }
-            _ => format!("process {pid} ended while autodevd was not running"),
-        },
-    };
     if leftovers {
         let n = supervisor::clear_lock_holders(&run_lock, None, shared.grace).await;
-        tracing::info!(slot = %lock.slot, "stopped {n} leftover process(es) of the abandoned run");
+        tracing::info!(slot = %lock.slot, "stopped {n} leftover process(es) of a run that is over");
     }
-    tracing::warn!(slot = %lock.slot, issue = lock.issue, "abandoned: {reason}");
-    // The lockfile is left as it is: the same facts give the same verdict at every start, and not writing keeps
-    // the socket's first answer fast (no fsync per lockfile).
-    lock.state = "abandoned".into();
-    lock.reason = Some(reason.clone());
-    install(shared, Task::idle(lock, SlotState::Abandoned, Some(reason)));
-    Ok(Some(SlotState::Abandoned))
+    let slot = lock.slot.clone();
+    let mut task = Task::idle(lock);
+    task.recorded_as = recorded;
+    task.run_started_at = parse_rfc3339(&task.record.run_started_at).unwrap_or(SystemTime::UNIX_EPOCH);
+    if let Some(exit) = &exit {
+        task.exit = exit.exit_code.map(ExitInfo::Code);
+        (task.cost_usd, task.turns) = (exit.cost_usd, exit.turns);
+        task.ended_at = parse_rfc3339(&exit.ended_at);
+    }
+    let run_id = task.record.run_id.clone();
+    install(shared, task);
+    let event = match decision {
+        Settle::Wait(until) => {
+            tracing::info!(
+                slot,
+                "still waiting; goes on at {}",
+                until.map(crate::timefmt::rfc3339).unwrap_or_default()
+            );
+            if let Some(until) = until {
+                wake_at(shared, &slot, &run_id, until);
+            }
+            return Ok(Settled::Other);
+        }
+        Settle::StayAbandoned => return Ok(Settled::Abandoned),
+        Settle::Adopt(_) => Event::FoundDead { reason: "the run's process could not be watched".into() },
+        Settle::Dead(reason) => {
+            tracing::warn!(slot, "abandoned: {reason}");
+            Event::FoundDead { reason }
+        }
+        Settle::Ended(v) => {
+            tracing::info!(slot, cause = v.cause.as_str(), "the run ended while autodevd was down");
+            Event::RunEnded(v)
+        }
+        Settle::Released { done } => Event::Release { done },
+    };
+    drive(shared, &slot, event).map_err(|e| format!("slot {slot}: {e}"))?;
+    let state = shared.lock_table().get(&slot).map(|s| s.state());
+    Ok(match state {
+        Some(crate::protocol::SlotState::Abandoned) => Settled::Abandoned,
+        _ => Settled::Other,
+    })
 }
 
 /// The pid of the run's leader if it is alive and provably the process the lockfile names: same pid, same start
-/// time, same boot, and the run lock held. A lockfile written before the pid was known is matched through the run lock: the holder that
-/// leads its own process group is the leader.
-fn live_leader(lock: &mut SlotLock, run_lock: &std::path::Path, leftovers: bool) -> Option<u32> {
+/// time, same boot, leading its group, and proof that it is the run's: the run lock held, or the run's id in its
+/// environment (a CLI may close the descriptors it inherited). A lockfile written before the pid was known is
+/// matched through the run lock: the holder that leads its own process group is the leader.
+fn live_leader(lock: &mut SlotLock, run_lock: &Path, leftovers: bool) -> Option<u32> {
     match lock.pid {
-        // Same pid, start time and boot is the process we started; the run lock being held proves it is still
-        // a run of ours and not a lockfile someone wrote by hand about a stranger.
-        Some(pid) if leftovers => {
+        Some(pid) => {
             let stat = supervisor::proc_stat(pid as i32)?;
             let same = stat.state != 'Z' && Some(stat.start_time) == lock.start_time && stat.pgrp == pid as i32;
-            same.then(|| {
+            let proven = leftovers || supervisor::started_with_env(pid as i32, "AUTODEV_RUN", &lock.run_id);
+            (same && proven).then(|| {
                 lock.pgid = Some(pid);
                 pid
             })
         }
-        Some(_) => None,
         None if leftovers => {
             let leader = supervisor::run_lock_holders(run_lock, None)
                 .into_iter()
@@ -258,22 +339,23 @@ fn adopt(
     shared: &Arc<Shared>,
     mut lock: SlotLock,
     child: supervisor::Child,
-    format: crate::provider::EventFormat,
+    format: EventFormat,
     files: &RunFiles,
-) -> Result<Option<SlotState>, String> {
+) -> Result<Settled, String> {
     let wake = Wake::arm(shared, vec![files.stdout(), files.stderr()]);
     // The lockfile already tells the truth about this run; it is rewritten when something changes (session id,
-    // the end), not here.
-    lock.state = "in_progress".into();
+    // the end), not here. A run adopted while it was starting is running now.
+    if lock.phase == Phase::Starting {
+        lock.phase = Phase::Running { stale: false, stop: None };
+    }
     tracing::info!(slot = %lock.slot, issue = lock.issue, pid = child.pid, "adopted a run that outlived autodevd");
     let run_id = lock.run_id.clone();
     let mut task = Task::starting(lock);
-    task.state = SlotState::InProgress;
     task.adopted = true;
     task.run_started_at = parse_rfc3339(&task.record.run_started_at).unwrap_or_else(SystemTime::now);
     install(shared, task);
     runs::follow(shared, run_id, format, child, wake, None);
-    Ok(Some(SlotState::InProgress))
+    Ok(Settled::Running)
 }
 
 fn install(shared: &Shared, task: Task) {
@@ -286,56 +368,36 @@ fn install(shared: &Shared, task: Task) {
 
 /// Applies `supervisor.onAbandoned` to the tasks found abandoned.
 async fn apply_policy(shared: &Arc<Shared>, abandoned: Vec<String>) {
-    match shared.config.raw.supervisor.on_abandoned {
-        OnAbandoned::Ask => {}
-        OnAbandoned::Fail => {
-            for slot in abandoned {
-                let run_id =
-                    shared.lock_table().get(&slot).and_then(|s| s.task.as_ref()).map(|t| t.record.run_id.clone());
-                let reason =
-                    shared.lock_table().get(&slot).and_then(|s| s.task.as_ref()).and_then(|t| t.reason.clone());
-                let Some(run_id) = run_id else { continue };
-                let why =
-                    format!("{}; failed by policy onAbandoned=fail", reason.unwrap_or_else(|| "abandoned".into()));
-                if let Some(end) = runs::finish_task(shared, &run_id, SlotState::Failed, Some(why), None, None) {
-                    runs::record_end(shared, &end);
+    let policy = shared.config.raw.supervisor.on_abandoned;
+    for slot in abandoned {
+        let (reason, restarts) = {
+            let table = shared.lock_table();
+            let Some(task) = table.get(&slot).and_then(|s| s.task.as_ref()) else { continue };
+            (task.record.phase.reason().unwrap_or("abandoned").to_string(), task.record.restarts.clone())
+        };
+        match policy {
+            OnAbandoned::Ask => {}
+            OnAbandoned::Fail => {
+                let reason = format!("{reason}; failed by policy onAbandoned=fail");
+                if let Err(e) = drive(shared, &slot, Event::GiveUp { reason }) {
+                    tracing::warn!(slot, "{e}");
                 }
             }
-        }
-        OnAbandoned::Resume => {
-            for slot in abandoned {
-                let recent = {
-                    let table = shared.lock_table();
-                    let Some(task) = table.get(&slot).and_then(|s| s.task.as_ref()) else { continue };
-                    let hour_ago = SystemTime::now() - Duration::from_secs(3600);
-                    task.record.auto_resumes.iter().filter_map(|t| parse_rfc3339(t)).filter(|t| *t > hour_ago).count()
-                };
-                if recent >= AUTO_RESUMES_PER_HOUR {
-                    let lock = {
-                        let mut table = shared.lock_table();
-                        let Some(task) = table.get_mut(&slot).and_then(|s| s.task.as_mut()) else { continue };
-                        let why = format!(
-                            "{}; not resumed automatically: {AUTO_RESUMES_PER_HOUR} automatic resumes in the last hour \
-                             already (resume it by hand)",
-                            task.reason.clone().unwrap_or_default()
-                        );
-                        task.reason = Some(why.clone());
-                        task.record.reason = Some(why);
-                        task.record.clone()
-                    };
-                    tracing::warn!(slot, "not resumed automatically: too many automatic resumes in the last hour");
-                    let _ = shared.write_lock(&lock);
-                    continue;
-                }
-                match runs::resume(shared, &slot, true).await {
-                    Ok(_) => tracing::info!(
-                        slot,
-                        "resumed automatically (onAbandoned=resume) at {}",
-                        rfc3339(SystemTime::now())
-                    ),
-                    Err(e) => tracing::warn!(slot, "automatic resume failed: {}", e.message),
-                }
+            OnAbandoned::Resume if !shared.policy.allowance.allows(&restarts, SystemTime::now()) => {
+                let allowance = shared.policy.allowance;
+                let why = format!(
+                    "{reason}; not resumed automatically: {} automatic restarts in {} already (resume it by hand)",
+                    allowance.count,
+                    crate::timefmt::short_duration(allowance.per.as_secs())
+                );
+                tracing::warn!(slot, "{why}");
+                // Said in status only: the same facts give the same verdict at the next start.
+                let _ = drive(shared, &slot, Event::FoundDead { reason: why });
             }
+            OnAbandoned::Resume => match runs::resume(shared, &slot, true).await {
+                Ok(_) => tracing::info!(slot, "resumed automatically (onAbandoned=resume)"),
+                Err(e) => tracing::warn!(slot, "automatic resume failed: {}", e.message),
+            },
         }
     }
 }
@@ -343,4 +405,87 @@ async fn apply_policy(shared: &Arc<Shared>, abandoned: Vec<String>) {
 /// Run ids are ULIDs (26 characters of Crockford base32); anything else in a lockfile is not ours.
 fn is_run_id(id: &str) -> bool {
     id.len() == 26 && id.bytes().all(|b| b.is_ascii_digit() || b.is_ascii_uppercase())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::task::StopBy;
+
+    fn exit(state: &str, cause: Option<EndCause>) -> ExitRecord {
+        ledger::parse_exit_record(
+            serde_json::json!({
+                "version": 2, "run_id": "R", "slot": "claude-1", "issue": 1, "state": state, "end_cause": cause,
+                "reason": "r", "exit_code": 1, "signal": null, "started_at": "", "ended_at": "", "duration_secs": 1,
+                "session_id": null, "cost_usd": null, "turns": null
+            })
+            .to_string()
+            .as_bytes(),
+        )
+        .unwrap()
+    }
+
+    fn success() -> Option<Outcome> {
+        crate::provider::parse_line(EventFormat::Claude, r#"{"type":"result","is_error":false,"result":"ok"}"#).outcome
+    }
+
+    #[test]
+    fn recovery_decisions() {
+        let running = Phase::Running { stale: false, stop: None };
+        let stopped_by_user = Phase::Running { stale: false, stop: Some(StopBy::User) };
+        let abandoned = Phase::Abandoned { reason: "a".into() };
+        let at = SystemTime::UNIX_EPOCH;
+        let waiting = Phase::Waiting {
+            until: Some(at),
+            waiting_for: crate::task::WaitFor::Retry,
+            after: EndCause::AgentError,
+            reason: "w".into(),
+            fallback: false,
+        };
+        let failed = exit("failed", Some(EndCause::ProviderError));
+        let was_abandoned = exit("abandoned", None);
+        let released = exit("failed", Some(EndCause::Released));
+        let facts =
+            |phase, exit, leader, same_boot, pid| Facts { phase, exit, leader, same_boot, pid, pid_reused: false };
+        // (facts, final event in the output, expected)
+        type Case<'a> = (Facts<'a>, Option<Outcome>, fn(&Settle) -> bool);
+        let cases: Vec<Case> = vec![
+            (facts(&waiting, None, None, true, Some(5)), None, |s| *s == Settle::Wait(Some(SystemTime::UNIX_EPOCH))),
+            (facts(&running, None, Some(5), true, Some(5)), None, |s| *s == Settle::Adopt(5)),
+            // Finished while autodevd was down: judged from its final event, never resumed.
+            (
+                facts(&running, None, None, true, Some(5)),
+                success(),
+                |s| matches!(s, Settle::Ended(v) if v.cause == EndCause::Succeeded && v.exit_code.is_none()),
+            ),
+            (
+                facts(&running, None, None, true, Some(5)),
+                None,
+                |s| matches!(s, Settle::Dead(r) if r.contains("process 5 ended")),
+            ),
+            (
+                facts(&running, None, None, false, Some(5)),
+                None,
+                |s| matches!(s, Settle::Dead(r) if r.contains("machine restarted")),
+            ),
+            (
+                facts(&running, None, None, true, None),
+                None,
+                |s| matches!(s, Settle::Dead(r) if r.contains("before the run's process")),
+            ),
+            (
+                facts(&running, Some(&failed), None, true, Some(5)),
+                None,
+                |s| matches!(s, Settle::Ended(v) if v.cause == EndCause::ProviderError),
+            ),
+            (facts(&running, Some(&was_abandoned), None, true, Some(5)), None, |s| *s == Settle::StayAbandoned),
+            (facts(&stopped_by_user, None, None, true, Some(5)), None, |s| matches!(s, Settle::Dead(_))),
+            (facts(&abandoned, None, None, true, Some(5)), success(), |s| *s == Settle::StayAbandoned),
+            (facts(&abandoned, Some(&released), None, true, Some(5)), None, |s| *s == Settle::Released { done: false }),
+        ];
+        for (i, (f, event, expected)) in cases.into_iter().enumerate() {
+            let got = settle(&f, EventFormat::Claude, || event);
+            assert!(expected(&got), "case {i}: {got:?}");
+        }
+    }
 }

@@ -3,11 +3,14 @@
 use std::path::Path;
 use std::time::SystemTime;
 
-use super::Shared;
-use super::runs::{RUN_LOCK, refuse};
-use crate::ledger;
-use crate::protocol::{ErrorKind, ErrorReply, Reply, SlotState, WorkspacesReport, WorktreeStatus};
+use std::sync::Arc;
+
+use super::life::drive;
+use super::{Shared, refuse};
+use crate::ledger::{self, RUN_LOCK};
+use crate::protocol::{ErrorKind, ErrorReply, HistoryRun, Reply, SlotState, WorkspacesReport, WorktreeStatus};
 use crate::supervisor;
+use crate::task::Event;
 use crate::workspace;
 
 /// Handles `workspaces`: every worktree autodev made, and with `prune` removes those that are safe to remove
@@ -66,7 +69,7 @@ pub(super) async fn workspaces(shared: &Shared, prune: bool) -> Result<Reply, Er
 /// Handles `progress` from inside a run: only a process of that run (holding its run lock, or in its process
 /// group) may report for it.
 pub(super) fn progress(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     slot: &str,
     run_id: &str,
     percent: u8,
@@ -82,7 +85,7 @@ pub(super) fn progress(
         )
     };
     let Some(task) = table.get_mut(slot).and_then(|s| s.task.as_mut()) else { return Err(refused()) };
-    if task.record.run_id != run_id || !task.state.is_running() {
+    if task.record.run_id != run_id || !task.is_running() {
         return Err(refused());
     }
     let lock = shared.paths.run_dir(run_id).join(RUN_LOCK);
@@ -96,10 +99,12 @@ pub(super) fn progress(
     task.health.progress = Some(percent.min(100));
     task.health.progress_message = Some(crate::output::clean_line(message.as_bytes(), 200));
     task.health.last_progress_at = Some(SystemTime::now());
-    if task.state == SlotState::Stale {
-        task.state = SlotState::InProgress;
-    }
+    let revived = task.state() == SlotState::Stale;
     task.signal.send_modify(|s| s.batches += 1);
+    drop(table);
+    if revived {
+        let _ = drive(shared, slot, Event::Alive);
+    }
     Ok(Reply::ProgressNoted { slot: slot.to_string(), percent: percent.min(100) })
 }
 
@@ -121,5 +126,29 @@ pub(super) async fn history(shared: &Shared, issue: Option<u64>, limit: Option<u
     }
     let keep = limit.unwrap_or(50);
     let skip = runs.len().saturating_sub(keep);
-    Ok(Reply::History { runs: runs.split_off(skip) })
+    Ok(Reply::History { runs: runs.split_off(skip).into_iter().map(history_run).collect() })
+}
+
+/// A history line as the protocol shows it.
+fn history_run(r: ledger::ExitRecord) -> HistoryRun {
+    HistoryRun {
+        run_id: r.run_id,
+        task_id: r.task_id,
+        slot: r.slot,
+        provider: r.provider,
+        issue: r.issue,
+        state: r.state,
+        end_cause: r.end_cause.map(|c| c.as_str().to_string()),
+        reason: r.reason,
+        exit_code: r.exit_code,
+        signal: r.signal,
+        started_at: r.started_at,
+        ended_at: r.ended_at,
+        duration_secs: r.duration_secs,
+        session_id: r.session_id,
+        cost_usd: r.cost_usd,
+        turns: r.turns,
+        runs: r.runs,
+        branch: r.branch,
+    }
 }

@@ -1,168 +1,107 @@
-//! Runs that go on after a failure: retries (own slot first, a fallback LLM on service trouble) with growing
-//! backoff, and the resume of a task that waited out a usage limit.
+//! The next run of a task whose wait is over (a retry's backoff, a usage limit, a stale run stopped to run again):
+//! in its own slot and conversation, or, when the trouble came from the LLM's service and `retry.fallback` names
+//! another LLM, in a free slot of that LLM (a new conversation there, from the original prompt).
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use super::Shared;
-use super::issue_sync::board_wants;
-use super::runs::{RunKind, refuse, resume, start_run};
+use super::life::drive;
+use super::runs::{RunKind, read_prompt, resume, start_run};
 use super::slots::Task;
-use crate::github::sync::Target;
-use crate::ledger::{ExitRecord, RunFiles};
-use crate::protocol::{ErrorKind, ErrorReply, SlotState};
-use crate::timefmt::rfc3339;
+use crate::ledger::RunFiles;
+use crate::task::{EndCause, Event, Phase, Verdict, WaitFor};
 
-/// With a policy that resumes (`onAbandoned: resume`, or `retry.maxAttempts` > 1), resumes a rate-limited task
-/// once its limit has reset.
-pub(super) fn resume_after_limit(shared: &Arc<Shared>, slot: &str, run_id: &str, until: SystemTime) {
-    let config = &shared.config.raw;
-    if config.supervisor.on_abandoned != crate::config::OnAbandoned::Resume && config.retry.max_attempts <= 1 {
-        return;
-    }
-    let wait = until.duration_since(SystemTime::now()).unwrap_or_default() + Duration::from_secs(1);
-    later(shared, slot, run_id, SlotState::Abandoned, wait, |shared, slot| async move {
-        resume(&shared, &slot, true).await.map(drop)
-    });
-}
-
-/// After `wait`, runs `then` on the slot's task, but only if it is still run `run_id` in `state`: a resume, a
-/// release or a new assignment meanwhile wins.
-pub(super) fn later<F, Fut>(shared: &Arc<Shared>, slot: &str, run_id: &str, state: SlotState, wait: Duration, then: F)
-where
-    F: FnOnce(Arc<Shared>, String) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = Result<(), ErrorReply>> + Send,
-{
-    let (shared, slot, run_id) = (shared.clone(), slot.to_string(), run_id.to_string());
-    tokio::spawn(async move {
-        tokio::time::sleep(wait).await;
-        let unchanged = shared
-            .lock_table()
-            .get(&slot)
-            .and_then(|s| s.task.as_ref())
-            .is_some_and(|t| t.record.run_id == run_id && t.state == state);
-        if unchanged && let Err(e) = then(shared.clone(), slot.clone()).await {
-            tracing::warn!(slot, "{}", e.message);
+/// Starts the next run of the waiting task of `slot`. Whatever stops it from starting ends the task with the
+/// reason, never leaves it waiting for nothing.
+pub(super) async fn start_next(shared: &Arc<Shared>, slot: &str, fallback: bool) {
+    let (own_enabled, counted) = {
+        let table = shared.lock_table();
+        let Some(s) = table.get(slot) else { return };
+        let counted = !matches!(
+            s.task.as_ref().map(|t| &t.record.phase),
+            Some(Phase::Waiting { waiting_for: WaitFor::UsageLimit, .. })
+        );
+        (table.providers[s.provider].enabled && !s.extra, counted)
+    };
+    let outcome = if fallback || !own_enabled {
+        match move_to_fallback(shared, slot).await {
+            Err(why) if own_enabled => {
+                tracing::info!(slot, "{why}; retrying in its own slot");
+                resume(shared, slot, counted).await.map(drop).map_err(|e| e.message)
+            }
+            other => other,
         }
-    });
-}
-
-/// Whether a failure came from the LLM's service rather than the task.
-pub(super) fn provider_trouble(reason: &str) -> bool {
-    let r = reason.to_lowercase();
-    ["api error", "overloaded", "quota", "rate limit", "usage limit", "529", "503", "502"].iter().any(|n| r.contains(n))
-}
-
-/// Errors a retry cannot fix: the same run would fail the same way.
-pub(super) fn retryable(reason: &str) -> bool {
-    let r = reason.to_lowercase();
-    ![
-        "command not found",
-        "cannot be run",
-        "401",
-        "unauthorized",
-        "authentication",
-        "api key",
-        "not logged in",
-        "invalid config",
-        "working directory",
-    ]
-    .iter()
-    .any(|needle| r.contains(needle))
-}
-
-/// After a run failed by itself: if `retry.maxAttempts` allows another run and the error is one a retry can fix,
-/// retries the task after a growing backoff. Returns whether a retry is coming.
-pub(super) fn schedule_retry(shared: &Arc<Shared>, exit: &ExitRecord) -> bool {
-    let policy = &shared.config.raw.retry;
-    let attempts = exit.runs.len() as u32;
-    if attempts >= policy.max_attempts || !retryable(exit.reason.as_deref().unwrap_or_default()) {
-        return false;
-    }
-    let wait = Duration::from_secs_f64(policy.backoff_secs * f64::from(1u32 << (attempts - 1).min(10)));
-    tracing::info!(slot = %exit.slot, "retrying the task in {wait:?} (attempt {} of {})", attempts + 1, policy.max_attempts);
-    later(shared, &exit.slot, &exit.run_id, SlotState::Failed, wait, |shared, slot| async move {
-        retry(&shared, &slot).await
-    });
-    true
-}
-
-/// Retries the failed task of `slot`: in its own slot (same conversation) if its LLM is enabled, else in a free
-/// slot of the first `retry.fallback` LLM that has one (a new conversation there, from the original prompt).
-pub(super) async fn retry(shared: &Arc<Shared>, slot: &str) -> Result<(), ErrorReply> {
-    let recent_restarts = {
-        let table = shared.lock_table();
-        let Some(task) = table.get(slot).and_then(|s| s.task.as_ref()) else {
-            return Err(refuse(ErrorKind::NotFound, format!("slot {slot} has no task"), None));
-        };
-        let since = SystemTime::now() - Duration::from_secs(300);
-        task.record.auto_resumes.iter().filter_map(|t| crate::timefmt::parse_rfc3339(t)).filter(|t| *t > since).count()
+    } else {
+        resume(shared, slot, counted).await.map(drop).map_err(|e| e.message)
     };
-    if recent_restarts >= 3 {
-        return Err(refuse(
-            ErrorKind::Conflict,
-            format!("{slot}: 3 automatic restarts in 5 minutes already; left failed"),
-            None,
-        ));
+    if let Err(why) = outcome {
+        tracing::warn!(slot, "the next run could not start: {why}");
+        // Still waiting (nothing started): give it up with the reason rather than wait for nothing.
+        let waiting = shared.lock_table().get(slot).is_some_and(|s| s.state() == crate::protocol::SlotState::Waiting);
+        if waiting {
+            let _ = drive(shared, slot, Event::GiveUp { reason: format!("the next run could not start: {why}") });
+        }
     }
-    let (own_enabled, provider_trouble) = {
-        let table = shared.lock_table();
-        let own = table.get(slot).is_some_and(|s| table.providers[s.provider].enabled && !s.extra);
-        let reason = table.get(slot).and_then(|s| s.task.as_ref()).and_then(|t| t.reason.clone()).unwrap_or_default();
-        (own, provider_trouble(&reason))
-    };
-    // Trouble with the LLM's service itself (API errors, overload, quota) goes to a fallback LLM first.
-    let fallback_first = provider_trouble && !shared.config.raw.retry.fallback.is_empty();
-    if own_enabled && !fallback_first {
-        return resume(shared, slot, true).await.map(drop);
-    }
-    // Move the task to a fallback LLM's free slot. The prompt is read first: nothing is reserved for a task
-    // that cannot start.
+}
+
+/// Moves the task to a free slot of the first `retry.fallback` LLM that has one and starts it there.
+async fn move_to_fallback(shared: &Arc<Shared>, slot: &str) -> Result<(), String> {
+    // The prompt is read first: nothing is reserved for a task that cannot start.
     let prompt_file = shared.lock_table().get(slot).and_then(|s| s.task.as_ref()).map(|t| t.record.prompt_file.clone());
-    let Some(prompt_file) = prompt_file else {
-        return Err(refuse(ErrorKind::NotFound, format!("slot {slot} has no task"), None));
-    };
-    let prompt = std::fs::read_to_string(&prompt_file).map_err(|e| {
-        refuse(
-            ErrorKind::Failed,
-            format!("cannot read the task's original prompt {}: {e}", prompt_file.display()),
-            None,
-        )
-    })?;
-    let moved = {
+    let prompt = read_prompt(&prompt_file.ok_or_else(|| format!("slot {slot} has no task"))?)?;
+    let target = {
         let mut table = shared.lock_table();
-        let fallback = shared.config.raw.retry.fallback.iter().find_map(|name| {
+        let free = shared.config.raw.retry.fallback.iter().find_map(|name| {
             let p = table.providers.iter().position(|p| &p.name == name && p.enabled)?;
             table.slots.iter().position(|s| s.provider == p && !s.extra && !s.is_held())
         });
-        let Some(target) = fallback else {
-            return Err(refuse(
-                ErrorKind::Conflict,
-                format!("no free slot for the task of {slot} on any fallback LLM"),
-                None,
-            ));
+        let Some(target) = free else {
+            return Err(format!("no free slot for the task of {slot} on any fallback LLM"));
         };
         let Some(old) = table.get(slot).and_then(|s| s.task.as_ref()).map(|t| t.record.clone()) else {
-            return Err(refuse(ErrorKind::NotFound, format!("slot {slot} has no task"), None));
+            return Err(format!("slot {slot} has no task"));
         };
         let run_id = ulid::Ulid::new().to_string();
         let files = RunFiles::at(shared.paths.run_dir(&run_id));
         let name = table.slots[target].name.clone();
         let mut record = old;
         record.slot = name.clone();
-        record.next_run(run_id, &files, &shared.boot_id, shared.daemon_pid);
+        record.next_run(run_id, &files.dir, &shared.boot_id, shared.daemon_pid);
         // Another LLM: a new conversation there.
         record.session_id = None;
-        record.auto_resumes.push(rfc3339(SystemTime::now()));
-        let issue = record.issue;
         record.provider = table.providers[table.slots[target].provider].name.clone();
+        record.on(Event::Continue { counted: true }, &shared.policy, SystemTime::now()).map_err(|e| e.to_string())?;
         table.slots[target].task = Some(Task::starting(record));
-        (name, issue)
+        name
     };
-    let (target, issue) = moved;
+    let issue = shared.lock_table().get(&target).and_then(|s| s.task.as_ref()).map(|t| t.issue()).unwrap_or(0);
     tracing::info!(from = slot, to = %target, issue, "task moved to a fallback LLM");
-    let started = start_run(shared, &target, RunKind::Restart, &prompt).await?;
-    // The board still names the old slot, which was ours: take it over.
-    board_wants(shared, started.issue, &target, Target::InProgress, true);
-    Ok(())
+    // The old slot lets go of the task (its run's end is in the history already); the new one holds it.
+    let _ = drive(shared, slot, Event::GiveUp { reason: format!("moved to {target} (retry on a fallback LLM)") });
+    match start_run(shared, &target, RunKind::Restart, &prompt).await {
+        Ok(started) => {
+            // The board named the old slot, which was ours: take it over.
+            super::issue_sync::board_wants(
+                shared,
+                started.issue,
+                &target,
+                crate::github::sync::Target::InProgress,
+                true,
+            );
+            Ok(())
+        }
+        Err(e) => {
+            let e = crate::protocol::ErrorReply::from(e);
+            // The task must not vanish between slots: if the run never started, it ends where it is, recorded.
+            let starting =
+                shared.lock_table().get(&target).is_some_and(|s| s.state() == crate::protocol::SlotState::Starting);
+            if starting {
+                let _ =
+                    drive(shared, &target, Event::SpawnFailed(Verdict::new(EndCause::SpawnFailed, e.message.clone())));
+            }
+            tracing::warn!(slot = %target, "{}", e.message);
+            Ok(())
+        }
+    }
 }

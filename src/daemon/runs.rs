@@ -9,19 +9,18 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use nix::sys::signal::Signal;
 use tokio::sync::{Notify, watch};
 
-use super::Shared;
-use super::issue_sync::{board_wants, board_wants_for_end, comment, intake};
-use super::retry::{resume_after_limit, schedule_retry};
-use super::slots::{RunSignal, SlotRequest, StopReason, Task};
-use crate::github::sync::Target;
-use crate::ledger::{self, ExitRecord, RECORD_VERSION, RunFiles, RunRecord, SlotLock};
+use super::issue_sync::intake;
+use super::life::drive;
+use super::slots::{RunSignal, SlotRequest, Task};
+use super::{Shared, refuse};
+use crate::ledger::{self, RECORD_VERSION, RUN_LOCK, RunFiles, RunRecord, SlotLock};
 use crate::output::{FileFollower, Findings, Preview, render_tail, scan_outcome};
 use crate::protocol::{Assigned, ErrorKind, ErrorReply, Reply, SlotState};
-use crate::provider::{EventFormat, LaunchContext, Outcome, Provider};
-use crate::supervisor::{self, Child, ExitInfo, SpawnError, SpawnSpec};
+use crate::provider::{EventFormat, LaunchContext, Provider};
+use crate::supervisor::{self, Child, SpawnError, SpawnSpec};
+use crate::task::{EndCause, Event, Phase, StopBy, Verdict};
 use crate::timefmt::rfc3339;
 use crate::workspace;
 
@@ -30,15 +29,9 @@ const BATCH_INTERVAL: Duration = Duration::from_millis(25);
 /// A batch this large means the run floods: read on the batch timer instead of per-write notifications.
 const FLOOD_BATCH: u64 = 64 << 10;
 /// How long a usage limit is assumed to last when the CLI does not say.
-const RATE_LIMIT_GUESS: Duration = Duration::from_secs(15 * 60);
+const RATE_LIMIT_GUESS: Duration = crate::task::USAGE_LIMIT_GUESS;
 /// How long `stop` waits for a run to finish after SIGKILL before it answers that something is stuck.
 const KILL_WAIT: Duration = Duration::from_secs(10);
-/// The lock file in a run's directory whose lock the run's processes hold.
-pub const RUN_LOCK: &str = "run.lock";
-
-pub(super) fn refuse(kind: ErrorKind, message: String, hint: Option<String>) -> ErrorReply {
-    ErrorReply { kind, message, hint }
-}
 
 /// How a run continues its task.
 pub(super) enum RunKind {
@@ -72,8 +65,10 @@ pub async fn assign(
         let slot = &mut table.slots[index];
         let files = RunFiles::at(shared.paths.run_dir(&run_id));
         let mut record = SlotLock::new(&slot.name, &provider, issue, shared.workspace.clone(), files.prompt());
-        record.next_run(run_id.clone(), &files, &shared.boot_id, shared.daemon_pid);
-        // The slot's last finished task is kept aside, to come back if the worktree cannot be made.
+        record.next_run(run_id.clone(), &files.dir, &shared.boot_id, shared.daemon_pid);
+        // Queued → starting: nothing to carry out yet (the launch writes the lockfile, the board hears on start).
+        record.on(Event::Continue { counted: false }, &shared.policy, SystemTime::now()).map_err(internal)?;
+        // The slot's last finished task is kept aside, to come back if the run cannot be set up.
         let previous = slot.task.replace(Task::starting(record));
         (slot.name.clone(), previous)
     };
@@ -113,9 +108,23 @@ pub async fn assign(
             w.branch
         ));
     }
-    let assigned = start_run(shared, &slot_name, RunKind::New, &text).await?;
-    board_wants(shared, issue, &slot_name, Target::InProgress, force);
+    let assigned = match start_run(shared, &slot_name, RunKind::New, &text).await {
+        Err(Refused::NotStarted(e)) => {
+            // Nothing ran and nothing was recorded: the slot is as it was.
+            if let Some(slot) = shared.lock_table().get_mut(&slot_name) {
+                slot.task = previous;
+            }
+            return Err(e);
+        }
+        Err(Refused::Ended(e)) => return Err(e),
+        Ok(assigned) => assigned,
+    };
+    super::issue_sync::board_wants(shared, issue, &slot_name, crate::github::sync::Target::InProgress, force);
     Ok(Reply::Assigned(assigned))
+}
+
+fn internal(e: crate::task::Illegal) -> ErrorReply {
+    refuse(ErrorKind::Failed, format!("internal error: {e}"), None)
 }
 
 /// Puts a new task in its own git worktree when the workspace is a git repository (and `worktree.enabled`), and
@@ -159,17 +168,25 @@ async fn prepare_worktree(
     Ok(Some(prepared))
 }
 
-/// Handles `resume`: a new run of the slot's abandoned, failed or stopped task, in the same conversation.
-pub async fn resume(shared: &Arc<Shared>, slot: &str, automatic: bool) -> Result<Reply, ErrorReply> {
-    let (kind, issue, previous_reason, prompt_file, branch) = {
+/// Handles `resume`: a new run of the slot's abandoned, waiting, failed or stopped task, in the same conversation.
+/// `counted`: an automatic resume, which uses the task's restart allowance.
+pub async fn resume(shared: &Arc<Shared>, slot: &str, counted: bool) -> Result<Reply, ErrorReply> {
+    let (kind, issue, previous_reason, prompt_file, branch, previous) = {
         let mut table = shared.lock_table();
         let Some(index) = table.slots.iter().position(|s| s.name == slot) else {
             return Err(refuse(ErrorKind::NotFound, format!("unknown slot {slot:?}"), None));
         };
-        let Some((issue, state)) = table.slots[index].task.as_ref().map(|t| (t.issue(), t.state)) else {
+        let Some((issue, state)) = table.slots[index].task.as_ref().map(|t| (t.issue(), t.state())) else {
             return Err(refuse(ErrorKind::Conflict, format!("slot {slot} has no task to resume (it is ready)"), None));
         };
-        if !matches!(state, SlotState::Abandoned | SlotState::Failed) {
+        if table.slots[index].task.as_ref().is_some_and(|t| t.unrecorded.is_some()) {
+            return Err(refuse(
+                ErrorKind::Conflict,
+                format!("slot {slot}: the end of its last run is not recorded yet (the state dir's disk is full)"),
+                Some("free some space; the record is written within seconds, then resume".into()),
+            ));
+        }
+        if !matches!(state, SlotState::Abandoned | SlotState::Failed | SlotState::Waiting) {
             let hint = match state {
                 SlotState::Completed => "the task completed; assign the issue again for new work",
                 _ => "it is running; see `autodevctl logs` or stop it first",
@@ -215,39 +232,56 @@ pub async fn resume(shared: &Arc<Shared>, slot: &str, automatic: bool) -> Result
         }
         let run_id = ulid::Ulid::new().to_string();
         let files = RunFiles::at(shared.paths.run_dir(&run_id));
+        let previous_reason = task.record.phase.reason().map(str::to_string);
         let mut record = task.record.clone();
-        record.next_run(run_id, &files, &shared.boot_id, shared.daemon_pid);
-        if automatic {
-            record.auto_resumes.push(rfc3339(SystemTime::now()));
-        }
+        let previous = record.clone();
+        record.next_run(run_id, &files.dir, &shared.boot_id, shared.daemon_pid);
+        record.on(Event::Continue { counted }, &shared.policy, SystemTime::now()).map_err(internal)?;
         let kind = match &record.session_id {
             Some(session) => RunKind::Resume(session.clone()),
             None => RunKind::Restart,
         };
-        let previous_reason = task.reason.clone();
         let prompt_file = record.prompt_file.clone();
         let branch = record.branch.clone();
+        let comment_id = record.comment_id;
         *task = Task::starting(record);
-        (kind, issue, previous_reason, prompt_file, branch)
+        task.record.comment_id = comment_id;
+        (kind, issue, previous_reason, prompt_file, branch, previous)
     };
     let prompt = match &kind {
         RunKind::Resume(_) => continuation_prompt(issue, previous_reason.as_deref(), branch.as_deref()),
-        _ => match std::fs::read_to_string(&prompt_file) {
+        _ => match read_prompt(&prompt_file) {
             Ok(original) => original,
-            Err(e) => {
-                let reason = format!("cannot read the task's original prompt {}: {e}", prompt_file.display());
-                let run_id =
-                    shared.lock_table().get(slot).and_then(|s| s.task.as_ref()).map(|t| t.record.run_id.clone());
-                if let Some(run_id) = run_id {
-                    end_without_run(shared, &run_id, reason.clone());
-                }
+            Err(reason) => {
+                let _ = drive(shared, slot, Event::SpawnFailed(Verdict::new(EndCause::SpawnFailed, reason.clone())));
                 return Err(refuse(ErrorKind::Failed, reason, None));
             }
         },
     };
-    let resumed = start_run(shared, slot, kind, &prompt).await?;
-    board_wants(shared, resumed.issue, slot, Target::InProgress, false);
-    Ok(Reply::Resumed(resumed))
+    match start_run(shared, slot, kind, &prompt).await {
+        Ok(resumed) => {
+            super::issue_sync::board_wants(shared, resumed.issue, slot, crate::github::sync::Target::InProgress, false);
+            Ok(Reply::Resumed(resumed))
+        }
+        Err(Refused::NotStarted(e)) => {
+            // Nothing ran: the task stays as it was (abandoned, waiting, failed), its lockfile untouched.
+            if let Some(task) = shared.lock_table().get_mut(slot).and_then(|s| s.task.as_mut()) {
+                *task = Task::idle(previous);
+            }
+            Err(e)
+        }
+        Err(Refused::Ended(e)) => Err(e),
+    }
+}
+
+/// Reads a task's original prompt (at most 1 MiB plus a byte: more is not a prompt of ours).
+pub(super) fn read_prompt(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take((1 << 20) + 1).read_to_string(&mut text))
+        .map_err(|e| format!("cannot read the task's original prompt {}: {e}", path.display()))?;
+    Ok(text)
 }
 
 /// The message a resumed conversation continues with.
@@ -261,29 +295,44 @@ fn continuation_prompt(issue: u64, reason: Option<&str>, branch: Option<&str>) -
     )
 }
 
-/// Starts the run the slot's task record names (state `starting`). On failure the task ends as failed.
+/// Why a run did not start.
+pub(super) enum Refused {
+    /// Nothing was written or run (the disk is full, autodevd is stopping): the caller puts the task back as it was.
+    NotStarted(ErrorReply),
+    /// The attempt is recorded: the task ended with its cause (the CLI is missing, say).
+    Ended(ErrorReply),
+}
+
+impl From<Refused> for ErrorReply {
+    fn from(r: Refused) -> ErrorReply {
+        match r {
+            Refused::NotStarted(e) | Refused::Ended(e) => e,
+        }
+    }
+}
+
+/// Starts the run the slot's task record names (phase `starting`).
 pub(super) async fn start_run(
     shared: &Arc<Shared>,
     slot: &str,
     kind: RunKind,
     prompt: &str,
-) -> Result<Assigned, ErrorReply> {
+) -> Result<Assigned, Refused> {
     let reserved = {
         let table = shared.lock_table();
         table.get(slot).and_then(|s| Some((table.providers[s.provider].clone(), s.task.as_ref()?.record.clone())))
     };
     // Nothing takes a starting slot away; should that ever change, this is an error, not a ghost "starting" slot.
     let Some((provider, mut record)) = reserved else {
-        return Err(refuse(
+        return Err(Refused::NotStarted(refuse(
             ErrorKind::Failed,
             format!("slot {slot} lost its reservation before the run started"),
             None,
-        ));
+        )));
     };
     if shared.shutting_down.load(std::sync::atomic::Ordering::SeqCst) {
         let reason = "autodevd is shutting down; assign or resume again once it is back".to_string();
-        end_without_run(shared, &record.run_id, reason.clone());
-        return Err(refuse(ErrorKind::Failed, reason, None));
+        return Err(Refused::NotStarted(refuse(ErrorKind::Failed, reason, None)));
     }
     let note = matches!(kind, RunKind::Restart)
         .then(|| "no session was captured for this task: restarted it with its original prompt".to_string());
@@ -301,25 +350,30 @@ pub(super) async fn start_run(
             let run_id = record.run_id.clone();
             if let Some(task) = shared.lock_table().task_of_run(&run_id) {
                 task.record = record;
-                task.state = SlotState::InProgress;
             }
             tracing::info!(slot, issue = reply.issue, run = %run_id, pid = reply.pid, "run started");
-            comment(shared, slot, true);
+            if let Err(e) = drive(shared, slot, Event::Spawned) {
+                tracing::error!(slot, "{e}");
+            }
             follow(shared, run_id, provider.format, started.child, started.wake, Some(started.run_lock));
             Ok(reply)
         }
-        Err(reason) => {
+        Err(Launch::DiskFull(reason)) => {
             tracing::warn!(slot, issue = record.issue, "run could not start: {reason}");
-            end_without_run(shared, &record.run_id, reason.clone());
-            Err(refuse(ErrorKind::Failed, reason, None))
+            Err(Refused::NotStarted(refuse(
+                ErrorKind::Failed,
+                reason,
+                Some("free some disk space and try again".into()),
+            )))
         }
-    }
-}
-
-/// Ends a task whose run never started, as failed.
-fn end_without_run(shared: &Shared, run_id: &str, reason: String) {
-    if let Some(done) = finish_task(shared, run_id, SlotState::Failed, Some(reason), None, None) {
-        record_end(shared, &done);
+        Err(Launch::Failed(verdict)) => {
+            let reason = verdict.reason.clone().unwrap_or_default();
+            tracing::warn!(slot, issue = record.issue, "run could not start: {reason}");
+            if let Err(e) = drive(shared, slot, Event::SpawnFailed(verdict)) {
+                tracing::error!(slot, "{e}");
+            }
+            Err(Refused::Ended(refuse(ErrorKind::Failed, reason, None)))
+        }
     }
 }
 
@@ -399,15 +453,31 @@ impl Wake {
     }
 }
 
-/// Prepares the run directory, writes the lockfile, and spawns the CLI. Errors are the reason shown to the user.
+/// Why a launch failed.
+enum Launch {
+    /// autodev's own files could not be written: nothing was started or recorded.
+    DiskFull(String),
+    /// The CLI could not be started: the run ends with this verdict.
+    Failed(Verdict),
+}
+
+/// Prepares the run directory, writes the lockfile, and spawns the CLI.
 fn launch(
     shared: &Shared,
     provider: &Provider,
     record: &mut SlotLock,
     prompt: &str,
     kind: &RunKind,
-) -> Result<Started, String> {
-    let disk = |what: &str, e: std::io::Error| format!("cannot {what} in {}: {e}", shared.paths.state_dir.display());
+) -> Result<Started, Launch> {
+    let disk = |what: &str, e: std::io::Error| {
+        let reason = format!("cannot {what} in {}: {e}", shared.paths.state_dir.display());
+        if ledger::is_disk_full(&e) {
+            shared.note_disk_full(&e);
+            Launch::DiskFull(reason)
+        } else {
+            Launch::Failed(Verdict::new(EndCause::SpawnFailed, reason))
+        }
+    };
     let files =
         RunFiles::create(&shared.paths.runs_dir(), &record.run_id).map_err(|e| disk("create the run directory", e))?;
     ledger::write_atomic(&files.prompt(), prompt.as_bytes()).map_err(|e| disk("write the prompt", e))?;
@@ -479,30 +549,35 @@ fn launch(
             wake.disarm(shared);
             let name = &provider.name;
             let program = &launch.program;
-            return Err(match e {
-                SpawnError::NotFound => {
-                    format!("{name}: command not found (cliPath {program:?}) — install it or set llms.{name}.cliPath")
-                }
-                SpawnError::NotExecutable => format!(
-                    "{name}: {program:?} cannot be run: permission denied — make it executable or fix llms.{name}.cliPath"
+            let (cause, reason) = match e {
+                SpawnError::NotFound => (
+                    EndCause::CliMissing,
+                    format!("{name}: command not found (cliPath {program:?}) — install it or set llms.{name}.cliPath"),
                 ),
-                SpawnError::NoWorkingDir(dir) => format!(
-                    "{name}: working directory {} does not exist — create it or fix workspace.dir",
-                    dir.display()
+                SpawnError::NotExecutable => (
+                    EndCause::CliMissing,
+                    format!(
+                        "{name}: {program:?} cannot be run: permission denied — make it executable or fix \
+                         llms.{name}.cliPath"
+                    ),
                 ),
-                SpawnError::Io(e) => format!("{name}: cannot start {program:?}: {e}"),
-            });
+                SpawnError::NoWorkingDir(dir) => (
+                    EndCause::SpawnFailed,
+                    format!(
+                        "{name}: working directory {} does not exist — create it or fix workspace.dir",
+                        dir.display()
+                    ),
+                ),
+                SpawnError::Io(e) => (EndCause::SpawnFailed, format!("{name}: cannot start {program:?}: {e}")),
+            };
+            return Err(Launch::Failed(Verdict::new(cause, reason)));
         }
     };
     record.pid = Some(child.pid as u32);
     record.pgid = Some(child.pid as u32);
     record.start_time = supervisor::proc_stat(child.pid).map(|s| s.start_time);
-    record.state = "in_progress".into();
-    // The run is going; a record that lags behind is a smaller loss than killing it. Recovery copes with a
-    // lockfile without a pid through the run lock.
-    if let Err(e) = shared.write_lock(record) {
-        tracing::error!(run = %record.run_id, "cannot record the pid in the lockfile: {e}");
-    }
+    // The lockfile gets the pid with the `spawned` event (a record that lags behind is a smaller loss than killing
+    // the run: recovery finds a run without a pid through its run lock).
     run_record.pid = record.pid;
     if let Err(e) = ledger::write_json(&files.record(), &run_record) {
         tracing::warn!(run = %record.run_id, "cannot record the pid of the run: {e}");
@@ -595,58 +670,51 @@ async fn follow_run(
         Some(o) => Some(o),
         None => scan_outcome(&files.stdout(), format).unwrap_or(None),
     };
-    let stop_reason = shared.lock_table().task_of_run(&run_id).and_then(|t| t.stop_reason.clone());
-    let stop_reason_was_none = stop_reason.is_none();
-    let stopped_stale = matches!(stop_reason, Some(StopReason::Stale(_)));
     let last_stderr = render_tail(&files.stderr(), EventFormat::Text, 1, shared.preview_chars)
         .ok()
         .and_then(|(lines, _)| lines.into_iter().next());
-    let (mut state, mut reason) = judge(format, &exit, outcome.as_ref(), stop_reason, last_stderr);
-    let limited_until = shared
-        .lock_table()
-        .task_of_run(&run_id)
-        .and_then(|t| t.health.rate_limited_until)
-        .filter(|u| *u > SystemTime::now());
-    if let (SlotState::Failed, true, Some(until)) = (state, stop_reason_was_none, limited_until) {
-        // Not a failure: the CLI waits for its usage limit. The slot keeps the issue; the task resumes after.
-        state = SlotState::Abandoned;
-        reason = Some(format!("rate limited until {}", rfc3339(until)));
-        let slot = shared
-            .lock_table()
-            .slots
-            .iter()
-            .find(|s| s.task.as_ref().is_some_and(|t| t.record.run_id == run_id))
-            .map(|s| s.name.clone());
-        if let Some(slot) = slot {
-            resume_after_limit(&shared, &slot, &run_id, until);
+    let exit = exit.map_err(|e| e.to_string());
+    let verdict = crate::task::verdict(format, &exit, outcome.as_ref(), last_stderr.as_deref());
+    let slot = {
+        let mut table = shared.lock_table();
+        let slot = table.slots.iter().find(|s| s.task.as_ref().is_some_and(|t| t.record.run_id == run_id));
+        let name = slot.map(|s| s.name.clone());
+        if let Some(task) = table.task_of_run(&run_id) {
+            task.exit = exit.ok();
+            task.group_released = true;
+            if let Some(o) = &outcome {
+                task.cost_usd = o.cost_usd;
+                task.turns = o.turns;
+            }
         }
-    }
-    tracing::info!(run = %run_id, state = state.as_str(), reason = reason.as_deref().unwrap_or(""), "run ended");
-    let done = finish_task(&shared, &run_id, state, reason, exit.ok(), outcome.as_ref());
-    // Nothing signals the group from here on (finish_task released it), so the pid may be freed.
+        name
+    };
+    tracing::info!(run = %run_id, cause = verdict.cause.as_str(), reason = verdict.reason.as_deref().unwrap_or(""), "run ended");
+    // Nothing signals the group from here on (group_released is set), so the pid may be freed.
     child.reap();
     wake.disarm(&shared);
-    if let Some(done) = done {
-        record_end(&shared, &done);
-        // A task that goes on (a retry, a restart after going stale) keeps its worktree.
-        let goes_on = state == SlotState::Failed
-            && (stopped_stale || stop_reason_was_none && schedule_retry(&shared, &done.exit));
-        if !goes_on {
-            cleanup_worktree(&shared, &done.exit).await;
-        }
+    if let Some(slot) = slot
+        && let Err(e) = drive(&shared, &slot, Event::RunEnded(verdict))
+    {
+        tracing::error!(slot, run = %run_id, "{e}");
     }
 }
 
-/// Honours `worktree.cleanup.onComplete` / `onError`: removes the finished task's worktree, only if it holds
-/// nothing that exists nowhere else. The branch always stays.
-async fn cleanup_worktree(shared: &Shared, exit: &ExitRecord) {
+/// Honours `worktree.cleanup.onComplete` / `onError`: removes the ended task's worktree, only if it holds nothing
+/// that exists nowhere else. The branch always stays.
+pub(super) async fn cleanup_worktree(shared: &Shared, slot: &str) {
     let cleanup = &shared.config.raw.worktree.cleanup;
-    let wanted = match exit.state.as_str() {
-        "completed" => cleanup.remove_on_complete(),
-        "failed" => cleanup.remove_on_error(),
+    let (state, worktree) = {
+        let table = shared.lock_table();
+        let Some(task) = table.get(slot).and_then(|s| s.task.as_ref()) else { return };
+        (task.state(), task.record.worktree.clone())
+    };
+    let wanted = match state {
+        SlotState::Completed => cleanup.remove_on_complete(),
+        SlotState::Failed => cleanup.remove_on_error(),
         _ => false,
     };
-    let Some(path) = exit.worktree.clone().filter(|_| wanted) else { return };
+    let Some(path) = worktree.filter(|_| wanted) else { return };
     let workspace = shared.workspace.clone();
     let result = tokio::task::spawn_blocking(move || {
         let root = workspace::repo_root(&workspace).ok_or("the workspace is no longer a git repository")?;
@@ -654,10 +722,10 @@ async fn cleanup_worktree(shared: &Shared, exit: &ExitRecord) {
     })
     .await;
     match result {
-        Ok(Ok(true)) => tracing::info!(slot = %exit.slot, "removed the worktree of the finished task"),
-        Ok(Ok(false)) => tracing::info!(slot = %exit.slot, "kept the worktree: it holds unsaved work"),
-        Ok(Err(e)) => tracing::warn!(slot = %exit.slot, "worktree clean-up: {e}"),
-        Err(e) => tracing::warn!(slot = %exit.slot, "worktree clean-up: {e}"),
+        Ok(Ok(true)) => tracing::info!(slot, "removed the worktree of the finished task"),
+        Ok(Ok(false)) => tracing::info!(slot, "kept the worktree: it holds unsaved work"),
+        Ok(Err(e)) => tracing::warn!(slot, "worktree clean-up: {e}"),
+        Err(e) => tracing::warn!(slot, "worktree clean-up: {e}"),
     }
 }
 
@@ -671,17 +739,26 @@ async fn fail_run_if_follower_dies(shared: Arc<Shared>, run_id: String, follower
         if let Some(pid) = pid {
             supervisor::forget_child(pid as i32);
         }
-        let reason = "autodevd lost track of this run (internal error, see its log); it was stopped".to_string();
-        if let Some(done) = finish_task(&shared, &run_id, SlotState::Failed, Some(reason), None, None) {
-            record_end(&shared, &done);
+        let reason = "autodevd lost track of this run (internal error, see its log); it was stopped";
+        let slot = shared
+            .lock_table()
+            .slots
+            .iter()
+            .find(|s| s.task.as_ref().is_some_and(|t| t.record.run_id == run_id))
+            .map(|s| s.name.clone());
+        if let Some(slot) = slot {
+            if let Some(task) = shared.lock_table().task_of_run(&run_id) {
+                task.group_released = true;
+            }
+            let _ = drive(&shared, &slot, Event::RunEnded(Verdict::new(EndCause::Lost, reason)));
         }
     }
 }
 
 /// Copies the follower's view into the slot, under the lock, and wakes `logs -f` readers. A newly seen session id
 /// goes into the lockfile at once: it is what a resume needs.
-fn publish(shared: &Shared, run_id: &str, preview: &Preview, findings: &mut Findings) {
-    let new_session = {
+fn publish(shared: &Arc<Shared>, run_id: &str, preview: &Preview, findings: &mut Findings) {
+    let (new_session, revived) = {
         let mut table = shared.lock_table();
         let Some(task) = table.task_of_run(run_id) else { return };
         if findings.new_bytes == 0
@@ -691,14 +768,13 @@ fn publish(shared: &Shared, run_id: &str, preview: &Preview, findings: &mut Find
         {
             return;
         }
+        let mut revived = false;
         if findings.new_bytes > 0 {
             task.last_output_at = Some(SystemTime::now());
             findings.new_bytes = 0;
             task.preview = preview.lines();
             task.signal.send_modify(|s| s.batches += 1);
-            if task.state == SlotState::Stale {
-                task.state = SlotState::InProgress;
-            }
+            revived = task.state() == SlotState::Stale;
         }
         if let Some(limit) = findings.rate_limit.take() {
             let until = limit.unwrap_or_else(|| SystemTime::now() + RATE_LIMIT_GUESS);
@@ -709,14 +785,18 @@ fn publish(shared: &Shared, run_id: &str, preview: &Preview, findings: &mut Find
             task.health.progress = Some(percent);
             task.health.progress_message = Some(message);
         }
-        match (&task.record.session_id, &findings.session_id) {
-            (None, Some(found)) if task.state.is_running() => {
+        let new_session = match (&task.record.session_id, &findings.session_id) {
+            (None, Some(found)) if task.is_running() => {
                 task.record.session_id = Some(found.clone());
                 Some(task.record.clone())
             }
             _ => None,
-        }
+        };
+        (new_session, revived.then(|| task.record.slot.clone()))
     };
+    if let Some(slot) = revived {
+        let _ = drive(shared, &slot, Event::Alive);
+    }
     if let Some(record) = new_session
         && let Err(e) = shared.write_lock(&record)
     {
@@ -724,179 +804,36 @@ fn publish(shared: &Shared, run_id: &str, preview: &Preview, findings: &mut Find
     }
 }
 
-/// Decides how a run went from its exit and its final event. A run is `completed` only when both agree.
-fn judge(
-    format: EventFormat,
-    exit: &std::io::Result<ExitInfo>,
-    outcome: Option<&Outcome>,
-    stop_reason: Option<StopReason>,
-    last_stderr: Option<String>,
-) -> (SlotState, Option<String>) {
-    // A run that finished its work just as a stop arrived is done: running it again would cost money twice.
-    let succeeded = matches!(exit, Ok(ExitInfo::Code(0))) && outcome.is_some_and(|o| o.success);
-    match stop_reason {
-        Some(StopReason::User) if !succeeded => return (SlotState::Failed, Some("stopped by autodevctl stop".into())),
-        Some(StopReason::Shutdown(why)) if !succeeded => return (SlotState::Abandoned, Some(why)),
-        Some(StopReason::Stale(why)) if !succeeded => return (SlotState::Failed, Some(format!("{why}: stopped"))),
-        _ => {}
-    }
-    let with_stderr = |base: String| match &last_stderr {
-        Some(line) => format!("{base}: {line}"),
-        None => base,
-    };
-    match (exit, outcome) {
-        (Err(e), _) => (SlotState::Failed, Some(format!("lost track of the process: {e}"))),
-        (Ok(ExitInfo::Code(0)), Some(o)) if o.success => (SlotState::Completed, Some(o.summary.clone())),
-        (Ok(ExitInfo::Code(0)), None) if format == EventFormat::Text => (SlotState::Completed, None),
-        (Ok(ExitInfo::Code(0)), None) => {
-            (SlotState::Failed, Some(with_stderr("exited 0 without a final result event".into())))
-        }
-        // Adopted after a restart: the final event is all there is to go by; the exit code stays unknown.
-        (Ok(ExitInfo::Unknown), Some(o)) if o.success => {
-            (SlotState::Completed, Some(format!("{} (exit code unknown: adopted after a restart)", o.summary)))
-        }
-        (Ok(ExitInfo::Unknown), None) => (
-            SlotState::Failed,
-            Some(with_stderr("ended without a final result event; exit code unknown (adopted after a restart)".into())),
-        ),
-        (Ok(exit), Some(o)) if !o.success => (SlotState::Failed, Some(format!("{exit}, {}", o.summary))),
-        (Ok(exit), Some(_)) => (SlotState::Failed, Some(format!("{exit} after a successful result"))),
-        (Ok(exit), None) => (SlotState::Failed, Some(with_stderr(exit.to_string()))),
-    }
-}
-
-/// What a finished run leaves to write to disk.
-pub(super) struct RunEnd {
-    exit: ExitRecord,
-    /// `Some` keeps the slot held (abandoned): the lockfile is rewritten; `None` frees it: the lockfile goes.
-    keep_lock: Option<SlotLock>,
-}
-
-/// Ends the current run of `run_id`'s task in memory and returns what to record on disk.
-pub(super) fn finish_task(
-    shared: &Shared,
-    run_id: &str,
-    state: SlotState,
-    reason: Option<String>,
-    exit: Option<ExitInfo>,
-    outcome: Option<&Outcome>,
-) -> Option<RunEnd> {
-    let mut table = shared.lock_table();
-    let task = table.task_of_run(run_id)?;
-    let now = SystemTime::now();
-    task.state = state;
-    task.reason = reason.clone();
-    task.ended_at = Some(now);
-    task.group_released = true;
-    task.exit_code = match exit {
-        Some(ExitInfo::Code(c)) => Some(c),
-        _ => None,
-    };
-    if let Some(o) = outcome {
-        task.cost_usd = o.cost_usd;
-        task.turns = o.turns;
-    }
-    task.signal.send_modify(|s| s.ended = true);
-    let keep_lock = (state == SlotState::Abandoned).then(|| {
-        task.record.state = "abandoned".into();
-        task.record.reason = reason.clone();
-        task.record.clone()
-    });
-    let record = &task.record;
-    Some(RunEnd {
-        exit: ExitRecord {
-            version: RECORD_VERSION,
-            run_id: run_id.to_string(),
-            slot: record.slot.clone(),
-            issue: record.issue,
-            state: state.as_str().to_string(),
-            reason,
-            exit_code: task.exit_code,
-            signal: match exit {
-                Some(ExitInfo::Signal(s)) => Some(s),
-                _ => None,
-            },
-            started_at: rfc3339(task.run_started_at),
-            ended_at: rfc3339(now),
-            duration_secs: now.duration_since(task.run_started_at).unwrap_or_default().as_secs(),
-            session_id: record.session_id.clone(),
-            cost_usd: task.cost_usd,
-            turns: task.turns,
-            task_id: record.task_id.clone(),
-            provider: record.provider.clone(),
-            runs: record.runs.clone(),
-            cwd: record.cwd.clone(),
-            prompt_file: record.prompt_file.clone(),
-            worktree: record.worktree.clone(),
-            branch: record.branch.clone(),
-        },
-        keep_lock,
-    })
-}
-
-/// Writes a run's end: the exit record, the history line, then the lockfile (rewritten or removed). In that
-/// order, so a crash in between is finished by the recovery pass from the exit record.
-pub(super) fn record_end(shared: &Shared, end: &RunEnd) {
-    let exit = &end.exit;
-    let files = RunFiles::at(shared.paths.run_dir(&exit.run_id));
-    if let Err(e) = ledger::write_json(&files.exit_record(), exit) {
-        tracing::error!(run = %exit.run_id, "cannot write {}: {e}", files.exit_record().display());
-    }
-    if let Err(e) = ledger::append_history(&shared.paths.history_file(), exit) {
-        tracing::error!(run = %exit.run_id, "cannot append to {}: {e}", shared.paths.history_file().display());
-    }
-    if exit.state == "completed" || exit.state == "failed" {
-        shared.note_outcome(exit.state == "completed", exit.duration_secs);
-    }
-    // Before the lockfile goes: a crash in between is finished by recovery from the exit record, which tells the
-    // board again (the wish is idempotent), so the board update is never lost.
-    board_wants_for_end(shared, exit);
-    let result = match &end.keep_lock {
-        Some(lock) => shared.write_lock(lock),
-        None => ledger::remove_slot_lock(&shared.paths.slots_dir(), &exit.slot),
-    };
-    if let Err(e) = result {
-        tracing::error!(slot = %exit.slot, "cannot update the slot's lockfile: {e}");
-    }
-    comment(shared, &exit.slot, true);
-}
-
-/// Handles `stop`: TERM to the run's process group, KILL after the grace period, and answers once it is over.
-pub async fn stop(shared: &Shared, slot: &str, why: StopReason) -> Result<Reply, ErrorReply> {
-    let (pgid, run_id, issue, mut ended) = {
-        let mut table = shared.lock_table();
-        let Some(s) = table.get_mut(slot) else {
+/// Handles `stop` (and a shutdown's): asks the task to stop (SIGTERM, SIGKILL after the grace period) and answers
+/// once the run is over.
+pub async fn stop(shared: &Arc<Shared>, slot: &str, why: StopBy) -> Result<Reply, ErrorReply> {
+    let (run_id, issue, mut ended) = {
+        let table = shared.lock_table();
+        let Some(s) = table.get(slot) else {
             return Err(refuse(ErrorKind::NotFound, format!("unknown slot {slot:?}"), None));
         };
-        let Some(task) = s.task.as_mut().filter(|t| matches!(t.state, SlotState::InProgress | SlotState::Stale)) else {
+        let Some(task) = s.task.as_ref().filter(|t| matches!(t.record.phase, Phase::Running { .. })) else {
             let state = s.state();
-            let hint = (state == SlotState::Abandoned)
-                .then(|| format!("its run is gone already: `autodevctl resume {slot}` or `autodevctl release {slot}`"));
+            let hint = match state {
+                SlotState::Abandoned => {
+                    Some(format!("its run is gone already: `autodevctl resume {slot}` or `autodevctl release {slot}`"))
+                }
+                SlotState::Waiting => Some(format!("`autodevctl release {slot}` gives the waiting task up")),
+                _ => None,
+            };
             return Err(refuse(
                 ErrorKind::Conflict,
                 format!("slot {slot} is not running (it is {})", state.as_str()),
                 hint,
             ));
         };
-        let Some(pgid) = task.record.pgid.map(|p| p as i32) else {
+        if task.record.pgid.is_none() {
             return Err(refuse(ErrorKind::Failed, format!("slot {slot} has no process group on record"), None));
-        };
-        task.stop_reason = Some(why);
-        if group_is_ours(task, pgid) {
-            supervisor::signal_group(pgid, Signal::SIGTERM);
         }
-        (pgid, task.record.run_id.clone(), task.issue(), task.signal.subscribe())
+        (task.record.run_id.clone(), task.issue(), task.signal.subscribe())
     };
-    if tokio::time::timeout(shared.grace, wait_ended(&mut ended)).await.is_err() {
-        let mut table = shared.lock_table();
-        if let Some(task) = table.task_of_run(&run_id)
-            && group_is_ours(task, pgid)
-        {
-            tracing::info!(slot, pgid, "run ignored SIGTERM for {:?}; sending SIGKILL", shared.grace);
-            supervisor::signal_group(pgid, Signal::SIGKILL);
-        }
-    }
-    if tokio::time::timeout(KILL_WAIT, wait_ended(&mut ended)).await.is_err() {
+    drive(shared, slot, Event::StopAsked(why)).map_err(internal)?;
+    if tokio::time::timeout(shared.grace + KILL_WAIT, wait_ended(&mut ended)).await.is_err() {
         return Err(refuse(
             ErrorKind::Failed,
             format!("run {run_id} in {slot} survived SIGKILL for {KILL_WAIT:?} (stuck in the kernel?)"),
@@ -908,7 +845,7 @@ pub async fn stop(shared: &Shared, slot: &str, why: StopReason) -> Result<Reply,
 
 /// Whether `pgid` is still the run's group: for our own runs until the leader is reaped; for an adopted run
 /// while its leader is alive and still the process on record (it is not our child, so nothing holds its id).
-fn group_is_ours(task: &Task, pgid: i32) -> bool {
+pub(super) fn group_is_ours(task: &Task, pgid: i32) -> bool {
     if task.group_released {
         return false;
     }
@@ -922,18 +859,23 @@ async fn wait_ended(rx: &mut watch::Receiver<RunSignal>) {
     let _ = rx.wait_for(|s| s.ended).await;
 }
 
-/// Handles `release`: ends an abandoned task (failed, or completed with `done`) and frees its slot.
-pub fn release(shared: &Shared, slot: &str, done: bool) -> Result<Reply, ErrorReply> {
-    let (run_id, issue, state) = {
+/// Handles `release`: ends an abandoned or waiting task (failed, or completed with `done`) and frees its slot.
+pub fn release(shared: &Arc<Shared>, slot: &str, done: bool) -> Result<Reply, ErrorReply> {
+    let issue = {
         let table = shared.lock_table();
         let Some(s) = table.get(slot) else {
             return Err(refuse(ErrorKind::NotFound, format!("unknown slot {slot:?}"), None));
         };
         match &s.task {
-            Some(t) if t.state == SlotState::Abandoned => {
-                (t.record.run_id.clone(), t.issue(), if done { SlotState::Completed } else { SlotState::Failed })
+            Some(t) if t.unrecorded.is_some() => {
+                return Err(refuse(
+                    ErrorKind::Conflict,
+                    format!("slot {slot}: the end of its last run is not recorded yet (the state dir's disk is full)"),
+                    Some("free some space; the slot is freed once the record is written".into()),
+                ));
             }
-            Some(t) if t.state.is_running() => {
+            Some(t) if matches!(t.state(), SlotState::Abandoned | SlotState::Waiting) => t.issue(),
+            Some(t) if t.is_running() => {
                 return Err(refuse(
                     ErrorKind::Conflict,
                     format!("slot {slot} is running issue #{}", t.issue()),
@@ -943,10 +885,8 @@ pub fn release(shared: &Shared, slot: &str, done: bool) -> Result<Reply, ErrorRe
             _ => return Err(refuse(ErrorKind::Conflict, format!("slot {slot} holds no task; it is free"), None)),
         }
     };
-    let reason = format!("released by autodevctl release{}", if done { " --done" } else { "" });
-    if let Some(end) = finish_task(shared, &run_id, state, Some(reason), None, None) {
-        record_end(shared, &end);
-    }
+    drive(shared, slot, Event::Release { done }).map_err(internal)?;
+    let state = shared.lock_table().get(slot).map_or(SlotState::Ready, |s| s.state());
     tracing::info!(slot, issue, state = state.as_str(), "task released");
     Ok(Reply::Released { slot: slot.to_string(), issue, state })
 }
@@ -957,15 +897,15 @@ pub async fn stop_all(shared: &Arc<Shared>, why: &str) {
         .lock_table()
         .slots
         .iter()
-        .filter(|s| matches!(s.state(), SlotState::InProgress | SlotState::Stale))
+        .filter(|s| s.task.as_ref().is_some_and(|t| matches!(t.record.phase, Phase::Running { .. })))
         .map(|s| s.name.clone())
         .collect();
     let mut stops = tokio::task::JoinSet::new();
     for slot in busy {
         let shared = shared.clone();
-        let reason = StopReason::Shutdown(format!("{why}; resume with `autodevctl resume {slot}`"));
+        let why = StopBy::Shutdown { why: format!("{why}; resume with `autodevctl resume {slot}`") };
         stops.spawn(async move {
-            if let Err(e) = stop(&shared, &slot, reason).await {
+            if let Err(e) = stop(&shared, &slot, why).await {
                 tracing::warn!(slot, "stop at shutdown: {}", e.message);
             }
         });

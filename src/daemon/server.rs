@@ -9,7 +9,7 @@ use tokio::net::UnixStream;
 use tokio::sync::watch;
 
 use super::Shared;
-use super::slots::{RunSignal, StopReason};
+use super::slots::RunSignal;
 use super::{requests, runs};
 use crate::output::{LineAssembler, render_lines, render_tail, tail_offset};
 use crate::protocol::{
@@ -81,7 +81,7 @@ async fn handle(shared: &Arc<Shared>, request: Request, stream: &mut UnixStream)
         Request::Ping => Reply::Pong { version: PROTOCOL_VERSION, daemon_pid: shared.daemon_pid },
         Request::Status => {
             // Its own statement: the table lock must be released before summary() takes it again.
-            let slots = shared.lock_table().status_rows();
+            let slots = shared.lock_table().status_rows(&shared.policy.allowance);
             Reply::Status(StatusReport {
                 daemon_pid: shared.daemon_pid,
                 state_dir: shared.paths.state_dir.display().to_string(),
@@ -103,7 +103,9 @@ async fn handle(shared: &Arc<Shared>, request: Request, stream: &mut UnixStream)
             requests::progress(shared, &slot, &run_id, percent, &message, peer).unwrap_or_else(Reply::Error)
         }
         Request::History { issue, limit } => requests::history(shared, issue, limit).await.unwrap_or_else(Reply::Error),
-        Request::Stop { slot } => runs::stop(shared, &slot, StopReason::User).await.unwrap_or_else(Reply::Error),
+        Request::Stop { slot } => {
+            runs::stop(shared, &slot, crate::task::StopBy::User).await.unwrap_or_else(Reply::Error)
+        }
         Request::Resume { slot } => runs::resume(shared, &slot, false).await.unwrap_or_else(Reply::Error),
         Request::Release { slot, done } => runs::release(shared, &slot, done).unwrap_or_else(Reply::Error),
         Request::Workspaces { prune } => requests::workspaces(shared, prune).await.unwrap_or_else(Reply::Error),

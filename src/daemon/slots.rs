@@ -9,9 +9,12 @@ use std::time::SystemTime;
 
 use tokio::sync::watch;
 
-use crate::ledger::SlotLock;
-use crate::protocol::{ErrorKind, ErrorReply, ProviderUsage, SlotState, SlotStatus, SlotUse};
+use super::refuse;
+use crate::ledger::{ExitRecord, SlotLock};
+use crate::protocol::{ErrorKind, ErrorReply, ProviderUsage, Restarts, SlotState, SlotStatus, SlotUse};
 use crate::provider::Provider;
+use crate::supervisor::ExitInfo;
+use crate::task::{Allowance, EndCause, Phase, WaitFor};
 use crate::timefmt::rfc3339;
 
 /// Progress of a run, published for `logs -f`: bumps whenever output arrives, `ended` once it is over.
@@ -21,24 +24,23 @@ pub struct RunSignal {
     pub ended: bool,
 }
 
-/// The work on one issue in one slot, and its current (or last) run.
+/// The work on one issue in one slot, and its current (or last) run: the durable record (with its phase) plus what
+/// only the running daemon knows.
 #[derive(Debug)]
 pub struct Task {
-    /// What survives a crash: written to `slots/<slot>.lock` while the slot holds the task.
+    /// What survives a crash: written to `slots/<slot>.lock` while the slot holds the task. Its `phase` is changed
+    /// only by the state machine (`life::drive`).
     pub record: SlotLock,
-    pub state: SlotState,
-    pub reason: Option<String>,
     /// When the current run started.
     pub run_started_at: SystemTime,
     pub last_output_at: Option<SystemTime>,
     pub ended_at: Option<SystemTime>,
-    pub exit_code: Option<i32>,
+    /// How the current run's process ended, once it has.
+    pub exit: Option<ExitInfo>,
     pub cost_usd: Option<f64>,
     pub turns: Option<u64>,
     /// The console preview as of the follower's last batch.
     pub preview: Vec<String>,
-    /// Set by `stop` (or shutdown) so the outcome says who ended the run and what it becomes.
-    pub stop_reason: Option<StopReason>,
     /// Set (under the table lock) once the run's process group id may belong to a stranger: after our leader
     /// is reaped, or once an adopted leader has exited. From then on the group is never signalled.
     pub group_released: bool,
@@ -46,6 +48,13 @@ pub struct Task {
     pub adopted: bool,
     pub signal: Arc<watch::Sender<RunSignal>>,
     pub health: Health,
+    /// The end of the last run, kept while it cannot be written (a full disk): the slot stays held until it is.
+    pub unrecorded: Option<ExitRecord>,
+    /// The lockfile lags behind the task (a write failed on a full disk): written again once there is room.
+    pub unsaved: bool,
+    /// How the current run is already in the history (`state`, cause): a record that says the same is not appended
+    /// twice (recovery finishing what a crash interrupted).
+    pub recorded_as: Option<(String, Option<EndCause>)>,
 }
 
 /// What the health sampler and progress reports know of a run.
@@ -64,37 +73,40 @@ pub struct Health {
     pub rate_limited_until: Option<SystemTime>,
 }
 
-/// Why a run was stopped, which decides what the task becomes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StopReason {
-    /// `autodevctl stop`: the task fails (it can still be resumed).
-    User,
-    /// autodevd is shutting down: the task is abandoned, resumable after the restart.
-    Shutdown(String),
-    /// The health policy stops a stale run to restart or reassign it: the run fails with this reason.
-    Stale(String),
-}
-
 impl Task {
     /// A task as a new run starts: `record` already names the run.
     pub fn starting(record: SlotLock) -> Task {
         Task {
             record,
-            state: SlotState::Starting,
-            reason: None,
             run_started_at: SystemTime::now(),
             last_output_at: None,
             ended_at: None,
-            exit_code: None,
+            exit: None,
             cost_usd: None,
             turns: None,
             preview: Vec::new(),
-            stop_reason: None,
             group_released: false,
             adopted: false,
             signal: Arc::new(watch::channel(RunSignal::default()).0),
             health: Health::default(),
+            unrecorded: None,
+            unsaved: false,
+            recorded_as: None,
         }
+    }
+
+    /// The state users see. A task whose end waits for disk space shows as failed with cause `disk_full`.
+    pub fn state(&self) -> SlotState {
+        if self.unrecorded.is_some() { SlotState::Failed } else { self.record.state().into() }
+    }
+
+    /// The slot belongs to the task's issue (also while its end waits to be written).
+    pub fn holds_slot(&self) -> bool {
+        self.record.state().holds_slot() || self.unrecorded.is_some()
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.record.state().is_running()
     }
 
     /// The last sign of life: output, a progress report, CPU use, or the start.
@@ -105,11 +117,9 @@ impl Task {
             .fold(self.run_started_at, SystemTime::max)
     }
 
-    /// A task that holds its slot with no run going (found abandoned, or ended before this daemon started).
-    pub fn idle(record: SlotLock, state: SlotState, reason: Option<String>) -> Task {
+    /// A task found at start-up with no run going (abandoned, waiting, or ended before this daemon started).
+    pub fn idle(record: SlotLock) -> Task {
         let mut task = Task::starting(record);
-        task.state = state;
-        task.reason = reason;
         task.ended_at = Some(SystemTime::now());
         task.signal.send_modify(|s| s.ended = true);
         task
@@ -136,11 +146,11 @@ pub struct Slot {
 
 impl Slot {
     pub fn state(&self) -> SlotState {
-        self.task.as_ref().map_or(SlotState::Ready, |t| t.state)
+        self.task.as_ref().map_or(SlotState::Ready, Task::state)
     }
 
     pub fn is_held(&self) -> bool {
-        self.state().holds_slot()
+        self.task.as_ref().is_some_and(Task::holds_slot)
     }
 }
 
@@ -159,10 +169,6 @@ pub struct SlotTable {
     pub orphans: Vec<(String, u64)>,
     default_llm: Option<String>,
     config_name: String,
-}
-
-fn refuse(kind: ErrorKind, message: String, hint: Option<String>) -> ErrorReply {
-    ErrorReply { kind, message, hint }
 }
 
 impl SlotTable {
@@ -292,7 +298,7 @@ impl SlotTable {
             ));
         }
         if let Some(holder) = self.holder_of(req.issue) {
-            let hint = if holder.state() == SlotState::Abandoned {
+            let hint = if matches!(holder.state(), SlotState::Abandoned | SlotState::Waiting) {
                 format!("its run was abandoned: `autodevctl resume {0}` or `autodevctl release {0}`", holder.name)
             } else {
                 format!("stop it first with `autodevctl stop {}`", holder.name)
@@ -320,8 +326,12 @@ impl SlotTable {
                 ));
             }
             self.provider_index(&provider.name)?;
-            if let Some(task) = slot.task.as_ref().filter(|t| t.state.holds_slot()) {
-                let what = if task.state == SlotState::Abandoned { "holds the abandoned" } else { "is busy with" };
+            if let Some(task) = slot.task.as_ref().filter(|t| t.holds_slot()) {
+                let what = match task.state() {
+                    SlotState::Abandoned => "holds the abandoned",
+                    SlotState::Waiting => "holds the waiting",
+                    _ => "is busy with",
+                };
                 return Err(refuse(
                     ErrorKind::Conflict,
                     format!("slot {name} {what} issue #{}", task.issue()),
@@ -362,71 +372,76 @@ impl SlotTable {
         }
     }
 
-    pub fn status_rows(&self) -> Vec<SlotStatus> {
-        self.slots.iter().map(|s| self.status_row(s)).collect()
+    pub fn status_rows(&self, allowance: &Allowance) -> Vec<SlotStatus> {
+        self.slots.iter().map(|s| self.status_row(s, allowance)).collect()
     }
 
-    pub fn status_row(&self, slot: &Slot) -> SlotStatus {
+    pub fn status_row(&self, slot: &Slot, allowance: &Allowance) -> SlotStatus {
         let provider = self.providers[slot.provider].name.clone();
         let Some(t) = &slot.task else {
-            return SlotStatus {
-                slot: slot.name.clone(),
-                provider,
-                state: SlotState::Ready,
-                issue: None,
-                task_id: None,
-                run_id: None,
-                runs: Vec::new(),
-                worktree: None,
-                branch: None,
-                pid: None,
-                adopted: false,
-                started_at: None,
-                last_output_at: None,
-                ended_at: None,
-                session_id: None,
-                exit_code: None,
-                reason: None,
-                cost_usd: None,
-                turns: None,
-                console_preview: Vec::new(),
-                heartbeat_at: None,
-                progress: None,
-                progress_message: None,
-                cpu_percent: None,
-                memory_mb: None,
-                attempt: 0,
-                rate_limited_until: None,
-            };
+            return SlotStatus::ready(slot.name.clone(), provider);
+        };
+        let now = SystemTime::now();
+        let running = t.is_running();
+        let (waiting_until, waiting_for) = match &t.record.phase {
+            Phase::Waiting { until, waiting_for, .. } => (*until, Some(*waiting_for)),
+            _ => (None, None),
+        };
+        // Kept for this release under its old name: a usage-limit wait, or a limit the running CLI waits out.
+        let rate_limited_until = match waiting_for {
+            Some(WaitFor::UsageLimit) => waiting_until,
+            _ => t.health.rate_limited_until.filter(|u| running && *u > now),
+        };
+        let (end_cause, reason) = match &t.unrecorded {
+            Some(exit) => (
+                Some(EndCause::DiskFull),
+                Some(format!(
+                    "the run ended ({}) but its record cannot be written: the state dir's filesystem is full; the slot \
+                     stays held until it is",
+                    exit.reason.as_deref().unwrap_or(&exit.state)
+                )),
+            ),
+            None => (t.record.phase.end_cause(), t.record.phase.reason().map(str::to_string)),
         };
         SlotStatus {
             slot: slot.name.clone(),
             provider,
-            state: t.state,
+            state: t.state(),
             issue: Some(t.issue()),
             task_id: Some(t.record.task_id.clone()),
             run_id: Some(t.record.run_id.clone()),
             runs: t.record.runs.clone(),
             worktree: t.record.worktree.as_ref().map(|p| p.display().to_string()),
             branch: t.record.branch.clone(),
-            pid: t.record.pid.filter(|_| t.state.is_running()),
+            pid: t.record.pid.filter(|_| running),
             adopted: t.adopted,
             started_at: Some(rfc3339(t.run_started_at)),
             last_output_at: t.last_output_at.map(rfc3339),
             ended_at: t.ended_at.map(rfc3339),
             session_id: t.record.session_id.clone(),
-            exit_code: t.exit_code,
-            reason: t.reason.clone(),
+            exit_code: match &t.record.phase {
+                Phase::Ended { exit_code, .. } => *exit_code,
+                _ => None,
+            },
+            end_cause: end_cause.map(|c| c.as_str().to_string()),
+            reason,
+            waiting_until: waiting_until.map(rfc3339),
+            waiting_for: waiting_for.map(|w| w.as_str().to_string()),
+            restarts: Some(Restarts {
+                used: allowance.used(&t.record.restarts, now),
+                allowed: allowance.count,
+                per_secs: allowance.per.as_secs(),
+            }),
             cost_usd: t.cost_usd,
             turns: t.turns,
             console_preview: t.preview.clone(),
             heartbeat_at: Some(rfc3339(t.heartbeat())),
             progress: t.health.progress,
             progress_message: t.health.progress_message.clone(),
-            cpu_percent: t.health.cpu_percent.filter(|_| t.state.is_running()),
-            memory_mb: t.health.memory_mb.filter(|_| t.state.is_running()),
+            cpu_percent: t.health.cpu_percent.filter(|_| running),
+            memory_mb: t.health.memory_mb.filter(|_| running),
             attempt: t.record.runs.len() as u32,
-            rate_limited_until: t.health.rate_limited_until.filter(|u| *u > SystemTime::now()).map(rfc3339),
+            rate_limited_until: rate_limited_until.map(rfc3339),
         }
     }
 
@@ -442,7 +457,7 @@ impl SlotTable {
                     .map(|s| SlotUse {
                         slot: s.name.clone(),
                         state: s.state(),
-                        issue: s.task.as_ref().filter(|t| t.state.holds_slot()).map(|t| t.issue()),
+                        issue: s.task.as_ref().filter(|t| t.holds_slot()).map(|t| t.issue()),
                     })
                     .collect();
                 ProviderUsage {
@@ -469,42 +484,9 @@ mod tests {
     }
 
     fn occupy(t: &mut SlotTable, index: usize, issue: u64) {
-        let mut task = Task::starting(test_record(issue));
-        task.state = SlotState::InProgress;
-        t.slots[index].task = Some(task);
-    }
-
-    pub fn test_record(issue: u64) -> SlotLock {
-        SlotLock {
-            version: 1,
-            slot: String::new(),
-            provider: String::new(),
-            issue,
-            task_id: format!("t{issue}"),
-            run_id: format!("r{issue}"),
-            runs: vec![format!("r{issue}")],
-            state: "in_progress".into(),
-            reason: None,
-            pid: Some(1),
-            pgid: Some(1),
-            start_time: None,
-            boot_id: String::new(),
-            session_id: None,
-            cwd: PathBuf::new(),
-            program: String::new(),
-            args: Vec::new(),
-            prompt_file: PathBuf::new(),
-            stdout: PathBuf::new(),
-            stderr: PathBuf::new(),
-            started_at: String::new(),
-            run_started_at: String::new(),
-            daemon_pid: 1,
-            auto_resumes: Vec::new(),
-            worktree: None,
-            branch: None,
-            title: None,
-            comment_id: None,
-        }
+        let mut record = SlotLock::new("", "", issue, PathBuf::new(), PathBuf::new());
+        record.phase = Phase::Running { stale: false, stop: None };
+        t.slots[index].task = Some(Task::starting(record));
     }
 
     fn req(issue: u64, llm: Option<&'static str>, slot: Option<&'static str>) -> SlotRequest<'static> {

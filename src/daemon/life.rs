@@ -1,0 +1,313 @@
+//! Carries out what the task state machine (`crate::task`) decides. Every phase change goes through [`drive`]: it
+//! applies the event to the slot's task under the table lock, then performs the effects in the order the machine
+//! gave them. The runtime is single-threaded and `drive` never awaits, so two events for one task never interleave.
+//!
+//! Durability rules kept here: a run's end is recorded (exit record, history line) before its lockfile goes; a
+//! record that cannot be written because the disk is full is kept in memory with the slot held, `status` says which
+//! filesystem is full, and [`flush_pending`] writes it once there is room.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use nix::sys::signal::Signal;
+
+use super::Shared;
+use super::issue_sync::{board_wants, comment};
+use super::slots::Task;
+use crate::github::sync::Target;
+use crate::ledger::{self, ExitRecord, RECORD_VERSION, RunFiles};
+use crate::protocol::SlotState;
+use crate::supervisor::{self, ExitInfo};
+use crate::task::{BoardWish, Effect, Event, Illegal, Phase};
+use crate::timefmt::rfc3339;
+
+/// How often records that wait for disk space are tried again.
+const FLUSH_EVERY: Duration = Duration::from_secs(2);
+
+/// Applies `event` to the task of `slot` and carries out what it implies. The caller has checked the request's own
+/// rules (and said so to the user); an event the phase does not allow is an error that changes nothing.
+pub(super) fn drive(shared: &Arc<Shared>, slot: &str, event: Event) -> Result<(), Illegal> {
+    let now = SystemTime::now();
+    let (effects, issue, run_id) = {
+        let mut table = shared.lock_table();
+        let task = table.get_mut(slot).and_then(|s| s.task.as_mut()).ok_or(Illegal { state: "ready", event: "any" })?;
+        let effects = task.record.on(event, &shared.policy, now)?;
+        if !task.is_running() && task.ended_at.is_none() {
+            task.ended_at = Some(now);
+        }
+        if !task.is_running() {
+            task.signal.send_modify(|s| s.ended = true);
+        }
+        (effects, task.issue(), task.record.run_id.clone())
+    };
+    let mut recorded = true;
+    for effect in effects {
+        match effect {
+            Effect::RecordRun => recorded = record_run(shared, slot),
+            Effect::WriteLock => write_lock(shared, slot),
+            // Only once the end is on disk: a lockfile never goes before its task's outcome is recorded.
+            Effect::FreeSlot if recorded => free_slot(shared, slot),
+            Effect::FreeSlot => {}
+            Effect::Board(wish) => {
+                let target = match wish {
+                    BoardWish::InProgress => Target::InProgress,
+                    BoardWish::Completed => Target::Completed,
+                    BoardWish::Failed => Target::Failed,
+                };
+                board_wants(shared, issue, slot, target, false);
+            }
+            Effect::Comment => comment(shared, slot, true),
+            Effect::WakeAt(at) => wake_at(shared, slot, &run_id, at),
+            Effect::SignalStop => signal_stop(shared, slot, &run_id),
+            Effect::StartNext { fallback } => {
+                let (shared, slot) = (shared.clone(), slot.to_string());
+                tokio::spawn(async move { super::retry::start_next(&shared, &slot, fallback).await });
+            }
+            Effect::CleanupWorktree => {
+                let (shared, slot) = (shared.clone(), slot.to_string());
+                tokio::spawn(async move { super::runs::cleanup_worktree(&shared, &slot).await });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The exit record of the task's current run, as its phase now says.
+fn exit_record(task: &Task) -> ExitRecord {
+    let record = &task.record;
+    let (state, cause, reason) = match &record.phase {
+        Phase::Ended { cause, reason, .. } => (task.record.state().as_str(), Some(*cause), reason.clone()),
+        Phase::Waiting { after, reason, .. } => ("failed", Some(*after), Some(reason.clone())),
+        Phase::Abandoned { reason } => ("abandoned", None, Some(reason.clone())),
+        // Not an end; never asked for.
+        other => (other.state().as_str(), None, None),
+    };
+    let now = task.ended_at.unwrap_or_else(SystemTime::now);
+    ExitRecord {
+        version: RECORD_VERSION,
+        run_id: record.run_id.clone(),
+        slot: record.slot.clone(),
+        issue: record.issue,
+        state: state.to_string(),
+        end_cause: cause,
+        reason,
+        exit_code: match task.exit {
+            Some(ExitInfo::Code(c)) => Some(c),
+            _ => None,
+        },
+        signal: match task.exit {
+            Some(ExitInfo::Signal(s)) => Some(s),
+            _ => None,
+        },
+        started_at: rfc3339(task.run_started_at),
+        ended_at: rfc3339(now),
+        duration_secs: now.duration_since(task.run_started_at).unwrap_or_default().as_secs(),
+        session_id: record.session_id.clone(),
+        cost_usd: task.cost_usd,
+        turns: task.turns,
+        task_id: record.task_id.clone(),
+        provider: record.provider.clone(),
+        runs: record.runs.clone(),
+        cwd: record.cwd.clone(),
+        prompt_file: record.prompt_file.clone(),
+        worktree: record.worktree.clone(),
+        branch: record.branch.clone(),
+    }
+}
+
+/// Writes the run's end: its exit record and history line. Returns whether it is on disk. On a full disk the record
+/// waits in the task (the slot stays held) for [`flush_pending`].
+fn record_run(shared: &Arc<Shared>, slot: &str) -> bool {
+    let (exit, already) = {
+        let table = shared.lock_table();
+        let Some(task) = table.get(slot).and_then(|s| s.task.as_ref()) else { return true };
+        (exit_record(task), task.recorded_as.clone())
+    };
+    let result = write_exit(shared, &exit, already.as_ref());
+    let mut table = shared.lock_table();
+    let Some(task) = table.get_mut(slot).and_then(|s| s.task.as_mut()) else { return true };
+    match result {
+        Ok(()) => {
+            task.recorded_as = Some((exit.state.clone(), exit.end_cause));
+            if exit.state == "completed" || exit.state == "failed" {
+                shared.note_outcome(exit.state == "completed", exit.duration_secs);
+            }
+            true
+        }
+        Err(e) if ledger::is_disk_full(&e) => {
+            tracing::error!(slot, run = %exit.run_id, "cannot record the end of the run: {e}; kept until there is room");
+            shared.note_disk_full(&e);
+            task.unrecorded = Some(exit);
+            drop(table);
+            start_flusher(shared);
+            false
+        }
+        Err(e) => {
+            // Not a full disk (EIO, permissions): retrying would not help, and holding the slot forever would be
+            // worse than a missing history line. Said loudly.
+            tracing::error!(slot, run = %exit.run_id, "cannot record the end of the run: {e}");
+            true
+        }
+    }
+}
+
+/// The exit record, then the history line (unless the history already says the same of this run).
+fn write_exit(
+    shared: &Shared,
+    exit: &ExitRecord,
+    already: Option<&(String, Option<crate::task::EndCause>)>,
+) -> std::io::Result<()> {
+    let files = RunFiles::at(shared.paths.run_dir(&exit.run_id));
+    ledger::write_json(&files.exit_record(), exit)?;
+    if already != Some(&(exit.state.clone(), exit.end_cause)) {
+        ledger::append_history(&shared.paths.history_file(), exit)?;
+    }
+    Ok(())
+}
+
+fn write_lock(shared: &Arc<Shared>, slot: &str) {
+    let record = {
+        let table = shared.lock_table();
+        let Some(task) = table.get(slot).and_then(|s| s.task.as_ref()) else { return };
+        task.record.clone()
+    };
+    let result = shared.write_lock(&record);
+    let mut table = shared.lock_table();
+    let Some(task) = table.get_mut(slot).and_then(|s| s.task.as_mut()) else { return };
+    match result {
+        Ok(()) => task.unsaved = false,
+        Err(e) if ledger::is_disk_full(&e) => {
+            tracing::error!(slot, "cannot write the lockfile: {e}; written again when there is room");
+            shared.note_disk_full(&e);
+            task.unsaved = true;
+            drop(table);
+            start_flusher(shared);
+        }
+        Err(e) => tracing::error!(slot, "cannot write the lockfile: {e}"),
+    }
+}
+
+fn free_slot(shared: &Shared, slot: &str) {
+    if let Err(e) = ledger::remove_slot_lock(&shared.paths.slots_dir(), slot) {
+        tracing::error!(slot, "cannot remove the slot's lockfile: {e}");
+    }
+    if let Some(task) = shared.lock_table().get_mut(slot).and_then(|s| s.task.as_mut()) {
+        task.unsaved = false;
+    }
+}
+
+/// Sends [`Event::WaitOver`] at `at`, if the task is then still this run's and still waiting.
+pub(super) fn wake_at(shared: &Arc<Shared>, slot: &str, run_id: &str, at: SystemTime) {
+    let (shared, slot, run_id) = (shared.clone(), slot.to_string(), run_id.to_string());
+    tokio::spawn(async move {
+        // Wall-clock time, as persisted: a restart waits for the same moment.
+        let wait = at.duration_since(SystemTime::now()).unwrap_or_default();
+        tokio::time::sleep(wait).await;
+        let still = shared
+            .lock_table()
+            .get(&slot)
+            .and_then(|s| s.task.as_ref())
+            .is_some_and(|t| t.record.run_id == run_id && t.state() == SlotState::Waiting);
+        if still && let Err(e) = drive(&shared, &slot, Event::WaitOver) {
+            tracing::warn!(slot, "end of a wait: {e}");
+        }
+    });
+}
+
+/// SIGTERM to the run's process group now, SIGKILL after the grace period if it is still going.
+fn signal_stop(shared: &Arc<Shared>, slot: &str, run_id: &str) {
+    let pgid = {
+        let table = shared.lock_table();
+        let Some(task) = table.get(slot).and_then(|s| s.task.as_ref()) else { return };
+        let Some(pgid) = task.record.pgid.map(|p| p as i32) else { return };
+        if !super::runs::group_is_ours(task, pgid) {
+            return;
+        }
+        supervisor::signal_group(pgid, Signal::SIGTERM);
+        pgid
+    };
+    let (shared, slot, run_id) = (shared.clone(), slot.to_string(), run_id.to_string());
+    tokio::spawn(async move {
+        let ended = shared.lock_table().task_of_run(&run_id).map(|t| t.signal.subscribe());
+        let Some(mut ended) = ended else { return };
+        if tokio::time::timeout(shared.grace, ended.wait_for(|s| s.ended)).await.is_ok() {
+            return;
+        }
+        let mut table = shared.lock_table();
+        if let Some(task) = table.task_of_run(&run_id)
+            && super::runs::group_is_ours(task, pgid)
+        {
+            tracing::info!(slot, pgid, "run ignored SIGTERM for {:?}; sending SIGKILL", shared.grace);
+            supervisor::signal_group(pgid, Signal::SIGKILL);
+        }
+    });
+}
+
+/// Starts the loop that writes what waits for disk space, unless it runs already.
+fn start_flusher(shared: &Arc<Shared>) {
+    if shared.flushing.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        return;
+    }
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(FLUSH_EVERY).await;
+            if flush_pending(&shared) {
+                shared.flushing.store(false, std::sync::atomic::Ordering::SeqCst);
+                shared.clear_disk_full();
+                tracing::info!("every pending record is written");
+                return;
+            }
+        }
+    });
+}
+
+/// Writes the records and lockfiles that wait for disk space; frees the slots of tasks that ended meanwhile.
+/// Returns whether nothing waits any more.
+pub(super) fn flush_pending(shared: &Arc<Shared>) -> bool {
+    let pending: Vec<(String, Option<ExitRecord>, bool)> = shared
+        .lock_table()
+        .slots
+        .iter()
+        .filter_map(|s| {
+            let t = s.task.as_ref()?;
+            (t.unrecorded.is_some() || t.unsaved).then(|| (s.name.clone(), t.unrecorded.clone(), t.unsaved))
+        })
+        .collect();
+    let mut all_done = true;
+    for (slot, exit, unsaved) in pending {
+        if let Some(exit) = exit {
+            let already = shared.lock_table().get(&slot).and_then(|s| s.task.as_ref()?.recorded_as.clone());
+            match write_exit(shared, &exit, already.as_ref()) {
+                Ok(()) => {
+                    let held = {
+                        let mut table = shared.lock_table();
+                        let Some(task) = table.get_mut(&slot).and_then(|s| s.task.as_mut()) else { continue };
+                        task.unrecorded = None;
+                        task.recorded_as = Some((exit.state.clone(), exit.end_cause));
+                        task.record.state().holds_slot()
+                    };
+                    if exit.state == "completed" || exit.state == "failed" {
+                        shared.note_outcome(exit.state == "completed", exit.duration_secs);
+                    }
+                    tracing::info!(slot, run = %exit.run_id, "recorded the end of the run now that there is room");
+                    if !held {
+                        free_slot(shared, &slot);
+                        comment(shared, &slot, true);
+                        continue;
+                    }
+                }
+                Err(_) => {
+                    all_done = false;
+                    continue;
+                }
+            }
+        }
+        if unsaved {
+            write_lock(shared, &slot);
+            let still = shared.lock_table().get(&slot).and_then(|s| s.task.as_ref()).is_some_and(|t| t.unsaved);
+            all_done &= !still;
+        }
+    }
+    all_done
+}
