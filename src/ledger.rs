@@ -415,3 +415,61 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 }
+
+/// Today's files and yesterday's: every format this autodevd reads, from checked-in files of the older versions.
+#[cfg(test)]
+mod format_tests {
+    use super::*;
+
+    fn fixture(name: &str) -> Vec<u8> {
+        std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/formats/v1").join(name)).unwrap()
+    }
+
+    #[test]
+    fn a_version_1_lockfile_migrates() {
+        let lock = parse_slot_lock(&fixture("claude-1.lock")).unwrap();
+        assert_eq!(lock.version, LOCK_VERSION);
+        assert_eq!(
+            lock.phase,
+            Phase::Abandoned { reason: "process 4242 ended while autodevd was not running".into() }
+        );
+        assert_eq!(lock.restarts, ["2026-11-30T10:00:00Z"]);
+        assert_eq!(lock.session_id.as_deref(), Some("2f6a1c1e-5d8e-4a59-9d43-0c2f1c7a9b11"));
+        // It round-trips as today's format.
+        let today = serde_json::to_vec(&lock).unwrap();
+        assert_eq!(parse_slot_lock(&today).unwrap(), lock);
+        let newer = String::from_utf8(today).unwrap().replacen("\"version\":2", "\"version\":3", 1);
+        assert!(matches!(parse_slot_lock(newer.as_bytes()), Err(LockProblem::Newer(3))));
+    }
+
+    #[test]
+    fn version_1_history_and_run_records_load_and_unknown_lines_are_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("history.jsonl");
+        std::fs::write(&path, fixture("history.jsonl")).unwrap();
+        let runs = read_history_tail(&path, 1 << 20).unwrap();
+        let causes: Vec<_> = runs.iter().map(|r| (r.issue, r.end_cause)).collect();
+        assert_eq!(causes, [(40, Some(EndCause::Succeeded)), (42, None)], "the version-7 line is skipped");
+        std::fs::write(dir.path().join("run.json"), fixture("run.json")).unwrap();
+        assert_eq!(read_run_record(&dir.path().join("run.json")).unwrap().pid, Some(4242));
+    }
+
+    #[test]
+    fn a_torn_history_line_does_not_swallow_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("history.jsonl");
+        std::fs::write(&path, b"{\"version\":2,\"run_id\":\"torn").unwrap();
+        let mut record = read_history_tail(&{
+            let p = dir.path().join("h1");
+            std::fs::write(&p, fixture("history.jsonl")).unwrap();
+            p
+        }, 1 << 20)
+        .unwrap()
+        .remove(0);
+        record.run_id = "after".into();
+        append_history(&path, &record).unwrap();
+        let runs = read_history_tail(&path, 1 << 20).unwrap();
+        assert_eq!(runs.len(), 1);
+        assert_eq!(runs[0].run_id, "after");
+    }
+}

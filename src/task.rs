@@ -668,7 +668,8 @@ impl SlotLock {
             (Phase::Running { stop: Some(StopBy::User), .. }, Event::FoundDead { .. }) => {
                 self.end(Verdict::new(EndCause::Stopped, "stopped by autodevctl stop (autodevd restarted meanwhile)"))
             }
-            (Phase::Running { .. } | Phase::Starting, Event::FoundDead { reason }) => {
+            // Found dead again (a later start, a policy's note): the reason says why it stays.
+            (Phase::Running { .. } | Phase::Starting | Phase::Abandoned { .. }, Event::FoundDead { reason }) => {
                 // Nothing is written: the same facts give the same verdict at every start.
                 self.phase = Phase::Abandoned { reason };
                 vec![]

@@ -440,3 +440,197 @@ fn an_issue_stays_held_when_its_llm_leaves_the_config() {
     assert!(stderr_of(&out).contains("issue #3 is held by codex-1"), "{}", stderr_of(&out));
     assert!(lockfile(&d, "codex-1").is_some(), "the lockfile is kept as it is");
 }
+
+/// The lines of the history (all of them, as `history --json` shows them).
+fn history(d: &Daemon) -> Vec<Value> {
+    serde_json::from_str::<Value>(&d.ctl(&["history", "--json", "-n", "1000"])).unwrap().as_array().unwrap().clone()
+}
+
+#[test]
+fn a_run_that_finished_while_autodevd_was_down_is_never_run_again() {
+    let mut config = fake_config(1);
+    // The policy that would resume an interrupted task: a finished one must not be.
+    config["supervisor"]["onAbandoned"] = json!("resume");
+    let mut d = Daemon::start(&config);
+    d.assign(1, &["--llm", "claude"], "@say working\n@sleep 1\n@say done");
+    d.assign(2, &["--llm", "codex"], "@say working\n@sleep 1\n@fail\n@exit 1");
+    let pids: Vec<i64> = ["claude-1", "codex-1"]
+        .iter()
+        .map(|s| wait_preview(&d, s, "working")["pid"].as_i64().unwrap())
+        .collect();
+    d.kill9();
+    for pid in pids {
+        wait_until("the run to finish by itself", || (!alive(pid)).then_some(()));
+    }
+    d.launch();
+    let done = d.slot("claude-1");
+    assert_eq!((done["state"].as_str(), done["end_cause"].as_str()), (Some("completed"), Some("succeeded")), "{done}");
+    assert_eq!(done["exit_code"], Value::Null, "the exit code of a run nobody watched is unknown, never 0: {done}");
+    assert_eq!(done["runs"].as_array().unwrap().len(), 1, "never run again: {done}");
+    let failed = d.slot("codex-1");
+    assert_eq!((failed["state"].as_str(), failed["end_cause"].as_str()), (Some("failed"), Some("provider_error")), "{failed}");
+    assert!(lockfile(&d, "claude-1").is_none() && lockfile(&d, "codex-1").is_none());
+    let lines = history(&d);
+    assert_eq!(lines.len(), 2, "one history line each: {lines:?}");
+    // Another restart changes nothing.
+    d.kill9();
+    d.launch();
+    assert_eq!(history(&d).len(), 2);
+    assert_eq!(d.slot("claude-1")["runs"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn a_cli_that_closes_its_descriptors_is_still_adopted_held_and_stoppable() {
+    let mut d = Daemon::start(&fake_config(1));
+    d.assign(5, &[], "@close-fds\n@say closed\n@sleep 60");
+    let before = wait_preview(&d, "claude-1", "closed");
+    let pid = before["pid"].as_i64().unwrap();
+    d.kill9();
+    d.launch();
+    let row = d.slot("claude-1");
+    assert_eq!((row["state"].as_str(), row["adopted"].as_bool()), (Some("in_progress"), Some(true)), "{row}");
+    assert_eq!(row["pid"].as_i64(), Some(pid));
+    // While it lives, neither its slot nor its issue goes to anyone else.
+    let out = d.try_ctl(&["release", "claude-1"]);
+    assert!(stderr_of(&out).contains("is running issue #5"), "{}", stderr_of(&out));
+    let out = d.try_ctl(&["assign", "5", "--llm", "codex", "--prompt", "x"]);
+    assert!(stderr_of(&out).contains("already assigned to claude-1"), "{}", stderr_of(&out));
+    d.ctl(&["stop", "claude-1"]);
+    assert!(!alive(pid), "stopped through its pidfd");
+    assert_eq!(d.slot("claude-1")["end_cause"], "stopped");
+}
+
+#[test]
+fn a_wait_survives_a_restart_and_ends_at_the_same_moment() {
+    let mut config = fake_config(1);
+    config["retry"] = json!({ "maxAttempts": 2, "backoffSecs": 4 });
+    let mut d = Daemon::start(&config);
+    d.assign(6, &[], "@fail\n@exit 1");
+    let waiting = d.wait_state("claude-1", "waiting");
+    let until = waiting["waiting_until"].as_str().unwrap().to_string();
+    assert_eq!(waiting["waiting_for"], "retry");
+    assert_eq!(lockfile(&d, "claude-1").unwrap().state().as_str(), "waiting", "the wait is on disk");
+    d.kill9();
+    d.launch();
+    let after = d.slot("claude-1");
+    assert_eq!((after["state"].as_str(), after["waiting_until"].as_str()), (Some("waiting"), Some(until.as_str())), "{after}");
+    // Then it goes on by itself, not before the moment it waited for.
+    let done = d.wait_state("claude-1", "completed");
+    assert_eq!(done["runs"].as_array().unwrap().len(), 2, "{done}");
+    let started = humantime::parse_rfc3339(done["started_at"].as_str().unwrap()).unwrap();
+    assert!(started >= humantime::parse_rfc3339(&until).unwrap(), "started {done} before {until}");
+}
+
+#[test]
+fn a_lockfile_of_a_newer_format_stops_startup_and_stays() {
+    let mut d = Daemon::start(&fake_config(1));
+    d.kill9();
+    let path = d.state_dir().join("slots/claude-1.lock");
+    std::fs::write(&path, r#"{"version": 99, "slot": "claude-1", "whatever": "a newer autodev wrote"}"#).unwrap();
+    let out = d.daemon_command().stderr(Stdio::piped()).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
+    assert!(stderr_of(&out).contains("format version 99, newer than this autodevd understands"), "{}", stderr_of(&out));
+    assert!(path.exists(), "never moved aside as corrupt");
+}
+
+#[test]
+fn a_lockfile_of_the_first_format_loads_and_its_task_resumes() {
+    let mut d = Daemon::start(&fake_config(1));
+    d.kill9();
+    let fixture = std::fs::read_to_string(common::fixtures().join("formats/v1/claude-1.lock")).unwrap();
+    let mut lock: Value = serde_json::from_str(&fixture).unwrap();
+    lock["cwd"] = json!(d.workspace.display().to_string());
+    std::fs::write(d.state_dir().join("slots/claude-1.lock"), lock.to_string()).unwrap();
+    d.launch();
+    let row = d.slot("claude-1");
+    assert_eq!((row["state"].as_str(), row["issue"].as_u64()), (Some("abandoned"), Some(41)), "{row}");
+    assert_eq!(row["restarts"]["allowed"], 3, "{row}");
+    let resumed: Value = serde_json::from_str(&d.ctl(&["resume", "claude-1", "--json"])).unwrap();
+    let argv = d.record(resumed["run_id"].as_str().unwrap())["argv"].clone();
+    assert!(argv.as_array().unwrap().contains(&json!("2f6a1c1e-5d8e-4a59-9d43-0c2f1c7a9b11")), "{argv}");
+    d.wait_state("claude-1", "completed");
+    assert_eq!(lockfile(&d, "claude-1"), None);
+}
+
+/// Unmounts the test's tmpfs, also when the test fails.
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Fills the filesystem of `dir` with one file until a write fails for want of space.
+fn fill(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::io::Write;
+    let path = dir.join("filler");
+    let mut file = std::fs::File::create(&path).unwrap();
+    let chunk = vec![0u8; 4096];
+    loop {
+        if let Err(e) = file.write_all(&chunk).and_then(|()| file.sync_data()) {
+            assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+            return path;
+        }
+    }
+}
+
+#[test]
+fn a_full_state_disk_loses_no_task() {
+    let mut d = Daemon::prepare(&fake_config(1), None, &[]);
+    let state = d.state_dir();
+    std::fs::create_dir_all(&state).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=3m,mode=0700", "autodev-test"])
+        .arg(&state)
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root and a kernel that allows it)");
+        return;
+    }
+    let _unmount = Mounted(state.clone());
+    d.launch();
+    for (issue, llm) in [(1, "claude"), (2, "codex")] {
+        d.assign(issue, &["--llm", llm], "@say one\n@sleep 1.5\n@say two\n@say three");
+    }
+    wait_preview(&d, "claude-1", "one");
+    wait_preview(&d, "codex-1", "one");
+    let filler = fill(&state);
+    // Both runs end while nothing can be written: their ends wait, their slots stay held, and autodevd answers.
+    for slot in ["claude-1", "codex-1"] {
+        let row = wait_until(&format!("{slot} to end unrecorded"), || {
+            let row = d.slot(slot);
+            (row["end_cause"] == "disk_full").then_some(row)
+        });
+        assert!(row["reason"].as_str().unwrap().contains("cannot be written"), "{row}");
+        assert!(lockfile(&d, slot).is_some(), "the lockfile stays until the end is recorded");
+    }
+    let status = d.status();
+    let warning = status["warnings"].as_array().unwrap().iter().filter_map(Value::as_str).collect::<Vec<_>>().join("\n");
+    assert!(warning.contains("is full") && warning.contains(state.to_str().unwrap()), "{status}");
+    let out = d.try_ctl(&["assign", "1", "--llm", "gemini", "--prompt", "x"]);
+    assert!(stderr_of(&out).contains("already assigned to claude-1"), "the issue is still held: {}", stderr_of(&out));
+    // A crash while the disk is full loses nothing either.
+    d.kill9();
+    d.launch();
+    for (slot, issue) in [("claude-1", 1), ("codex-1", 2)] {
+        let row = d.slot(slot);
+        assert_eq!(row["issue"], issue, "{row}");
+        assert!(lockfile(&d, slot).is_some(), "{row}");
+    }
+    // Room again: what waited is written, and every task is either recorded or still held.
+    std::fs::remove_file(filler).unwrap();
+    wait_until("the pending records to be written", || {
+        let held = ["claude-1", "codex-1"].iter().filter(|s| lockfile(&d, s).is_some()).count();
+        let recorded = history(&d).len();
+        (held + recorded >= 2 && d.status()["warnings"].as_array()?.iter().all(|w| !w.as_str().unwrap_or("").contains("is full")))
+            .then_some(())
+    });
+    for (slot, issue) in [("claude-1", 1u64), ("codex-1", 2)] {
+        let in_history = history(&d).iter().any(|h| h["issue"] == issue);
+        let held = lockfile(&d, slot).is_some_and(|l| l.issue == issue);
+        assert!(in_history || held, "task #{issue} vanished: {}", d.slot(slot));
+    }
+}

@@ -53,10 +53,50 @@ pub struct Owed {
     pub takeover: bool,
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+/// Format version of `github-sync.json` (files written before it carried one are version 1 as well).
+const OUTBOX_VERSION: u32 = 1;
+
+#[derive(Debug, Serialize, Deserialize)]
 struct Outbox {
+    #[serde(default = "first_version")]
+    version: u32,
     owed: BTreeMap<u64, Owed>,
     last_error: Option<(String, String)>,
+}
+
+fn first_version() -> u32 {
+    1
+}
+
+impl Default for Outbox {
+    fn default() -> Self {
+        Outbox { version: OUTBOX_VERSION, owed: BTreeMap::new(), last_error: None }
+    }
+}
+
+/// Reads the outbox. One of a newer format is moved aside (`github-sync.json.v<N>`), never overwritten: the newer
+/// autodev that wrote it can still send what it holds.
+fn load_outbox(path: &std::path::Path) -> Outbox {
+    let Ok(bytes) = std::fs::read(path) else { return Outbox::default() };
+    match serde_json::from_slice::<Outbox>(&bytes) {
+        Ok(outbox) if outbox.version <= OUTBOX_VERSION => outbox,
+        Ok(outbox) => {
+            let aside = path.with_extension(format!("json.v{}", outbox.version));
+            tracing::error!(
+                "{} has format version {}, newer than this autodevd understands ({OUTBOX_VERSION}); moved to {} and \
+                 not sent",
+                path.display(),
+                outbox.version,
+                aside.display()
+            );
+            let _ = std::fs::rename(path, aside);
+            Outbox::default()
+        }
+        Err(e) => {
+            tracing::error!("{} is unreadable: {e}", path.display());
+            Outbox::default()
+        }
+    }
 }
 
 struct State {
@@ -103,12 +143,7 @@ impl Reconciler {
         path: PathBuf,
         backoff_max: Duration,
     ) -> Arc<Reconciler> {
-        let outbox: Outbox = std::fs::read(&path)
-            .ok()
-            .and_then(|b| {
-                serde_json::from_slice(&b).map_err(|e| tracing::error!("{} is unreadable: {e}", path.display())).ok()
-            })
-            .unwrap_or_default();
+        let outbox = load_outbox(&path);
         Arc::new(Reconciler {
             gh,
             owner,
@@ -370,5 +405,22 @@ impl Reconciler {
             return Err(GhError::Other(format!("{} {}", e.kind, e.message).trim().to_string()));
         }
         Ok(note)
+    }
+}
+
+#[cfg(test)]
+mod format_tests {
+    #[test]
+    fn an_outbox_of_the_first_format_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("github-sync.json");
+        let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/formats/v1/github-sync.json");
+        std::fs::copy(fixture, &path).unwrap();
+        let outbox = super::load_outbox(&path);
+        assert_eq!(outbox.version, 1);
+        assert_eq!(outbox.owed[&41].slot, "claude-1");
+        std::fs::write(&path, r#"{"version":9,"owed":{},"last_error":null}"#).unwrap();
+        assert!(super::load_outbox(&path).owed.is_empty());
+        assert!(dir.path().join("github-sync.json.v9").exists(), "a newer outbox is kept aside, not overwritten");
     }
 }

@@ -84,6 +84,13 @@ impl Daemon {
     }
 
     pub fn start_full(config: &Value, workspace: Option<&Path>, env: &[(&str, &str)]) -> Daemon {
+        let mut daemon = Daemon::prepare(config, workspace, env);
+        daemon.launch();
+        daemon
+    }
+
+    /// Writes the config and makes the directories, without starting autodevd (`launch` does).
+    pub fn prepare(config: &Value, workspace: Option<&Path>, env: &[(&str, &str)]) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let workspace = workspace.map(Path::to_path_buf).unwrap_or_else(|| dir.path().join("work"));
         let records = dir.path().join("records");
@@ -99,9 +106,7 @@ impl Daemon {
         let config_path = dir.path().join("autonomous-config.json");
         std::fs::write(&config_path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
         let extra_env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let mut daemon = Daemon { dir, process: None, workspace, records, config_path, extra_env };
-        daemon.launch();
-        daemon
+        Daemon { dir, process: None, workspace, records, config_path, extra_env }
     }
 
     /// Starts (or restarts) the daemon process on the same dirs.
