@@ -429,10 +429,7 @@ mod format_tests {
     fn a_version_1_lockfile_migrates() {
         let lock = parse_slot_lock(&fixture("claude-1.lock")).unwrap();
         assert_eq!(lock.version, LOCK_VERSION);
-        assert_eq!(
-            lock.phase,
-            Phase::Abandoned { reason: "process 4242 ended while autodevd was not running".into() }
-        );
+        assert_eq!(lock.phase, Phase::Abandoned { reason: "process 4242 ended while autodevd was not running".into() });
         assert_eq!(lock.restarts, ["2026-11-30T10:00:00Z"]);
         assert_eq!(lock.session_id.as_deref(), Some("2f6a1c1e-5d8e-4a59-9d43-0c2f1c7a9b11"));
         // It round-trips as today's format.
@@ -459,11 +456,14 @@ mod format_tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("history.jsonl");
         std::fs::write(&path, b"{\"version\":2,\"run_id\":\"torn").unwrap();
-        let mut record = read_history_tail(&{
-            let p = dir.path().join("h1");
-            std::fs::write(&p, fixture("history.jsonl")).unwrap();
-            p
-        }, 1 << 20)
+        let mut record = read_history_tail(
+            &{
+                let p = dir.path().join("h1");
+                std::fs::write(&p, fixture("history.jsonl")).unwrap();
+                p
+            },
+            1 << 20,
+        )
         .unwrap()
         .remove(0);
         record.run_id = "after".into();

@@ -331,12 +331,15 @@ fn policy_resume_resumes_at_most_three_times_an_hour_and_policy_fail_frees() {
     assert!(lockfile(&d, "claude-1").is_none());
 }
 
-/// A hundred crashes of the daemon at random moments across assign, run, exit and resume. After each restart every
-/// task is in exactly one state, no slot holds two tasks, no issue two slots; after a final stop no process is left.
+/// A hundred crashes of the daemon at random moments across assign, run, exit, resume, retry backoffs and
+/// usage-limit waits. After each restart every task is in exactly one state, no slot holds two tasks, no issue two
+/// slots, a waiting task still waits for the same moment, and no task completes twice (a run that finished while
+/// autodevd was down is never run again); after a final stop no process is left.
 #[test]
 fn crash_loop_keeps_every_invariant() {
     let mut config = fake_config(2);
     config["llms"]["gemini"]["enabled"] = json!(false);
+    config["retry"] = json!({ "maxAttempts": 2, "backoffSecs": 0.4 });
     let mut d = Daemon::start(&config);
     let mut seed = 0x2545_F491_4F6C_DD1Du64;
     let mut rand = move |n: u64| {
@@ -353,7 +356,15 @@ fn crash_loop_keeps_every_invariant() {
             let issue = rand(6) + 1;
             let action = rand(4);
             let slot = ["claude-1", "claude-2", "codex-1", "codex-2"][rand(4) as usize];
-            let prompt = format!("--prompt=@say cycle {cycle}\n@sleep 0.{}", rand(9));
+            let ending = match rand(4) {
+                0 => "\n@fail\n@exit 1".to_string(),
+                1 => {
+                    let reset = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+                    format!("\n@result-text Claude AI usage limit reached|{}\n@fail\n@exit 1", reset + 1)
+                }
+                _ => String::new(),
+            };
+            let prompt = format!("--prompt=@say cycle {cycle}\n@sleep 0.{}{ending}", rand(9));
             let args: Vec<String> = match action {
                 0 | 1 => vec!["assign".into(), issue.to_string(), prompt],
                 2 => vec!["resume".into(), slot.into()],
@@ -364,7 +375,15 @@ fn crash_loop_keeps_every_invariant() {
         }
         // A crash at a random moment (the point of this test is the randomness of the moment).
         std::thread::sleep(std::time::Duration::from_millis(rand(150)));
-        for row in d.status()["slots"].as_array().unwrap() {
+        let before = d.status();
+        let waits: Vec<(String, Value)> = before["slots"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["state"] == "waiting")
+            .map(|r| (r["run_id"].as_str().unwrap().to_string(), r["waiting_until"].clone()))
+            .collect();
+        for row in before["slots"].as_array().unwrap() {
             if let Some(pid) = row["pid"].as_i64()
                 && let Some(stat) = autodev::supervisor::proc_stat(pid as i32)
             {
@@ -387,10 +406,15 @@ fn crash_loop_keeps_every_invariant() {
         for row in rows {
             let state = row["state"].as_str().unwrap();
             assert!(
-                ["ready", "in_progress", "abandoned", "completed", "failed"].contains(&state),
+                ["ready", "starting", "in_progress", "waiting", "abandoned", "completed", "failed"].contains(&state),
                 "cycle {cycle}: {row}"
             );
-            if ["in_progress", "abandoned"].contains(&state) {
+            if let Some((_, until)) = waits.iter().find(|(run, _)| row["run_id"] == run.as_str())
+                && state == "waiting"
+            {
+                assert_eq!(&row["waiting_until"], until, "cycle {cycle}: the wait moved: {row}");
+            }
+            if ["starting", "in_progress", "waiting", "abandoned"].contains(&state) {
                 let issue = row["issue"].as_u64().unwrap();
                 assert!(issues_held.insert(issue), "cycle {cycle}: issue #{issue} holds two slots: {status}");
                 let slot = row["slot"].as_str().unwrap();
@@ -399,7 +423,7 @@ fn crash_loop_keeps_every_invariant() {
                     // longer holds its issue. A held slot without a lockfile is what must never be.
                     let now = d.slot(slot);
                     assert!(
-                        !["in_progress", "abandoned"].contains(&now["state"].as_str().unwrap())
+                        !["starting", "in_progress", "waiting", "abandoned"].contains(&now["state"].as_str().unwrap())
                             || lockfile(&d, slot).is_some(),
                         "cycle {cycle}: held without a lockfile: {now}"
                     );
@@ -414,6 +438,10 @@ fn crash_loop_keeps_every_invariant() {
                     (d.slot(&slot)["state"] != "in_progress").then_some(())
                 });
             }
+        }
+        let mut completed = std::collections::HashSet::new();
+        for line in history(&d).iter().filter(|h| h["state"] == "completed" && h["end_cause"] == "succeeded") {
+            assert!(completed.insert(line["task_id"].clone()), "cycle {cycle}: a task completed twice: {line}");
         }
     }
     // A final stop: every run ends, and nothing of any run is left.
@@ -454,10 +482,8 @@ fn a_run_that_finished_while_autodevd_was_down_is_never_run_again() {
     let mut d = Daemon::start(&config);
     d.assign(1, &["--llm", "claude"], "@say working\n@sleep 1\n@say done");
     d.assign(2, &["--llm", "codex"], "@say working\n@sleep 1\n@fail\n@exit 1");
-    let pids: Vec<i64> = ["claude-1", "codex-1"]
-        .iter()
-        .map(|s| wait_preview(&d, s, "working")["pid"].as_i64().unwrap())
-        .collect();
+    let pids: Vec<i64> =
+        ["claude-1", "codex-1"].iter().map(|s| wait_preview(&d, s, "working")["pid"].as_i64().unwrap()).collect();
     d.kill9();
     for pid in pids {
         wait_until("the run to finish by itself", || (!alive(pid)).then_some(()));
@@ -468,7 +494,11 @@ fn a_run_that_finished_while_autodevd_was_down_is_never_run_again() {
     assert_eq!(done["exit_code"], Value::Null, "the exit code of a run nobody watched is unknown, never 0: {done}");
     assert_eq!(done["runs"].as_array().unwrap().len(), 1, "never run again: {done}");
     let failed = d.slot("codex-1");
-    assert_eq!((failed["state"].as_str(), failed["end_cause"].as_str()), (Some("failed"), Some("provider_error")), "{failed}");
+    assert_eq!(
+        (failed["state"].as_str(), failed["end_cause"].as_str()),
+        (Some("failed"), Some("provider_error")),
+        "{failed}"
+    );
     assert!(lockfile(&d, "claude-1").is_none() && lockfile(&d, "codex-1").is_none());
     let lines = history(&d);
     assert_eq!(lines.len(), 2, "one history line each: {lines:?}");
@@ -513,7 +543,11 @@ fn a_wait_survives_a_restart_and_ends_at_the_same_moment() {
     d.kill9();
     d.launch();
     let after = d.slot("claude-1");
-    assert_eq!((after["state"].as_str(), after["waiting_until"].as_str()), (Some("waiting"), Some(until.as_str())), "{after}");
+    assert_eq!(
+        (after["state"].as_str(), after["waiting_until"].as_str()),
+        (Some("waiting"), Some(until.as_str())),
+        "{after}"
+    );
     // Then it goes on by itself, not before the moment it waited for.
     let done = d.wait_state("claude-1", "completed");
     assert_eq!(done["runs"].as_array().unwrap().len(), 2, "{done}");
@@ -608,7 +642,8 @@ fn a_full_state_disk_loses_no_task() {
         assert!(lockfile(&d, slot).is_some(), "the lockfile stays until the end is recorded");
     }
     let status = d.status();
-    let warning = status["warnings"].as_array().unwrap().iter().filter_map(Value::as_str).collect::<Vec<_>>().join("\n");
+    let warning =
+        status["warnings"].as_array().unwrap().iter().filter_map(Value::as_str).collect::<Vec<_>>().join("\n");
     assert!(warning.contains("is full") && warning.contains(state.to_str().unwrap()), "{status}");
     let out = d.try_ctl(&["assign", "1", "--llm", "gemini", "--prompt", "x"]);
     assert!(stderr_of(&out).contains("already assigned to claude-1"), "the issue is still held: {}", stderr_of(&out));
@@ -625,8 +660,9 @@ fn a_full_state_disk_loses_no_task() {
     wait_until("the pending records to be written", || {
         let held = ["claude-1", "codex-1"].iter().filter(|s| lockfile(&d, s).is_some()).count();
         let recorded = history(&d).len();
-        (held + recorded >= 2 && d.status()["warnings"].as_array()?.iter().all(|w| !w.as_str().unwrap_or("").contains("is full")))
-            .then_some(())
+        (held + recorded >= 2
+            && d.status()["warnings"].as_array()?.iter().all(|w| !w.as_str().unwrap_or("").contains("is full")))
+        .then_some(())
     });
     for (slot, issue) in [("claude-1", 1u64), ("codex-1", 2)] {
         let in_history = history(&d).iter().any(|h| h["issue"] == issue);

@@ -414,7 +414,8 @@ mod format_tests {
     fn an_outbox_of_the_first_format_loads() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("github-sync.json");
-        let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/formats/v1/github-sync.json");
+        let fixture =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/formats/v1/github-sync.json");
         std::fs::copy(fixture, &path).unwrap();
         let outbox = super::load_outbox(&path);
         assert_eq!(outbox.version, 1);
