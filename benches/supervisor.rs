@@ -229,9 +229,23 @@ fn idle_cpu(report: &mut Vec<String>, slots: u32, secs: u64) {
     ));
 }
 
+/// A lockfile as version 1 wrote it (before the task state machine): the phase as a `state` string.
+fn as_version_1(lock: &autodev::ledger::SlotLock) -> Vec<u8> {
+    let mut v = serde_json::to_value(lock).unwrap();
+    let map = v.as_object_mut().unwrap();
+    map.remove("phase");
+    let restarts = map.remove("restarts").unwrap();
+    map.insert("auto_resumes".into(), restarts);
+    map.insert("state".into(), json!("in_progress"));
+    map.insert("reason".into(), Value::Null);
+    map.insert("version".into(), json!(1));
+    serde_json::to_vec(&v).unwrap()
+}
+
 /// Start-up recovery: autodevd killed with 256 lockfiles in its state dir (a third alive runs to adopt, a third
-/// dead runs, a third corrupt files), restarted; the time until `status` answers.
-fn recovery_startup(report: &mut Vec<String>) {
+/// dead runs whose output holds no final event, a third corrupt files), restarted; the time until `status`
+/// answers. With `old_format`, every lockfile is of version 1 and migrates in memory.
+fn recovery_startup(report: &mut Vec<String>, old_format: bool) {
     let (alive, dead, corrupt) = (86usize, 85usize, 85usize);
     let mut config = writer_config();
     config["llms"]["bench"]["maxConcurrentIssues"] = json!(alive + dead);
@@ -246,17 +260,30 @@ fn recovery_startup(report: &mut Vec<String>) {
     gone.wait().unwrap();
     let rounds = if quick() { 3 } else { 15 };
     let mut times = Vec::new();
+    let slots = d.state_dir().join("slots");
+    if old_format {
+        for i in 0..alive {
+            let path = slots.join(format!("bench-{}.lock", i + 1));
+            let lock: autodev::ledger::SlotLock = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+            std::fs::write(&path, as_version_1(&lock)).unwrap();
+        }
+    }
+    // A dead run's output, without a final event: recovery reads its tail to know it did not finish.
+    let output: String = (0..400).map(|i| format!("{{\"type\":\"assistant\",\"message\":{{\"content\":[{{\"type\":\"text\",\"text\":\"line {i} of a run that died\"}}]}}}}\n")).collect();
     for _ in 0..rounds {
         d.kill9();
-        let slots = d.state_dir().join("slots");
         for i in 0..dead {
             let slot = format!("bench-{}", alive + i + 1);
             let mut lock = template.clone();
             (lock.slot, lock.issue, lock.pid, lock.pgid) =
                 (slot.clone(), 7000 + i as u64, Some(dead_pid), Some(dead_pid));
             lock.run_id = format!("01DEAD{i:020}");
-            lock.stdout = d.state_dir().join("runs").join(&lock.run_id).join("stdout");
-            std::fs::write(slots.join(format!("{slot}.lock")), serde_json::to_vec(&lock).unwrap()).unwrap();
+            let run_dir = d.state_dir().join("runs").join(&lock.run_id);
+            std::fs::create_dir_all(&run_dir).unwrap();
+            std::fs::write(run_dir.join("stdout"), &output).unwrap();
+            lock.stdout = run_dir.join("stdout");
+            let bytes = if old_format { as_version_1(&lock) } else { serde_json::to_vec(&lock).unwrap() };
+            std::fs::write(slots.join(format!("{slot}.lock")), bytes).unwrap();
         }
         for i in 0..corrupt {
             std::fs::write(slots.join(format!("bench-{}.lock", 500 + i)), b"{\"version\": 1, \"slot\": tor").unwrap();
@@ -278,9 +305,10 @@ fn recovery_startup(report: &mut Vec<String>) {
         assert_eq!((count(SlotState::InProgress), count(SlotState::Abandoned)), (alive, dead));
         assert_eq!(report.warnings.len(), corrupt);
     }
+    let which = if old_format { "format version 1, migrated in memory" } else { "today's format" };
     report.push(format!(
-        "| start-up recovery of 256 lockfiles ({alive} alive, {dead} dead, {corrupt} corrupt) until `status` answers, \
-         whole daemon start | median **{:.1} ms** ({rounds} restarts) |",
+        "| start-up recovery of 256 lockfiles ({alive} alive, {dead} dead, {corrupt} corrupt; {which}) until \
+         `status` answers, whole daemon start | median **{:.1} ms** ({rounds} restarts) |",
         median(times)
     ));
 }
@@ -392,7 +420,8 @@ fn main() {
         start_to_finished(&mut other);
     }
     if wanted("recovery") {
-        recovery_startup(&mut other);
+        recovery_startup(&mut other, false);
+        recovery_startup(&mut other, true);
     }
     if wanted("worktree") {
         worktree_reuse(&mut other);
