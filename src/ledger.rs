@@ -401,6 +401,16 @@ pub fn append_history(path: &Path, record: &ExitRecord) -> io::Result<()> {
     file.sync_data()
 }
 
+/// Reads a task's original prompt (at most 1 MiB plus a byte: more is not a prompt of ours).
+pub fn read_prompt(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take((1 << 20) + 1).read_to_string(&mut text))
+        .map_err(|e| format!("cannot read the task's original prompt {}: {e}", path.display()))?;
+    Ok(text)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -124,6 +124,11 @@ pub struct ErrorReply {
     pub hint: Option<String>,
 }
 
+/// A refusal or failure for the client, with what to do about it.
+pub fn refuse(kind: ErrorKind, message: String, hint: Option<String>) -> ErrorReply {
+    ErrorReply { kind, message, hint }
+}
+
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
@@ -369,12 +374,12 @@ pub struct ProjectReport {
     pub project_enabled: bool,
     pub project_number: Option<u64>,
     pub project_title: Option<String>,
-    pub fields: Vec<crate::github::board::Field>,
+    pub fields: Vec<BoardField>,
     /// Configured field names the project does not have.
     pub missing_fields: Vec<String>,
     /// Why the project could not be read just now, if it could not.
     pub project_error: Option<String>,
-    pub pending: Vec<crate::github::sync::Owed>,
+    pub pending: Vec<PendingWrite>,
     pub last_error: Option<String>,
     pub last_error_at: Option<String>,
     pub requests: u64,
@@ -392,10 +397,37 @@ pub struct WorkspacesReport {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WorktreeStatus {
-    #[serde(flatten)]
-    pub info: crate::workspace::WorktreeInfo,
+    pub path: String,
+    pub slot: Option<String>,
+    pub issue: Option<u64>,
+    pub branch: Option<String>,
+    /// `clean`, `uncommitted`, `ignored files` or `unpushed`.
+    pub state: String,
+    pub size_bytes: u64,
     /// The slot whose task works in it now (running or abandoned), if any.
     pub in_use_by: Option<String>,
+}
+
+/// A field of the project board, as `project` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BoardField {
+    pub name: String,
+    /// `TEXT`, `SINGLE_SELECT`, …
+    pub data_type: String,
+    /// The option names of a single-select field, in the board's order.
+    pub options: Vec<String>,
+}
+
+/// A board write the daemon still owes GitHub.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PendingWrite {
+    pub issue: u64,
+    pub slot: String,
+    /// What the board should come to say: `in_progress`, `completed` or `failed`.
+    pub target: String,
+    pub since: String,
+    pub attempts: u32,
+    pub last_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -166,17 +166,17 @@ pub fn workspaces(report: &WorkspacesReport) -> String {
     };
     let _ = writeln!(out, "{} worktree(s) of {repo}", report.worktrees.len());
     for w in &report.worktrees {
-        let issue = w.info.issue.map_or("-".into(), |i| format!("#{i}"));
+        let issue = w.issue.map_or("-".into(), |i| format!("#{i}"));
         let used = w.in_use_by.as_deref().map_or(String::new(), |s| format!("  (in use by {s})"));
         let _ = writeln!(
             out,
             "{:<10} {:<6} {:<12} {:>10}  {}  {}{used}",
-            w.info.slot.as_deref().unwrap_or("-"),
+            w.slot.as_deref().unwrap_or("-"),
             issue,
-            w.info.state,
-            human_size(w.info.size_bytes),
-            w.info.branch.as_deref().unwrap_or("(detached)"),
-            w.info.path
+            w.state,
+            human_size(w.size_bytes),
+            w.branch.as_deref().unwrap_or("(detached)"),
+            w.path
         );
     }
     for r in &report.removed {
@@ -210,8 +210,7 @@ pub fn project(report: &ProjectReport, verbose: bool) -> String {
         for f in &report.fields {
             let _ = write!(out, "  field     {:?} ({})", f.name, f.data_type);
             if verbose && !f.options.is_empty() {
-                let names: Vec<_> = f.options.iter().map(|o| o.name.as_str()).collect();
-                let _ = write!(out, ": {}", names.join(", "));
+                let _ = write!(out, ": {}", f.options.join(", "));
             }
             let _ = writeln!(out);
         }
@@ -227,7 +226,7 @@ pub fn project(report: &ProjectReport, verbose: bool) -> String {
     }
     for p in &report.pending {
         let tries = if p.attempts > 0 { format!(", {} attempt(s)", p.attempts) } else { String::new() };
-        let _ = writeln!(out, "pending     #{} → {:?} for {} (since {}{tries})", p.issue, p.target, p.slot, p.since);
+        let _ = writeln!(out, "pending     #{} → {} for {} (since {}{tries})", p.issue, p.target, p.slot, p.since);
     }
     if let Some(e) = &report.last_error {
         let _ = writeln!(out, "last error  {} ({})", e, report.last_error_at.as_deref().unwrap_or("?"));

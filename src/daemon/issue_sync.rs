@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use super::Shared;
-use super::refuse;
 use crate::github::sync::Target;
+use crate::protocol::refuse;
 use crate::protocol::{ErrorKind, ErrorReply};
 
 /// Reads the issue from GitHub when the task comes from it, or when the board must be checked: a closed issue, a

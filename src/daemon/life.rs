@@ -20,6 +20,13 @@ use crate::protocol::SlotState;
 use crate::supervisor::{self, ExitInfo};
 use crate::task::{BoardWish, Effect, Event, Illegal, Phase};
 use crate::timefmt::rfc3339;
+use crate::workspace;
+
+/// A task whose wait is over and whose next run is to start (`Effect::StartNext`), for the daemon's loop.
+pub(super) struct StartNext {
+    pub slot: String,
+    pub fallback: bool,
+}
 
 /// How often records that wait for disk space are tried again.
 const FLUSH_EVERY: Duration = Duration::from_secs(2);
@@ -59,13 +66,13 @@ pub(super) fn drive(shared: &Arc<Shared>, slot: &str, event: Event) -> Result<()
             Effect::Comment => comment(shared, slot, true),
             Effect::WakeAt(at) => wake_at(shared, slot, &run_id, at),
             Effect::SignalStop => signal_stop(shared, slot, &run_id),
+            // Through the daemon's loop: starting a run needs the modules that send this one events.
             Effect::StartNext { fallback } => {
-                let (shared, slot) = (shared.clone(), slot.to_string());
-                tokio::spawn(async move { super::retry::start_next(&shared, &slot, fallback).await });
+                let _ = shared.start_next.send(StartNext { slot: slot.to_string(), fallback });
             }
             Effect::CleanupWorktree => {
                 let (shared, slot) = (shared.clone(), slot.to_string());
-                tokio::spawn(async move { super::runs::cleanup_worktree(&shared, &slot).await });
+                tokio::spawn(async move { cleanup_worktree(&shared, &slot).await });
             }
         }
     }
@@ -220,7 +227,7 @@ fn signal_stop(shared: &Arc<Shared>, slot: &str, run_id: &str) {
         let table = shared.lock_table();
         let Some(task) = table.get(slot).and_then(|s| s.task.as_ref()) else { return };
         let Some(pgid) = task.record.pgid.map(|p| p as i32) else { return };
-        if !super::runs::group_is_ours(task, pgid) {
+        if !task.group_is_ours(pgid) {
             return;
         }
         supervisor::signal_group(pgid, Signal::SIGTERM);
@@ -235,7 +242,7 @@ fn signal_stop(shared: &Arc<Shared>, slot: &str, run_id: &str) {
         }
         let mut table = shared.lock_table();
         if let Some(task) = table.task_of_run(&run_id)
-            && super::runs::group_is_ours(task, pgid)
+            && task.group_is_ours(pgid)
         {
             tracing::info!(slot, pgid, "run ignored SIGTERM for {:?}; sending SIGKILL", shared.grace);
             supervisor::signal_group(pgid, Signal::SIGKILL);
@@ -310,4 +317,33 @@ pub(super) fn flush_pending(shared: &Arc<Shared>) -> bool {
         }
     }
     all_done
+}
+
+/// Honours `worktree.cleanup.onComplete` / `onError`: removes the ended task's worktree, only if it holds nothing
+/// that exists nowhere else. The branch always stays.
+async fn cleanup_worktree(shared: &Shared, slot: &str) {
+    let cleanup = &shared.config.raw.worktree.cleanup;
+    let (state, worktree) = {
+        let table = shared.lock_table();
+        let Some(task) = table.get(slot).and_then(|s| s.task.as_ref()) else { return };
+        (task.state(), task.record.worktree.clone())
+    };
+    let wanted = match state {
+        SlotState::Completed => cleanup.remove_on_complete(),
+        SlotState::Failed => cleanup.remove_on_error(),
+        _ => false,
+    };
+    let Some(path) = worktree.filter(|_| wanted) else { return };
+    let workspace = shared.workspace.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let root = workspace::repo_root(&workspace).ok_or("the workspace is no longer a git repository")?;
+        workspace::remove_if_safe(&root, &path).map_err(|e| e.to_string())
+    })
+    .await;
+    match result {
+        Ok(Ok(true)) => tracing::info!(slot, "removed the worktree of the finished task"),
+        Ok(Ok(false)) => tracing::info!(slot, "kept the worktree: it holds unsaved work"),
+        Ok(Err(e)) => tracing::warn!(slot, "worktree clean-up: {e}"),
+        Err(e) => tracing::warn!(slot, "worktree clean-up: {e}"),
+    }
 }

@@ -1,11 +1,11 @@
 //! autodevd: start-up (config, directories, the one-daemon lock, the socket), the main loop (connections and
 //! signals), and shutdown. Callable from tests and benchmarks through [`run`].
 
+mod handle;
 mod health;
 mod issue_sync;
 mod life;
 mod recovery;
-mod requests;
 mod retry;
 mod runs;
 mod server;
@@ -28,17 +28,11 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::config::Config;
 use crate::ledger;
 use crate::paths::{Paths, ensure_private_dir};
-use crate::protocol::{ErrorKind, ErrorReply};
 use crate::provider::Provider;
 use crate::supervisor;
 use crate::task::Policy;
 use slots::SlotTable;
 pub use slots::Task;
-
-/// A refusal or failure for the client, with what to do about it.
-fn refuse(kind: ErrorKind, message: String, hint: Option<String>) -> ErrorReply {
-    ErrorReply { kind, message, hint }
-}
 
 /// How often the STATUS= line for systemd is refreshed (only sent when it changed).
 const STATUS_REFRESH: Duration = Duration::from_secs(2);
@@ -81,6 +75,8 @@ pub struct Shared {
     disk_full: Mutex<Option<String>>,
     /// The loop that writes records waiting for room runs.
     flushing: std::sync::atomic::AtomicBool,
+    /// Tasks whose next run is due, for [`start_next_runs`].
+    start_next: tokio::sync::mpsc::UnboundedSender<life::StartNext>,
 }
 
 /// How many finished runs the summary looks back on.
@@ -228,6 +224,7 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         ),
         Err(why) => tracing::info!("GitHub is off: {why}"),
     }
+    let (start_next, due) = tokio::sync::mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
         github,
         workspace,
@@ -244,9 +241,12 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         policy: Policy::from_config(&config.raw),
         disk_full: Mutex::new(None),
         flushing: std::sync::atomic::AtomicBool::new(false),
+        start_next,
         paths: paths.clone(),
         config,
     });
+    // Before recovery: a task recovery finds at the end of its wait starts at once.
+    tokio::spawn(start_next_runs(shared.clone(), due));
 
     // Every lockfile is settled before anyone can ask anything: no status reply shows a guess.
     let warnings = recovery::recover(&shared).await.map_err(anyhow::Error::msg)?;
@@ -304,10 +304,19 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
     shared.shutting_down.store(true, std::sync::atomic::Ordering::SeqCst);
     drop(listener);
     let _ = std::fs::remove_file(&socket_path);
-    runs::stop_all(&shared, &format!("autodevd received {why} and stopped the run")).await;
+    handle::stop_all(&shared, &format!("autodevd received {why} and stopped the run")).await;
     supervisor::reap_orphans();
     tracing::info!("autodevd stopped");
     Ok(())
+}
+
+/// Starts the next run of each task the state machine says is due (`Effect::StartNext`). Here, at the top, because
+/// starting a run needs the modules (`retry`, `handle`, `runs`) that send the state machine its events.
+async fn start_next_runs(shared: Arc<Shared>, mut due: tokio::sync::mpsc::UnboundedReceiver<life::StartNext>) {
+    while let Some(life::StartNext { slot, fallback }) = due.recv().await {
+        let shared = shared.clone();
+        tokio::spawn(async move { retry::start_next(&shared, &slot, fallback).await });
+    }
 }
 
 /// The next tick of an optional interval; never, without one.

@@ -394,7 +394,7 @@ async fn apply_policy(shared: &Arc<Shared>, abandoned: Vec<String>) {
                 // Said in status only: the same facts give the same verdict at the next start.
                 let _ = drive(shared, &slot, Event::FoundDead { reason: why });
             }
-            OnAbandoned::Resume => match runs::resume(shared, &slot, true).await {
+            OnAbandoned::Resume => match super::handle::resume(shared, &slot, true).await {
                 Ok(_) => tracing::info!(slot, "resumed automatically (onAbandoned=resume)"),
                 Err(e) => tracing::warn!(slot, "automatic resume failed: {}", e.message),
             },

@@ -6,10 +6,11 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use super::Shared;
+use super::handle::resume;
 use super::life::drive;
-use super::runs::{RunKind, read_prompt, resume, start_run};
+use super::runs::{RunKind, start_run};
 use super::slots::Task;
-use crate::ledger::RunFiles;
+use crate::ledger::{RunFiles, read_prompt};
 use crate::task::{EndCause, Event, Phase, Verdict, WaitFor};
 
 /// Starts the next run of the waiting task of `slot`. Whatever stops it from starting ends the task with the

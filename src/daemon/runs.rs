@@ -1,28 +1,25 @@
-//! The life of a run: start it (new, resumed or restarted) in a slot its task holds, follow its output into the
-//! preview, judge its outcome when it exits, record it, and keep the slot's lockfile true at every step; plus
-//! `stop`, `resume` and `release`.
+//! Spawn and follow: start a run (new, resumed or restarted) in a slot its task holds, follow its output into the
+//! preview, and judge its outcome when it exits; the verdict goes to the task's state machine (`life::drive`).
 //!
 //! Lockfile order: written before the child can do any work, rewritten once the pid (and later the session id) is
-//! known, and at the end either rewritten as `abandoned` or removed, always after the run's exit record.
+//! known; what happens to it at the end is `life`'s to decide.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 
-use super::issue_sync::intake;
+use super::Shared;
 use super::life::drive;
-use super::slots::{RunSignal, SlotRequest, Task};
-use super::{Shared, refuse};
 use crate::ledger::{self, RECORD_VERSION, RUN_LOCK, RunFiles, RunRecord, SlotLock};
 use crate::output::{FileFollower, Findings, Preview, render_tail, scan_outcome};
-use crate::protocol::{Assigned, ErrorKind, ErrorReply, Reply, SlotState};
+use crate::protocol::refuse;
+use crate::protocol::{Assigned, ErrorKind, ErrorReply, SlotState};
 use crate::provider::{EventFormat, LaunchContext, Provider};
 use crate::supervisor::{self, Child, SpawnError, SpawnSpec};
-use crate::task::{EndCause, Event, Phase, StopBy, Verdict};
+use crate::task::{EndCause, Event, Verdict};
 use crate::timefmt::rfc3339;
-use crate::workspace;
 
 /// Under a flood, followers read at most this often; a quiet run is read as soon as it writes.
 const BATCH_INTERVAL: Duration = Duration::from_millis(25);
@@ -30,8 +27,6 @@ const BATCH_INTERVAL: Duration = Duration::from_millis(25);
 const FLOOD_BATCH: u64 = 64 << 10;
 /// How long a usage limit is assumed to last when the CLI does not say.
 const RATE_LIMIT_GUESS: Duration = crate::task::USAGE_LIMIT_GUESS;
-/// How long `stop` waits for a run to finish after SIGKILL before it answers that something is stuck.
-const KILL_WAIT: Duration = Duration::from_secs(10);
 
 /// How a run continues its task.
 pub(super) enum RunKind {
@@ -41,258 +36,6 @@ pub(super) enum RunKind {
     Resume(String),
     /// No session was captured: a new conversation with the original prompt.
     Restart,
-}
-
-/// Handles `assign`: reserves a slot and starts the first run of a new task in it.
-pub async fn assign(
-    shared: &Arc<Shared>,
-    issue: u64,
-    llm: Option<&str>,
-    slot: Option<&str>,
-    prompt: Option<&str>,
-    force: bool,
-) -> Result<Reply, ErrorReply> {
-    if prompt.is_some_and(|p| p.trim().is_empty()) {
-        return Err(refuse(ErrorKind::BadRequest, "the prompt is empty".into(), None));
-    }
-    // GitHub first: whatever it refuses is refused before a slot is taken.
-    let issue_view = intake(shared, issue, prompt.is_none(), force).await?;
-    let run_id = ulid::Ulid::new().to_string();
-    let (slot_name, previous) = {
-        let mut table = shared.lock_table();
-        let index = table.choose(&SlotRequest { issue, llm, slot })?;
-        let provider = table.providers[table.slots[index].provider].name.clone();
-        let slot = &mut table.slots[index];
-        let files = RunFiles::at(shared.paths.run_dir(&run_id));
-        let mut record = SlotLock::new(&slot.name, &provider, issue, shared.workspace.clone(), files.prompt());
-        record.next_run(run_id.clone(), &files.dir, &shared.boot_id, shared.daemon_pid);
-        // Queued → starting: nothing to carry out yet (the launch writes the lockfile, the board hears on start).
-        record.on(Event::Continue { counted: false }, &shared.policy, SystemTime::now()).map_err(internal)?;
-        // The slot's last finished task is kept aside, to come back if the run cannot be set up.
-        let previous = slot.task.replace(Task::starting(record));
-        (slot.name.clone(), previous)
-    };
-    let title = match (&issue_view, prompt) {
-        (Some(view), _) => view.title.clone(),
-        // Without an issue title, the prompt's first line names the branch.
-        (None, Some(p)) => p.lines().find(|l| !l.trim().is_empty()).unwrap_or_default().to_string(),
-        (None, None) => String::new(),
-    };
-    let worktree = match prepare_worktree(shared, &slot_name, issue, &title).await {
-        Ok(w) => w,
-        Err(e) => {
-            if let Some(slot) = shared.lock_table().get_mut(&slot_name) {
-                slot.task = previous;
-            }
-            return Err(refuse(ErrorKind::Failed, format!("cannot prepare a git worktree for {slot_name}: {e}"), None));
-        }
-    };
-    if let Some(task) = shared.lock_table().get_mut(&slot_name).and_then(|s| s.task.as_mut()) {
-        task.record.title = Some(title.chars().take(120).collect());
-    }
-    let branch = worktree.as_ref().map(|w| w.branch.as_str());
-    let mut text = match (prompt, &issue_view) {
-        (Some(p), _) => p.to_string(),
-        (None, Some(view)) => {
-            let template = shared.config.raw.github.prompt_template.as_deref().unwrap_or(crate::github::DEFAULT_PROMPT);
-            crate::github::render_prompt(template, view, &slot_name, branch)
-        }
-        (None, None) => unreachable!("intake refuses an assignment with neither a prompt nor an issue"),
-    };
-    if let Some(w) = &worktree {
-        let from = w.base.as_deref().map(|b| format!(" (a new branch from {b})")).unwrap_or_default();
-        text.push_str(&format!(
-            "\n\n---\nYou work in the git worktree {} on branch {}{from}. Commit your work to this branch; do not \
-             switch branches or touch other worktrees.\n",
-            w.path.display(),
-            w.branch
-        ));
-    }
-    let assigned = match start_run(shared, &slot_name, RunKind::New, &text).await {
-        Err(Refused::NotStarted(e)) => {
-            // Nothing ran and nothing was recorded: the slot is as it was.
-            if let Some(slot) = shared.lock_table().get_mut(&slot_name) {
-                slot.task = previous;
-            }
-            return Err(e);
-        }
-        Err(Refused::Ended(e)) => return Err(e),
-        Ok(assigned) => assigned,
-    };
-    super::issue_sync::board_wants(shared, issue, &slot_name, crate::github::sync::Target::InProgress, force);
-    Ok(Reply::Assigned(assigned))
-}
-
-fn internal(e: crate::task::Illegal) -> ErrorReply {
-    refuse(ErrorKind::Failed, format!("internal error: {e}"), None)
-}
-
-/// Puts a new task in its own git worktree when the workspace is a git repository (and `worktree.enabled`), and
-/// records it as the task's cwd.
-async fn prepare_worktree(
-    shared: &Arc<Shared>,
-    slot: &str,
-    issue: u64,
-    title: &str,
-) -> Result<Option<workspace::Prepared>, String> {
-    let config = shared.config.raw.worktree.clone();
-    if !config.enabled {
-        return Ok(None);
-    }
-    let workspace = shared.workspace.clone();
-    let (slot_name, title) = (slot.to_string(), title.to_string());
-    // Worktrees other tasks work in (a task moved to a fallback slot keeps its own) are never touched.
-    let in_use: Vec<PathBuf> = shared
-        .lock_table()
-        .slots
-        .iter()
-        .filter(|s| s.name != slot && s.is_held())
-        .filter_map(|s| s.task.as_ref()?.record.worktree.clone())
-        .collect();
-    let prepared = tokio::task::spawn_blocking(move || {
-        let Some(root) = workspace::repo_root(&workspace) else { return Ok(None) };
-        workspace::prepare(&root, &config, &slot_name, issue, &title, &in_use).map(Some)
-    })
-    .await
-    .map_err(|e| format!("internal error: {e}"))??;
-    let Some(prepared) = prepared else { return Ok(None) };
-    for note in &prepared.notes {
-        tracing::warn!(slot, "{note}");
-    }
-    let mut table = shared.lock_table();
-    if let Some(task) = table.get_mut(slot).and_then(|s| s.task.as_mut()) {
-        task.record.cwd = prepared.path.clone();
-        task.record.worktree = Some(prepared.path.clone());
-        task.record.branch = Some(prepared.branch.clone());
-    }
-    Ok(Some(prepared))
-}
-
-/// Handles `resume`: a new run of the slot's abandoned, waiting, failed or stopped task, in the same conversation.
-/// `counted`: an automatic resume, which uses the task's restart allowance.
-pub async fn resume(shared: &Arc<Shared>, slot: &str, counted: bool) -> Result<Reply, ErrorReply> {
-    let (kind, issue, previous_reason, prompt_file, branch, previous) = {
-        let mut table = shared.lock_table();
-        let Some(index) = table.slots.iter().position(|s| s.name == slot) else {
-            return Err(refuse(ErrorKind::NotFound, format!("unknown slot {slot:?}"), None));
-        };
-        let Some((issue, state)) = table.slots[index].task.as_ref().map(|t| (t.issue(), t.state())) else {
-            return Err(refuse(ErrorKind::Conflict, format!("slot {slot} has no task to resume (it is ready)"), None));
-        };
-        if table.slots[index].task.as_ref().is_some_and(|t| t.unrecorded.is_some()) {
-            return Err(refuse(
-                ErrorKind::Conflict,
-                format!("slot {slot}: the end of its last run is not recorded yet (the state dir's disk is full)"),
-                Some("free some space; the record is written within seconds, then resume".into()),
-            ));
-        }
-        if !matches!(state, SlotState::Abandoned | SlotState::Failed | SlotState::Waiting) {
-            let hint = match state {
-                SlotState::Completed => "the task completed; assign the issue again for new work",
-                _ => "it is running; see `autodevctl logs` or stop it first",
-            };
-            return Err(refuse(
-                ErrorKind::Conflict,
-                format!("slot {slot} cannot be resumed: its task is {}", state.as_str()),
-                Some(hint.into()),
-            ));
-        }
-        if let Some(other) = table.holder_of(issue).filter(|s| s.name != slot) {
-            return Err(refuse(
-                ErrorKind::Conflict,
-                format!("issue #{issue} is now held by {}; resuming here would run two agents on it", other.name),
-                None,
-            ));
-        }
-        let provider = &table.providers[table.slots[index].provider];
-        if !provider.enabled {
-            return Err(refuse(
-                ErrorKind::Conflict,
-                format!("LLM {:?} is disabled", provider.name),
-                Some(format!("set llms.{}.enabled to true, then resume", provider.name)),
-            ));
-        }
-        let task = table.slots[index].task.as_mut().expect("checked above");
-        if let Some(pid) = task.record.pid.filter(|_| task.record.boot_id == shared.boot_id)
-            && supervisor::proc_stat(pid as i32)
-                .is_some_and(|s| s.state != 'Z' && Some(s.start_time) == task.record.start_time)
-        {
-            return Err(refuse(
-                ErrorKind::Conflict,
-                format!("process {pid} of the previous run in {slot} is still alive; resuming would run it twice"),
-                Some(format!("end it first (kill {pid}), then resume")),
-            ));
-        }
-        if supervisor::run_lock_held(&task.run_dir().join(RUN_LOCK)) {
-            return Err(refuse(
-                ErrorKind::Conflict,
-                format!("processes of the previous run in {slot} are still alive (being stopped)"),
-                Some("try again in a few seconds".into()),
-            ));
-        }
-        let run_id = ulid::Ulid::new().to_string();
-        let files = RunFiles::at(shared.paths.run_dir(&run_id));
-        let previous_reason = task.record.phase.reason().map(str::to_string);
-        let mut record = task.record.clone();
-        let previous = record.clone();
-        record.next_run(run_id, &files.dir, &shared.boot_id, shared.daemon_pid);
-        record.on(Event::Continue { counted }, &shared.policy, SystemTime::now()).map_err(internal)?;
-        let kind = match &record.session_id {
-            Some(session) => RunKind::Resume(session.clone()),
-            None => RunKind::Restart,
-        };
-        let prompt_file = record.prompt_file.clone();
-        let branch = record.branch.clone();
-        let comment_id = record.comment_id;
-        *task = Task::starting(record);
-        task.record.comment_id = comment_id;
-        (kind, issue, previous_reason, prompt_file, branch, previous)
-    };
-    let prompt = match &kind {
-        RunKind::Resume(_) => continuation_prompt(issue, previous_reason.as_deref(), branch.as_deref()),
-        _ => match read_prompt(&prompt_file) {
-            Ok(original) => original,
-            Err(reason) => {
-                let _ = drive(shared, slot, Event::SpawnFailed(Verdict::new(EndCause::SpawnFailed, reason.clone())));
-                return Err(refuse(ErrorKind::Failed, reason, None));
-            }
-        },
-    };
-    match start_run(shared, slot, kind, &prompt).await {
-        Ok(resumed) => {
-            super::issue_sync::board_wants(shared, resumed.issue, slot, crate::github::sync::Target::InProgress, false);
-            Ok(Reply::Resumed(resumed))
-        }
-        Err(Refused::NotStarted(e)) => {
-            // Nothing ran: the task stays as it was (abandoned, waiting, failed), its lockfile untouched.
-            if let Some(task) = shared.lock_table().get_mut(slot).and_then(|s| s.task.as_mut()) {
-                *task = Task::idle(previous);
-            }
-            Err(e)
-        }
-        Err(Refused::Ended(e)) => Err(e),
-    }
-}
-
-/// Reads a task's original prompt (at most 1 MiB plus a byte: more is not a prompt of ours).
-pub(super) fn read_prompt(path: &Path) -> Result<String, String> {
-    use std::io::Read;
-    let mut text = String::new();
-    std::fs::File::open(path)
-        .and_then(|f| f.take((1 << 20) + 1).read_to_string(&mut text))
-        .map_err(|e| format!("cannot read the task's original prompt {}: {e}", path.display()))?;
-    Ok(text)
-}
-
-/// The message a resumed conversation continues with.
-fn continuation_prompt(issue: u64, reason: Option<&str>, branch: Option<&str>) -> String {
-    let why = reason.map(|r| format!(" ({r})")).unwrap_or_default();
-    let on = branch.map(|b| format!(" You are still on branch {b}; keep committing there.")).unwrap_or_default();
-    format!(
-        "Your previous run on issue #{issue} was interrupted{why}. Continue the task from where you stopped: first \
-         check the state of the working directory (files you changed, commands that may not have finished), then \
-         carry on until the task is done.{on}"
-    )
 }
 
 /// Why a run did not start.
@@ -700,35 +443,6 @@ async fn follow_run(
     }
 }
 
-/// Honours `worktree.cleanup.onComplete` / `onError`: removes the ended task's worktree, only if it holds nothing
-/// that exists nowhere else. The branch always stays.
-pub(super) async fn cleanup_worktree(shared: &Shared, slot: &str) {
-    let cleanup = &shared.config.raw.worktree.cleanup;
-    let (state, worktree) = {
-        let table = shared.lock_table();
-        let Some(task) = table.get(slot).and_then(|s| s.task.as_ref()) else { return };
-        (task.state(), task.record.worktree.clone())
-    };
-    let wanted = match state {
-        SlotState::Completed => cleanup.remove_on_complete(),
-        SlotState::Failed => cleanup.remove_on_error(),
-        _ => false,
-    };
-    let Some(path) = worktree.filter(|_| wanted) else { return };
-    let workspace = shared.workspace.clone();
-    let result = tokio::task::spawn_blocking(move || {
-        let root = workspace::repo_root(&workspace).ok_or("the workspace is no longer a git repository")?;
-        workspace::remove_if_safe(&root, &path).map_err(|e| e.to_string())
-    })
-    .await;
-    match result {
-        Ok(Ok(true)) => tracing::info!(slot, "removed the worktree of the finished task"),
-        Ok(Ok(false)) => tracing::info!(slot, "kept the worktree: it holds unsaved work"),
-        Ok(Err(e)) => tracing::warn!(slot, "worktree clean-up: {e}"),
-        Err(e) => tracing::warn!(slot, "worktree clean-up: {e}"),
-    }
-}
-
 /// A bug in the follower must not leave a ghost "in_progress" slot: if it panics, the run is recorded as failed.
 async fn fail_run_if_follower_dies(shared: Arc<Shared>, run_id: String, follower: tokio::task::JoinHandle<()>) {
     if let Err(e) = follower.await {
@@ -802,115 +516,6 @@ fn publish(shared: &Arc<Shared>, run_id: &str, preview: &Preview, findings: &mut
     {
         tracing::error!(run = %run_id, "cannot record the session id in the lockfile: {e}");
     }
-}
-
-/// Handles `stop` (and a shutdown's): asks the task to stop (SIGTERM, SIGKILL after the grace period) and answers
-/// once the run is over.
-pub async fn stop(shared: &Arc<Shared>, slot: &str, why: StopBy) -> Result<Reply, ErrorReply> {
-    let (run_id, issue, mut ended) = {
-        let table = shared.lock_table();
-        let Some(s) = table.get(slot) else {
-            return Err(refuse(ErrorKind::NotFound, format!("unknown slot {slot:?}"), None));
-        };
-        let Some(task) = s.task.as_ref().filter(|t| matches!(t.record.phase, Phase::Running { .. })) else {
-            let state = s.state();
-            let hint = match state {
-                SlotState::Abandoned => {
-                    Some(format!("its run is gone already: `autodevctl resume {slot}` or `autodevctl release {slot}`"))
-                }
-                SlotState::Waiting => Some(format!("`autodevctl release {slot}` gives the waiting task up")),
-                _ => None,
-            };
-            return Err(refuse(
-                ErrorKind::Conflict,
-                format!("slot {slot} is not running (it is {})", state.as_str()),
-                hint,
-            ));
-        };
-        if task.record.pgid.is_none() {
-            return Err(refuse(ErrorKind::Failed, format!("slot {slot} has no process group on record"), None));
-        }
-        (task.record.run_id.clone(), task.issue(), task.signal.subscribe())
-    };
-    drive(shared, slot, Event::StopAsked(why)).map_err(internal)?;
-    if tokio::time::timeout(shared.grace + KILL_WAIT, wait_ended(&mut ended)).await.is_err() {
-        return Err(refuse(
-            ErrorKind::Failed,
-            format!("run {run_id} in {slot} survived SIGKILL for {KILL_WAIT:?} (stuck in the kernel?)"),
-            None,
-        ));
-    }
-    Ok(Reply::Stopped { slot: slot.to_string(), issue, run_id })
-}
-
-/// Whether `pgid` is still the run's group: for our own runs until the leader is reaped; for an adopted run
-/// while its leader is alive and still the process on record (it is not our child, so nothing holds its id).
-pub(super) fn group_is_ours(task: &Task, pgid: i32) -> bool {
-    if task.group_released {
-        return false;
-    }
-    !task.adopted
-        || supervisor::proc_stat(pgid)
-            .is_some_and(|s| s.state != 'Z' && s.pgrp == pgid && Some(s.start_time) == task.record.start_time)
-}
-
-async fn wait_ended(rx: &mut watch::Receiver<RunSignal>) {
-    // A dropped sender means the task record is gone, which only happens once the run is over.
-    let _ = rx.wait_for(|s| s.ended).await;
-}
-
-/// Handles `release`: ends an abandoned or waiting task (failed, or completed with `done`) and frees its slot.
-pub fn release(shared: &Arc<Shared>, slot: &str, done: bool) -> Result<Reply, ErrorReply> {
-    let issue = {
-        let table = shared.lock_table();
-        let Some(s) = table.get(slot) else {
-            return Err(refuse(ErrorKind::NotFound, format!("unknown slot {slot:?}"), None));
-        };
-        match &s.task {
-            Some(t) if t.unrecorded.is_some() => {
-                return Err(refuse(
-                    ErrorKind::Conflict,
-                    format!("slot {slot}: the end of its last run is not recorded yet (the state dir's disk is full)"),
-                    Some("free some space; the slot is freed once the record is written".into()),
-                ));
-            }
-            Some(t) if matches!(t.state(), SlotState::Abandoned | SlotState::Waiting) => t.issue(),
-            Some(t) if t.is_running() => {
-                return Err(refuse(
-                    ErrorKind::Conflict,
-                    format!("slot {slot} is running issue #{}", t.issue()),
-                    Some(format!("stop it first: `autodevctl stop {slot}`")),
-                ));
-            }
-            _ => return Err(refuse(ErrorKind::Conflict, format!("slot {slot} holds no task; it is free"), None)),
-        }
-    };
-    drive(shared, slot, Event::Release { done }).map_err(internal)?;
-    let state = shared.lock_table().get(slot).map_or(SlotState::Ready, |s| s.state());
-    tracing::info!(slot, issue, state = state.as_str(), "task released");
-    Ok(Reply::Released { slot: slot.to_string(), issue, state })
-}
-
-/// Stops every running run (daemon shutdown); their tasks stay abandoned and resumable.
-pub async fn stop_all(shared: &Arc<Shared>, why: &str) {
-    let busy: Vec<String> = shared
-        .lock_table()
-        .slots
-        .iter()
-        .filter(|s| s.task.as_ref().is_some_and(|t| matches!(t.record.phase, Phase::Running { .. })))
-        .map(|s| s.name.clone())
-        .collect();
-    let mut stops = tokio::task::JoinSet::new();
-    for slot in busy {
-        let shared = shared.clone();
-        let why = StopBy::Shutdown { why: format!("{why}; resume with `autodevctl resume {slot}`") };
-        stops.spawn(async move {
-            if let Err(e) = stop(&shared, &slot, why).await {
-                tracing::warn!(slot, "stop at shutdown: {}", e.message);
-            }
-        });
-    }
-    while stops.join_next().await.is_some() {}
 }
 
 /// The run directory's stdout or stderr, for `logs`.

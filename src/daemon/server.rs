@@ -10,7 +10,7 @@ use tokio::sync::watch;
 
 use super::Shared;
 use super::slots::RunSignal;
-use super::{requests, runs};
+use super::{handle, runs};
 use crate::output::{LineAssembler, render_lines, render_tail, tail_offset};
 use crate::protocol::{
     self, ErrorKind, ErrorReply, Frame, FrameError, MAX_REQUEST_FRAME, PROTOCOL_VERSION, Reply, Request, SlotState,
@@ -93,22 +93,22 @@ async fn handle(shared: &Arc<Shared>, request: Request, stream: &mut UnixStream)
         }
         Request::Instances => Reply::Instances { providers: shared.lock_table().usage() },
         Request::Assign { issue, llm, slot, prompt, force } => {
-            runs::assign(shared, issue, llm.as_deref(), slot.as_deref(), prompt.as_deref(), force)
+            handle::assign(shared, issue, llm.as_deref(), slot.as_deref(), prompt.as_deref(), force)
                 .await
                 .unwrap_or_else(Reply::Error)
         }
         Request::ProjectStatus => Reply::ProjectStatus(project_status(shared).await),
         Request::Progress { slot, run_id, percent, message } => {
             let peer = stream.peer_cred().ok().and_then(|c| c.pid());
-            requests::progress(shared, &slot, &run_id, percent, &message, peer).unwrap_or_else(Reply::Error)
+            handle::progress(shared, &slot, &run_id, percent, &message, peer).unwrap_or_else(Reply::Error)
         }
-        Request::History { issue, limit } => requests::history(shared, issue, limit).await.unwrap_or_else(Reply::Error),
+        Request::History { issue, limit } => handle::history(shared, issue, limit).await.unwrap_or_else(Reply::Error),
         Request::Stop { slot } => {
-            runs::stop(shared, &slot, crate::task::StopBy::User).await.unwrap_or_else(Reply::Error)
+            handle::stop(shared, &slot, crate::task::StopBy::User).await.unwrap_or_else(Reply::Error)
         }
-        Request::Resume { slot } => runs::resume(shared, &slot, false).await.unwrap_or_else(Reply::Error),
-        Request::Release { slot, done } => runs::release(shared, &slot, done).unwrap_or_else(Reply::Error),
-        Request::Workspaces { prune } => requests::workspaces(shared, prune).await.unwrap_or_else(Reply::Error),
+        Request::Resume { slot } => handle::resume(shared, &slot, false).await.unwrap_or_else(Reply::Error),
+        Request::Release { slot, done } => handle::release(shared, &slot, done).unwrap_or_else(Reply::Error),
+        Request::Workspaces { prune } => handle::workspaces(shared, prune).await.unwrap_or_else(Reply::Error),
         Request::Logs { slot, lines, follow, raw, stderr } => {
             return stream_logs(shared, stream, &slot, lines, follow, raw, stderr).await;
         }
@@ -252,13 +252,32 @@ async fn project_status(shared: &Shared) -> crate::protocol::ProjectReport {
                         report.missing_fields.push(name.clone());
                     }
                 }
-                report.fields = board.fields;
+                report.fields = board
+                    .fields
+                    .into_iter()
+                    .map(|f| crate::protocol::BoardField {
+                        name: f.name,
+                        data_type: f.data_type,
+                        options: f.options.into_iter().map(|o| o.name).collect(),
+                    })
+                    .collect();
             }
             Err(e) => report.project_error = Some(e.to_string()),
         }
     }
     let sync = gh.reconciler.report();
-    report.pending = sync.pending;
+    report.pending = sync
+        .pending
+        .into_iter()
+        .map(|owed| crate::protocol::PendingWrite {
+            issue: owed.issue,
+            slot: owed.slot,
+            target: owed.target.as_str().to_string(),
+            since: owed.since,
+            attempts: owed.attempts,
+            last_error: owed.last_error,
+        })
+        .collect();
     report.last_error = sync.last_error;
     report.last_error_at = sync.last_error_at;
     report.requests = sync.requests;

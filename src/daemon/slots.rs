@@ -9,11 +9,11 @@ use std::time::SystemTime;
 
 use tokio::sync::watch;
 
-use super::refuse;
 use crate::ledger::{ExitRecord, SlotLock};
+use crate::protocol::refuse;
 use crate::protocol::{ErrorKind, ErrorReply, ProviderUsage, Restarts, SlotState, SlotStatus, SlotUse};
 use crate::provider::Provider;
-use crate::supervisor::ExitInfo;
+use crate::supervisor::{self, ExitInfo};
 use crate::task::{Allowance, EndCause, Phase, WaitFor};
 use crate::timefmt::rfc3339;
 
@@ -74,6 +74,17 @@ pub struct Health {
 }
 
 impl Task {
+    /// Whether `pgid` is still the run's group: for our own runs until the leader is reaped; for an adopted run
+    /// while its leader is alive and still the process on record (it is not our child, so nothing holds its id).
+    pub(super) fn group_is_ours(&self, pgid: i32) -> bool {
+        if self.group_released {
+            return false;
+        }
+        !self.adopted
+            || supervisor::proc_stat(pgid)
+                .is_some_and(|s| s.state != 'Z' && s.pgrp == pgid && Some(s.start_time) == self.record.start_time)
+    }
+
     /// A task as a new run starts: `record` already names the run.
     pub fn starting(record: SlotLock) -> Task {
         Task {

@@ -37,6 +37,17 @@ pub enum Target {
     Failed,
 }
 
+impl Target {
+    /// The name `project` shows (and serde writes).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Target::InProgress => "in_progress",
+            Target::Completed => "completed",
+            Target::Failed => "failed",
+        }
+    }
+}
+
 /// One issue's owed update.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Owed {

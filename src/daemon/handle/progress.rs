@@ -1,0 +1,54 @@
+//! `progress` from inside a run: the agent's own report of how far it is, taken only from a process of that run.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use crate::daemon::Shared;
+use crate::daemon::life::drive;
+use crate::ledger::RUN_LOCK;
+use crate::protocol::refuse;
+use crate::protocol::{ErrorKind, ErrorReply, Reply, SlotState};
+use crate::supervisor;
+use crate::task::Event;
+
+/// Handles `progress` from inside a run: only a process of that run (holding its run lock, or in its process
+/// group) may report for it.
+pub(in crate::daemon) fn progress(
+    shared: &Arc<Shared>,
+    slot: &str,
+    run_id: &str,
+    percent: u8,
+    message: &str,
+    peer: Option<i32>,
+) -> Result<Reply, ErrorReply> {
+    let mut table = shared.lock_table();
+    let refused = || {
+        refuse(
+            ErrorKind::Conflict,
+            format!("progress for {slot} is only taken from inside its run (autodevctl progress, run by the agent)"),
+            None,
+        )
+    };
+    let Some(task) = table.get_mut(slot).and_then(|s| s.task.as_mut()) else { return Err(refused()) };
+    if task.record.run_id != run_id || !task.is_running() {
+        return Err(refused());
+    }
+    let lock = shared.paths.run_dir(run_id).join(RUN_LOCK);
+    let inside = peer.is_some_and(|pid| {
+        supervisor::holds_run_lock(pid, &lock)
+            || supervisor::proc_stat(pid).is_some_and(|s| Some(s.pgrp as u32) == task.record.pgid)
+    });
+    if !inside {
+        return Err(refused());
+    }
+    task.health.progress = Some(percent.min(100));
+    task.health.progress_message = Some(crate::output::clean_line(message.as_bytes(), 200));
+    task.health.last_progress_at = Some(SystemTime::now());
+    let revived = task.state() == SlotState::Stale;
+    task.signal.send_modify(|s| s.batches += 1);
+    drop(table);
+    if revived {
+        let _ = drive(shared, slot, Event::Alive);
+    }
+    Ok(Reply::ProgressNoted { slot: slot.to_string(), percent: percent.min(100) })
+}
