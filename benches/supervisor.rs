@@ -301,6 +301,12 @@ fn recovery_startup(report: &mut Vec<String>, old_format: bool) {
             std::thread::sleep(Duration::from_micros(200));
         };
         times.push(start.elapsed().as_secs_f64() * 1000.0);
+        if std::env::var_os("BENCH_VERBOSE").is_some() {
+            let log = std::fs::read_to_string(d.stderr_path()).unwrap_or_default();
+            if let Some(line) = log.lines().rev().find(|l| l.contains("recovery: ")) {
+                eprintln!("{:.1} ms: {line}", times.last().unwrap());
+            }
+        }
         let count = |state: SlotState| report.slots.iter().filter(|s| s.state == state).count();
         assert_eq!((count(SlotState::InProgress), count(SlotState::Abandoned)), (alive, dead));
         assert_eq!(report.warnings.len(), corrupt);

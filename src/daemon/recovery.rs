@@ -13,7 +13,7 @@ use super::life::{drive, wake_at};
 use super::runs::{self, Wake};
 use super::slots::Task;
 use crate::config::OnAbandoned;
-use crate::ledger::{self, ExitRecord, RUN_LOCK, RunFiles, SlotLock};
+use crate::ledger::{self, ExitRecord, RUN_LOCK, RunFiles, RunRecord, SlotLock};
 use crate::output::scan_outcome;
 use crate::provider::{EventFormat, Outcome};
 use crate::supervisor::{self, ExitInfo};
@@ -26,6 +26,7 @@ const HISTORY_TAIL: u64 = 1 << 20;
 /// Runs the recovery pass; returns warnings for `status`. Lockfiles that cannot be read at all are an error:
 /// starting without them could hand a held issue to a second agent.
 pub(super) async fn recover(shared: &Arc<Shared>) -> Result<Vec<String>, String> {
+    let started = std::time::Instant::now();
     let mut warnings = Vec::new();
     let history = ledger::read_history_tail(&shared.paths.history_file(), HISTORY_TAIL).unwrap_or_else(|e| {
         warnings.push(format!("cannot read {}: {e}", shared.paths.history_file().display()));
@@ -33,8 +34,9 @@ pub(super) async fn recover(shared: &Arc<Shared>) -> Result<Vec<String>, String>
     });
     let (mut locks, corrupt) = ledger::read_slot_locks(&shared.paths.slots_dir())
         .map_err(|e| format!("cannot read the lockfiles in {}: {e}", shared.paths.slots_dir().display()))?;
+    let mut live = if corrupt.is_empty() { HashMap::new() } else { unclaimed_live_runs(shared, &locks) };
     for c in corrupt {
-        let rebuilt = rebuild_from_live_run(shared, &c.slot, &locks);
+        let rebuilt = live.remove(&c.slot).map(|run| rebuild_from_live_run(shared, &run));
         let fate = match &rebuilt {
             Some(lock) => format!("its run {} is still alive and holds issue #{}", lock.run_id, lock.issue),
             None => "no live run of that slot was found".into(),
@@ -55,6 +57,8 @@ pub(super) async fn recover(shared: &Arc<Shared>) -> Result<Vec<String>, String>
     }
     let recorded: HashMap<&str, (String, Option<EndCause>)> =
         history.iter().map(|h| (h.run_id.as_str(), (h.state.clone(), h.end_cause))).collect();
+    let read = started.elapsed();
+    let count = locks.len();
     let mut abandoned = Vec::new();
     for lock in locks {
         let slot = lock.slot.clone();
@@ -68,21 +72,34 @@ pub(super) async fn recover(shared: &Arc<Shared>) -> Result<Vec<String>, String>
             }
         }
     }
+    let settled = started.elapsed();
     apply_policy(shared, abandoned).await;
+    tracing::info!(
+        "recovery: {count} lockfile(s) settled in {:.1} ms (reading {:.1} ms, settling {:.1} ms, policy {:.1} ms)",
+        started.elapsed().as_secs_f64() * 1e3,
+        read.as_secs_f64() * 1e3,
+        (settled - read).as_secs_f64() * 1e3,
+        (started.elapsed() - settled).as_secs_f64() * 1e3
+    );
     Ok(warnings)
+}
+
+/// Runs whose run lock is still held (alive) and that no valid lockfile claims, by slot: where a corrupt lockfile's
+/// task may still be running. Read once for all corrupt lockfiles.
+fn unclaimed_live_runs(shared: &Shared, valid: &[SlotLock]) -> HashMap<String, RunRecord> {
+    let Ok(runs) = std::fs::read_dir(shared.paths.runs_dir()) else { return HashMap::new() };
+    let claimed: std::collections::HashSet<&str> = valid.iter().map(|l| l.run_id.as_str()).collect();
+    runs.filter_map(|e| e.ok())
+        .filter(|e| !claimed.contains(e.file_name().to_string_lossy().as_ref()))
+        .filter(|e| supervisor::run_lock_held(&e.path().join(RUN_LOCK)))
+        .filter_map(|e| ledger::read_run_record(&e.path().join("run.json")))
+        .map(|r| (r.slot.clone(), r))
+        .collect()
 }
 
 /// After a corrupt lockfile: a run of that slot whose run lock is still held is alive, and its `run.json` says
 /// which issue it works on. The rebuilt lockfile (no pid on record) goes through recovery like any other.
-fn rebuild_from_live_run(shared: &Shared, slot: &str, valid: &[SlotLock]) -> Option<SlotLock> {
-    let runs = std::fs::read_dir(shared.paths.runs_dir()).ok()?;
-    let claimed: std::collections::HashSet<&str> = valid.iter().map(|l| l.run_id.as_str()).collect();
-    let run = runs
-        .filter_map(|e| e.ok())
-        .filter(|e| !claimed.contains(e.file_name().to_string_lossy().as_ref()))
-        .filter(|e| supervisor::run_lock_held(&e.path().join(RUN_LOCK)))
-        .filter_map(|e| ledger::read_run_record(&e.path().join("run.json")))
-        .find(|r| r.slot == slot)?;
+fn rebuild_from_live_run(shared: &Shared, run: &RunRecord) -> SlotLock {
     let files = RunFiles::at(shared.paths.run_dir(&run.run_id));
     let mut lock = SlotLock::new(&run.slot, &run.provider, run.issue, run.cwd.clone(), files.prompt());
     lock.task_id = run.run_id.clone();
@@ -90,8 +107,8 @@ fn rebuild_from_live_run(shared: &Shared, slot: &str, valid: &[SlotLock]) -> Opt
     lock.phase = Phase::Running { stale: false, stop: None };
     lock.session_id = run.session_id.clone();
     (lock.program, lock.args) = (run.program.clone(), run.args.clone());
-    (lock.started_at, lock.run_started_at) = (run.started_at.clone(), run.started_at);
-    Some(lock)
+    (lock.started_at, lock.run_started_at) = (run.started_at.clone(), run.started_at.clone());
+    lock
 }
 
 /// Slots without a lockfile show their last finished task from the history, so `status` and `resume` survive a
