@@ -69,10 +69,45 @@ pub struct LlmConfig {
     pub env: BTreeMap<String, String>,
     /// Custom providers: which event format their stdout speaks (`claude`, `gemini`, `codex`, `text`).
     pub output_format: Option<String>,
+    /// Limits of each run's cgroup, where the controller is delegated.
+    pub limits: LlmLimits,
     // Keys of the original tool that autodev accepts and does not act on.
     pub hooks_enabled: Value,
     pub user: Value,
     pub custom_config: Value,
+}
+
+/// `llms.<name>.limits`: cgroup limits of each run of that LLM (`memory.max`, `cpu.max`, `pids.max`).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct LlmLimits {
+    /// e.g. `"4G"`, `"512M"` or a byte count.
+    pub memory_max: Option<String>,
+    /// Cores, e.g. `1.5`; written as `cpu.max` quota per 100 ms period.
+    pub cpu_max: Option<f64>,
+    /// Processes and threads at most.
+    pub tasks_max: Option<u64>,
+}
+
+impl LlmLimits {
+    pub fn to_cgroup(&self) -> crate::cgroup::Limits {
+        crate::cgroup::Limits {
+            memory_max: self.memory_max.clone(),
+            cpu_max: self.cpu_max.filter(|c| *c > 0.0).map(|cores| format!("{} 100000", (cores * 100_000.0) as u64)),
+            tasks_max: self.tasks_max,
+        }
+    }
+}
+
+/// `supervisor.containment`: how a run's processes are kept together.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Containment {
+    /// A cgroup per run where one can be made, else process groups.
+    #[default]
+    Auto,
+    /// Process groups and the run lock only.
+    ProcessGroup,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -88,6 +123,8 @@ pub struct SupervisorConfig {
     pub on_abandoned: OnAbandoned,
     /// Automatic restarts a task may get (stale restarts, abandoned resumes, retries after failures).
     pub restart_allowance: RestartAllowance,
+    /// A cgroup per run (`auto`) or process groups only.
+    pub containment: Containment,
 }
 
 /// `supervisor.restartAllowance`: at most `count` automatic restarts of one task per `perSecs`.
@@ -112,6 +149,7 @@ impl Default for SupervisorConfig {
             preview_line_chars: 240,
             on_abandoned: OnAbandoned::Ask,
             restart_allowance: RestartAllowance::default(),
+            containment: Containment::Auto,
         }
     }
 }

@@ -186,6 +186,7 @@ impl SlotLockV1 {
             branch: self.branch,
             title: self.title,
             comment_id: self.comment_id,
+            cgroup: None,
         }
     }
 }

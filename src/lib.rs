@@ -1,6 +1,7 @@
 //! autodev: a local supervisor for AI coding CLIs. `autodevd` runs Claude Code, Gemini and Codex in named slots,
 //! one GitHub issue per slot; `autodevctl` drives it. See DESIGN.md in ../shared for the house plan.
 
+pub mod cgroup;
 pub mod config;
 pub mod ctl;
 pub mod daemon;

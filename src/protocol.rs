@@ -255,6 +255,15 @@ pub struct StatusReport {
     pub warnings: Vec<String>,
     /// The seed's overall view.
     pub summary: Summary,
+    /// How runs' processes are kept together: `cgroup` (a cgroup per run) or `process-group`.
+    #[serde(default)]
+    pub containment: String,
+    /// Where runs' cgroups live, or why there are none.
+    #[serde(default)]
+    pub containment_note: String,
+    /// Cgroup controllers the runs' cgroups have (for `llms.<name>.limits`).
+    #[serde(default)]
+    pub cgroup_controllers: Vec<String>,
 }
 
 /// Instances and tasks at a glance (seed 000's aggregated view).

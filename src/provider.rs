@@ -125,6 +125,8 @@ pub struct Provider {
     pub passthrough_env: Vec<&'static str>,
     /// Variables set from config (`env`, `apiKey`).
     pub config_env: BTreeMap<String, String>,
+    /// Limits of each run's cgroup.
+    pub limits: crate::cgroup::Limits,
 }
 
 #[derive(Debug, Clone)]
@@ -192,6 +194,7 @@ impl Provider {
             model: llm.model.clone(),
             passthrough_env,
             config_env,
+            limits: llm.limits.to_cgroup(),
         }
     }
 

@@ -97,6 +97,9 @@ pub struct SpawnSpec<'a> {
     pub stderr: &'a Path,
     /// The run lock, inherited by the child (and its descendants) so it stays held while any of them lives.
     pub run_lock: Option<&'a File>,
+    /// The run's `cgroup.procs`, open for writing: the child joins the run's cgroup before exec, so nothing it
+    /// starts can be outside it.
+    pub cgroup: Option<&'a File>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -163,12 +166,21 @@ pub fn spawn(spec: &SpawnSpec) -> Result<Child, SpawnError> {
         .stdout(stdout)
         .stderr(stderr)
         .process_group(0);
-    if let Some(lock) = spec.run_lock {
-        let fd = lock.as_raw_fd();
-        // SAFETY: runs in the child between fork and exec; fcntl is async-signal-safe and touches only that fd.
+    let lock_fd = spec.run_lock.map(|f| f.as_raw_fd());
+    let cgroup_fd = spec.cgroup.map(|f| f.as_raw_fd());
+    if lock_fd.is_some() || cgroup_fd.is_some() {
+        // SAFETY: runs in the child between fork and exec; fcntl and write are async-signal-safe, touch only these
+        // fds, and allocate nothing.
         unsafe {
             command.pre_exec(move || {
-                if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                if let Some(fd) = cgroup_fd
+                    && libc::write(fd, b"0".as_ptr().cast(), 1) != 1
+                {
+                    return Err(io::Error::last_os_error());
+                }
+                if let Some(fd) = lock_fd
+                    && libc::fcntl(fd, libc::F_SETFD, 0) == -1
+                {
                     return Err(io::Error::last_os_error());
                 }
                 Ok(())
@@ -372,7 +384,6 @@ pub fn create_run_lock(path: &Path) -> io::Result<File> {
     Ok(file)
 }
 
-/// Whether anything still holds a run's lock (some process of the run lives).
 /// Whether process `pid` was started with `name=value` in its environment (`/proc/<pid>/environ`, read up to
 /// 1 MiB). What autodev put there (`AUTODEV_RUN=<run id>`) proves a process is that run's even after it closed the
 /// descriptors it inherited; a stranger named by a forged lockfile does not carry a run id of ours.
@@ -387,6 +398,7 @@ pub fn started_with_env(pid: i32, name: &str, value: &str) -> bool {
     environ.split(|b| *b == 0).any(|entry| entry == wanted.as_bytes())
 }
 
+/// Whether anything still holds a run's lock (some process of the run lives).
 pub fn run_lock_held(path: &Path) -> bool {
     use fs2::FileExt;
     let Ok(file) = std::fs::OpenOptions::new().read(true).open(path) else { return false };

@@ -555,6 +555,9 @@ pub struct SlotLock {
     /// The task's status comment on its issue, once made.
     #[serde(default)]
     pub comment_id: Option<u64>,
+    /// The current run's cgroup, when it has one (`containment: cgroup`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<PathBuf>,
 }
 
 impl SlotLock {
@@ -589,6 +592,7 @@ impl SlotLock {
             branch: None,
             title: None,
             comment_id: None,
+            cgroup: None,
         }
     }
 
@@ -598,7 +602,7 @@ impl SlotLock {
     pub fn next_run(&mut self, run_id: String, run_dir: &std::path::Path, boot_id: &str, daemon_pid: u32) {
         self.run_id = run_id.clone();
         self.runs.push(run_id);
-        (self.pid, self.pgid, self.start_time) = (None, None, None);
+        (self.pid, self.pgid, self.start_time, self.cgroup) = (None, None, None, None);
         self.boot_id = boot_id.to_string();
         self.stdout = run_dir.join("stdout");
         self.stderr = run_dir.join("stderr");

@@ -185,7 +185,9 @@ fn systemd_accepts_the_unit_files() {
         let out = std::process::Command::new(analyze).arg("verify").arg(&copy).output().unwrap();
         assert!(out.status.success(), "{unit}: {}", String::from_utf8_lossy(&out.stderr));
         let directives: Vec<&str> = text.lines().filter(|l| !l.trim_start().starts_with('#')).collect();
-        for needed in ["Type=notify", "KillMode=process", "UMask=0077", "WatchdogSec=60", "Restart=on-failure"] {
+        for needed in
+            ["Type=notify", "KillMode=process", "Delegate=yes", "UMask=0077", "WatchdogSec=60", "Restart=on-failure"]
+        {
             assert!(directives.contains(&needed), "{unit} lacks {needed}");
         }
         assert!(

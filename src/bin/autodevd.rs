@@ -79,6 +79,11 @@ fn init_logging(config: &Config) {
         .flatten();
     match journal {
         Some(layer) => tracing_subscriber::registry().with(filter).with(layer).init(),
-        None => tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init(),
+        // Colours only for a person at a terminal: a log file or a pipe gets plain text.
+        None => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_writer(std::io::stderr)
+            .init(),
     }
 }

@@ -67,6 +67,7 @@ pub fn run(config_flag: Option<&Path>, paths: &Paths) -> Vec<Check> {
         });
     }
     checks.push(daemon(paths));
+    checks.extend(containment(paths, &config));
     for provider in config.providers().iter().filter(|p| p.enabled).map(Provider::from_entry) {
         checks.push(cli(&provider));
     }
@@ -100,6 +101,47 @@ fn daemon(paths: &Paths) -> Check {
             "start it: `autodevd` (or `systemctl --user start autodevd`)",
         ),
     }
+}
+
+/// How the running daemon contains runs, and whether the configured limits can apply. Nothing to say without a
+/// daemon (the daemon check says that).
+fn containment(paths: &Paths, config: &Config) -> Vec<Check> {
+    let reply = Client::connect(paths).and_then(|mut c| {
+        c.set_timeout(Some(Duration::from_secs(5)));
+        c.call(Request::Status)
+    });
+    let Ok(Reply::Status(status)) = reply else { return Vec::new() };
+    let mut checks = vec![if status.containment == "cgroup" {
+        pass("containment", format!("a cgroup per run under {}", status.containment_note))
+    } else {
+        fail(
+            "containment",
+            format!("process groups only: {}", status.containment_note),
+            "a daemonizing tool can outlive its run this way: run autodevd under systemd with Delegate=yes (see \
+             systemd/autodevd.service), or as a user who may write a cgroup2 mount",
+        )
+    }];
+    for entry in config.providers().iter().filter(|p| p.enabled) {
+        let limits = &entry.llm.limits;
+        for (key, set, controller) in [
+            ("memoryMax", limits.memory_max.is_some(), "memory"),
+            ("cpuMax", limits.cpu_max.is_some(), "cpu"),
+            ("tasksMax", limits.tasks_max.is_some(), "pids"),
+        ] {
+            if set && !status.cgroup_controllers.iter().any(|c| c == controller) {
+                checks.push(fail(
+                    "limits",
+                    format!(
+                        "llms.{}.limits.{key} cannot apply: the {controller} controller is not delegated",
+                        entry.name
+                    ),
+                    "under systemd 254 or later, add DelegateSubgroup=daemon beside Delegate=yes in the unit; \
+                     elsewhere, the cgroup2 hierarchy must offer that controller (cgroup.controllers)",
+                ));
+            }
+        }
+    }
+    checks
 }
 
 /// Where `program` would be found the way autodevd starts it (a path, or a name on PATH).

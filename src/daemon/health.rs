@@ -1,5 +1,6 @@
-//! Health of the runs: CPU and memory of each run's whole process tree, sampled from /proc (one pass for all runs,
-//! and none while nothing runs), stale detection (no output, no progress report, no CPU for
+//! Health of the runs: CPU and memory of each run, from its cgroup where it has one (exact, and it counts
+//! processes that left the process group), else of its process group from /proc (one pass for all such runs, and
+//! none while nothing runs), stale detection (no output, no progress report, no CPU for
 //! `health.staleAfterSecs`) and the `health.onStale` policy.
 
 use std::collections::HashMap;
@@ -9,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 use super::Shared;
 use super::issue_sync;
 use super::life::drive;
+use crate::cgroup::RunCgroup;
 use crate::protocol::SlotState;
 use crate::task::Event;
 
@@ -21,12 +23,12 @@ pub(super) async fn run(shared: Arc<Shared>) {
         tick.tick().await;
         // Comment ids learned meanwhile go into the task records (also for tasks whose run just ended).
         issue_sync::remember_comments(&shared);
-        let groups = running_groups(&shared);
-        if groups.is_empty() {
+        let sources = running_sources(&shared);
+        if sources.is_empty() {
             continue;
         }
-        // The /proc walk is blocking work: off the runtime thread, so followers and replies never wait for it.
-        let Ok(totals) = tokio::task::spawn_blocking(move || scan(&groups)).await else { continue };
+        // /proc and cgroup reads are blocking work: off the runtime thread, so followers and replies never wait.
+        let Ok(totals) = tokio::task::spawn_blocking(move || scan(&sources)).await else { continue };
         let (running, changes) = apply(&shared, &totals);
         for slot in &running {
             issue_sync::comment(&shared, slot, false);
@@ -40,37 +42,81 @@ pub(super) async fn run(shared: Arc<Shared>) {
     }
 }
 
-/// CPU ticks and resident pages per process group, for the groups asked for.
-fn scan(groups: &HashMap<i32, ()>) -> HashMap<i32, (u64, u64)> {
-    let mut totals: HashMap<i32, (u64, u64)> = HashMap::new();
-    let Ok(processes) = procfs::process::all_processes() else { return totals };
-    for process in processes.flatten() {
-        let Ok(stat) = process.stat() else { continue };
-        if groups.contains_key(&stat.pgrp) {
-            let entry = totals.entry(stat.pgrp).or_default();
-            entry.0 += stat.utime + stat.stime;
-            entry.1 += stat.rss;
-        }
-    }
-    totals
+/// Where a run's CPU and memory are read.
+enum Source {
+    Cgroup(RunCgroup),
+    Group(i32),
 }
 
-/// The process groups of the running tasks.
-fn running_groups(shared: &Shared) -> HashMap<i32, ()> {
+/// One run's usage: CPU seconds used so far and memory now, in bytes.
+#[derive(Debug, Clone, Copy, Default)]
+struct Usage {
+    cpu_secs: f64,
+    memory_bytes: u64,
+}
+
+/// Usage per run id, for the runs asked for.
+fn scan(sources: &[(String, Source)]) -> HashMap<String, Usage> {
+    let mut usage = HashMap::new();
+    let groups: HashMap<i32, &str> = sources
+        .iter()
+        .filter_map(|(run, source)| match source {
+            Source::Group(pgid) => Some((*pgid, run.as_str())),
+            Source::Cgroup(_) => None,
+        })
+        .collect();
+    let ticks_per_sec = procfs::ticks_per_second() as f64;
+    let page = procfs::page_size();
+    for (run, source) in sources {
+        if let Source::Cgroup(cgroup) = source {
+            let Some(cpu_usec) = cgroup.cpu_usec() else { continue };
+            // Without the memory controller: the resident memory of the cgroup's processes.
+            let memory_bytes = cgroup.memory_bytes().unwrap_or_else(|| {
+                cgroup
+                    .pids()
+                    .into_iter()
+                    .filter_map(|pid| procfs::process::Process::new(pid).ok()?.stat().ok())
+                    .map(|stat| stat.rss * page)
+                    .sum()
+            });
+            usage.insert(run.clone(), Usage { cpu_secs: cpu_usec as f64 / 1e6, memory_bytes });
+        }
+    }
+    if groups.is_empty() {
+        return usage;
+    }
+    let Ok(processes) = procfs::process::all_processes() else { return usage };
+    for process in processes.flatten() {
+        let Ok(stat) = process.stat() else { continue };
+        if let Some(run) = groups.get(&stat.pgrp) {
+            let entry: &mut Usage = usage.entry(run.to_string()).or_default();
+            entry.cpu_secs += (stat.utime + stat.stime) as f64 / ticks_per_sec;
+            entry.memory_bytes += stat.rss * page;
+        }
+    }
+    usage
+}
+
+/// Where to read each running task's usage.
+fn running_sources(shared: &Shared) -> Vec<(String, Source)> {
     shared
         .lock_table()
         .slots
         .iter()
         .filter_map(|s| s.task.as_ref().filter(|t| t.is_running()))
-        .filter_map(|t| t.record.pgid.map(|g| (g as i32, ())))
+        .filter_map(|t| {
+            let source = match shared.run_cgroup(&t.record) {
+                Some(cgroup) => Source::Cgroup(cgroup),
+                None => Source::Group(t.record.pgid? as i32),
+            };
+            Some((t.record.run_id.clone(), source))
+        })
         .collect()
 }
 
 /// Applies one sample to every running task; returns the running slots and the events the sample means (a run
 /// went silent, or came back).
-fn apply(shared: &Shared, totals: &HashMap<i32, (u64, u64)>) -> (Vec<String>, Vec<(String, Event)>) {
-    let ticks_per_sec = procfs::ticks_per_second() as f64;
-    let page = procfs::page_size() as f64;
+fn apply(shared: &Shared, totals: &HashMap<String, Usage>) -> (Vec<String>, Vec<(String, Event)>) {
     let stale_after = Duration::from_secs_f64(shared.config.raw.health.stale_after_secs);
     let (now, now_instant) = (SystemTime::now(), Instant::now());
     let mut changes = Vec::new();
@@ -81,20 +127,20 @@ fn apply(shared: &Shared, totals: &HashMap<i32, (u64, u64)>) -> (Vec<String>, Ve
             continue;
         };
         running.push(slot.name.clone());
-        let Some(&(ticks, pages)) = task.record.pgid.and_then(|g| totals.get(&(g as i32))) else { continue };
+        let Some(usage) = totals.get(&task.record.run_id) else { continue };
         let health = &mut task.health;
-        if let (Some(before), Some(at)) = (health.cpu_ticks, health.sampled_at) {
+        if let (Some(before), Some(at)) = (health.cpu_secs, health.sampled_at) {
             let secs = now_instant.duration_since(at).as_secs_f64().max(0.001);
-            let used = ticks.saturating_sub(before);
-            health.cpu_percent = Some((used as f64 / ticks_per_sec / secs * 100.0 * 10.0).round() / 10.0);
-            // More than 1% of a core is work; an idle event loop's timers are not.
-            if used as f64 > (0.01 * ticks_per_sec * secs).max(1.0) {
+            let used = (usage.cpu_secs - before).max(0.0);
+            health.cpu_percent = Some((used / secs * 100.0 * 10.0).round() / 10.0);
+            // More than 1% of a core (and more than a clock tick) is work; an idle event loop's timers are not.
+            if used > (0.01 * secs).max(0.01) {
                 health.last_cpu_at = Some(now);
             }
         }
-        health.cpu_ticks = Some(ticks);
+        health.cpu_secs = Some(usage.cpu_secs);
         health.sampled_at = Some(now_instant);
-        health.memory_mb = Some((pages as f64 * page / 1_048_576.0 * 10.0).round() / 10.0);
+        health.memory_mb = Some((usage.memory_bytes as f64 / 1_048_576.0 * 10.0).round() / 10.0);
         let silent = now.duration_since(task.heartbeat()).unwrap_or_default();
         if task.health.rate_limited_until.is_some_and(|u| u > now) {
             // Waiting for a usage limit to reset is not being stale.

@@ -223,16 +223,22 @@ pub(super) fn wake_at(shared: &Arc<Shared>, slot: &str, run_id: &str, at: System
 
 /// SIGTERM to the run's process group now, SIGKILL after the grace period if it is still going.
 fn signal_stop(shared: &Arc<Shared>, slot: &str, run_id: &str) {
-    let pgid = {
+    let (pgid, cgroup) = {
         let table = shared.lock_table();
         let Some(task) = table.get(slot).and_then(|s| s.task.as_ref()) else { return };
-        let Some(pgid) = task.record.pgid.map(|p| p as i32) else { return };
-        if !task.group_is_ours(pgid) {
-            return;
-        }
-        supervisor::signal_group(pgid, Signal::SIGTERM);
-        pgid
+        let pgid = task.record.pgid.map(|p| p as i32).filter(|pgid| task.group_is_ours(*pgid));
+        (pgid, shared.run_cgroup(&task.record))
     };
+    if pgid.is_none() && cgroup.is_none() {
+        return;
+    }
+    if let Some(pgid) = pgid {
+        supervisor::signal_group(pgid, Signal::SIGTERM);
+    }
+    // Also what left the group (setsid): everything in the run's cgroup.
+    if let Some(cgroup) = &cgroup {
+        cgroup.signal_all(Signal::SIGTERM);
+    }
     let (shared, slot, run_id) = (shared.clone(), slot.to_string(), run_id.to_string());
     tokio::spawn(async move {
         let ended = shared.lock_table().task_of_run(&run_id).map(|t| t.signal.subscribe());
@@ -241,10 +247,12 @@ fn signal_stop(shared: &Arc<Shared>, slot: &str, run_id: &str) {
             return;
         }
         let mut table = shared.lock_table();
-        if let Some(task) = table.task_of_run(&run_id)
-            && task.group_is_ours(pgid)
-        {
-            tracing::info!(slot, pgid, "run ignored SIGTERM for {:?}; sending SIGKILL", shared.grace);
+        let Some(task) = table.task_of_run(&run_id) else { return };
+        tracing::info!(slot, "run ignored SIGTERM for {:?}; killing it", shared.grace);
+        if let Some(cgroup) = &cgroup {
+            cgroup.kill();
+        }
+        if let Some(pgid) = pgid.filter(|pgid| task.group_is_ours(*pgid)) {
             supervisor::signal_group(pgid, Signal::SIGKILL);
         }
     });

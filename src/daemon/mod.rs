@@ -75,6 +75,8 @@ pub struct Shared {
     disk_full: Mutex<Option<String>>,
     /// The loop that writes records waiting for room runs.
     flushing: std::sync::atomic::AtomicBool,
+    /// Where runs' cgroups live, or why runs are contained by process groups only.
+    cgroups: Result<crate::cgroup::Cgroups, String>,
     /// Tasks whose next run is due, for [`start_next_runs`].
     start_next: tokio::sync::mpsc::UnboundedSender<life::StartNext>,
 }
@@ -140,6 +142,19 @@ impl Shared {
             self.paths.state_dir.display()
         );
         *self.disk_full.lock().unwrap_or_else(|e| e.into_inner()) = Some(message);
+    }
+
+    /// The cgroup of the run `lock` names, if it has one under our base (a path elsewhere, from an edited
+    /// lockfile, is never trusted).
+    fn run_cgroup(&self, lock: &ledger::SlotLock) -> Option<crate::cgroup::RunCgroup> {
+        let cgroups = self.cgroups.as_ref().ok()?;
+        let run = cgroups.run(&lock.run_id);
+        (lock.cgroup.as_deref() == Some(run.path.as_path()) && !lock.run_id.is_empty()).then_some(run)
+    }
+
+    /// `cgroup` or `process-group`, for `status`.
+    fn containment(&self) -> &'static str {
+        if self.cgroups.is_ok() { "cgroup" } else { "process-group" }
     }
 
     fn clear_disk_full(&self) {
@@ -224,6 +239,19 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         ),
         Err(why) => tracing::info!("GitHub is off: {why}"),
     }
+    let cgroups = match sup.containment {
+        crate::config::Containment::ProcessGroup => Err("supervisor.containment is \"process-group\"".to_string()),
+        crate::config::Containment::Auto => crate::cgroup::Cgroups::setup(&paths.state_dir),
+    };
+    match &cgroups {
+        Ok(c) => tracing::info!(
+            base = %c.base.display(),
+            how = c.how,
+            controllers = %c.controllers.join(" "),
+            "containment: a cgroup per run"
+        ),
+        Err(why) => tracing::warn!("containment: process groups only ({why})"),
+    }
     let (start_next, due) = tokio::sync::mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
         github,
@@ -242,6 +270,7 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         disk_full: Mutex::new(None),
         flushing: std::sync::atomic::AtomicBool::new(false),
         start_next,
+        cgroups,
         paths: paths.clone(),
         config,
     });
@@ -306,6 +335,9 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&socket_path);
     handle::stop_all(&shared, &format!("autodevd received {why} and stopped the run")).await;
     supervisor::reap_orphans();
+    if let Ok(cgroups) = &shared.cgroups {
+        cgroups.remove_if_empty();
+    }
     tracing::info!("autodevd stopped");
     Ok(())
 }

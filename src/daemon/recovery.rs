@@ -12,6 +12,7 @@ use super::Shared;
 use super::life::{drive, wake_at};
 use super::runs::{self, Wake};
 use super::slots::Task;
+use crate::cgroup::RunCgroup;
 use crate::config::OnAbandoned;
 use crate::ledger::{self, ExitRecord, RUN_LOCK, RunFiles, RunRecord, SlotLock};
 use crate::output::scan_outcome;
@@ -73,6 +74,7 @@ pub(super) async fn recover(shared: &Arc<Shared>) -> Result<Vec<String>, String>
         }
     }
     let settled = started.elapsed();
+    sweep_cgroups(shared);
     apply_policy(shared, abandoned).await;
     tracing::info!(
         "recovery: {count} lockfile(s) settled in {:.1} ms (reading {:.1} ms, settling {:.1} ms, policy {:.1} ms)",
@@ -82,6 +84,34 @@ pub(super) async fn recover(shared: &Arc<Shared>) -> Result<Vec<String>, String>
         (started.elapsed() - settled).as_secs_f64() * 1e3
     );
     Ok(warnings)
+}
+
+/// Cgroups under our base that no task's current run owns (left by runs whose end was recorded just before a
+/// crash, say): whatever is in them is stopped, and they are removed. In the background: start-up does not wait.
+fn sweep_cgroups(shared: &Arc<Shared>) {
+    let Ok(cgroups) = &shared.cgroups else { return };
+    let owned: std::collections::HashSet<std::path::PathBuf> = shared
+        .lock_table()
+        .slots
+        .iter()
+        .filter_map(|s| s.task.as_ref())
+        .filter_map(|t| shared.run_cgroup(&t.record))
+        .map(|c| c.path)
+        .collect();
+    let strays: Vec<RunCgroup> = cgroups.runs().into_iter().filter(|c| !owned.contains(&c.path)).collect();
+    if strays.is_empty() {
+        return;
+    }
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        for cgroup in strays {
+            let n = cgroup.stop(shared.grace).await;
+            if n > 0 {
+                tracing::warn!(cgroup = %cgroup.path.display(), "stopped {n} process(es) of a run that is over");
+            }
+            let _ = cgroup.remove();
+        }
+    });
 }
 
 /// Runs whose run lock is still held (alive) and that no valid lockfile claims, by slot: where a corrupt lockfile's
@@ -108,6 +138,11 @@ fn rebuild_from_live_run(shared: &Shared, run: &RunRecord) -> SlotLock {
     lock.session_id = run.session_id.clone();
     (lock.program, lock.args) = (run.program.clone(), run.args.clone());
     (lock.started_at, lock.run_started_at) = (run.started_at.clone(), run.started_at.clone());
+    // Its cgroup, if it has one: the run is alive, and the sweep must know the cgroup is owned.
+    if let Ok(cgroups) = &shared.cgroups {
+        let cgroup = cgroups.run(&run.run_id);
+        lock.cgroup = cgroup.exists().then_some(cgroup.path);
+    }
     lock
 }
 
@@ -258,10 +293,14 @@ async fn recover_one(
         .and_then(|bytes| ledger::parse_exit_record(&bytes).ok())
         .filter(|e| e.run_id == lock.run_id);
     let same_boot = lock.boot_id == shared.boot_id;
-    // Leftovers of the run (its grandchildren, say) still hold the run lock: they are provably ours.
+    let cgroup = shared.run_cgroup(&lock).filter(|_| same_boot);
+    // Leftovers of the run (its grandchildren, say) still hold the run lock or sit in its cgroup: they are
+    // provably ours.
     let leftovers = same_boot && supervisor::run_lock_held(&run_lock);
     let leader = match (&lock.phase, &exit) {
-        (Phase::Starting | Phase::Running { .. }, None) if same_boot => live_leader(&mut lock, &run_lock, leftovers),
+        (Phase::Starting | Phase::Running { .. }, None) if same_boot => {
+            live_leader(&mut lock, &run_lock, leftovers, cgroup.as_ref())
+        }
         _ => None,
     };
     let pid_reused = lock
@@ -274,6 +313,15 @@ async fn recover_one(
         match supervisor::adopt(pid as i32) {
             Ok(child) => return adopt(shared, lock, child, format, &files),
             Err(e) => tracing::warn!(slot = %lock.slot, pid, "cannot watch the run's process: {e}"),
+        }
+    }
+    if let Some(cgroup) = &cgroup {
+        let n = cgroup.stop(shared.grace).await;
+        if n > 0 {
+            tracing::info!(slot = %lock.slot, "stopped {n} leftover process(es) in the cgroup of a run that is over");
+        }
+        if let Err(e) = cgroup.remove() {
+            tracing::warn!(slot = %lock.slot, "cannot remove the cgroup {}: {e}", cgroup.path.display());
         }
     }
     if leftovers {
@@ -327,12 +375,14 @@ async fn recover_one(
 /// time, same boot, leading its group, and proof that it is the run's: the run lock held, or the run's id in its
 /// environment (a CLI may close the descriptors it inherited). A lockfile written before the pid was known is
 /// matched through the run lock: the holder that leads its own process group is the leader.
-fn live_leader(lock: &mut SlotLock, run_lock: &Path, leftovers: bool) -> Option<u32> {
+fn live_leader(lock: &mut SlotLock, run_lock: &Path, leftovers: bool, cgroup: Option<&RunCgroup>) -> Option<u32> {
     match lock.pid {
         Some(pid) => {
             let stat = supervisor::proc_stat(pid as i32)?;
             let same = stat.state != 'Z' && Some(stat.start_time) == lock.start_time && stat.pgrp == pid as i32;
-            let proven = leftovers || supervisor::started_with_env(pid as i32, "AUTODEV_RUN", &lock.run_id);
+            let proven = leftovers
+                || cgroup.is_some_and(|c| c.contains(pid as i32))
+                || supervisor::started_with_env(pid as i32, "AUTODEV_RUN", &lock.run_id);
             (same && proven).then(|| {
                 lock.pgid = Some(pid);
                 pid

@@ -270,6 +270,7 @@ fn launch(
         daemon_pid: shared.daemon_pid,
     };
     ledger::write_json(&files.record(), &run_record).map_err(|e| disk("write the run record", e))?;
+    let cgroup = join_cgroup(shared, provider, record);
     // The lockfile exists before the child can do anything: a crash from here on finds the task.
     shared.write_lock(record).map_err(|e| disk("write the slot's lockfile", e))?;
     let run_lock =
@@ -285,6 +286,7 @@ fn launch(
         stdout: &files.stdout(),
         stderr: &files.stderr(),
         run_lock: Some(&run_lock),
+        cgroup: cgroup.as_ref(),
     });
     let child = match spawned {
         Ok(child) => child,
@@ -313,6 +315,9 @@ fn launch(
                 ),
                 SpawnError::Io(e) => (EndCause::SpawnFailed, format!("{name}: cannot start {program:?}: {e}")),
             };
+            if let Some(cgroup) = shared.run_cgroup(record) {
+                let _ = cgroup.remove();
+            }
             return Err(Launch::Failed(Verdict::new(cause, reason)));
         }
     };
@@ -326,6 +331,30 @@ fn launch(
         tracing::warn!(run = %record.run_id, "cannot record the pid of the run: {e}");
     }
     Ok(Started { child, wake, run_lock })
+}
+
+/// Makes the run's cgroup and opens its `cgroup.procs` for the child to join; records it in the task. Without one
+/// (no cgroup containment, or it cannot be made) the run is contained by its process group and run lock.
+fn join_cgroup(shared: &Shared, provider: &Provider, record: &mut SlotLock) -> Option<std::fs::File> {
+    let cgroups = shared.cgroups.as_ref().ok()?;
+    let cgroup = cgroups.run(&record.run_id);
+    let opened = cgroup.create(&provider.limits).and_then(|unapplied| {
+        for limit in unapplied {
+            tracing::warn!(slot = %record.slot, "limit of llms.{}.limits not applied: {limit}", provider.name);
+        }
+        cgroup.procs_for_joining()
+    });
+    match opened {
+        Ok(procs) => {
+            record.cgroup = Some(cgroup.path);
+            Some(procs)
+        }
+        Err(e) => {
+            tracing::warn!(slot = %record.slot, "cannot make the run's cgroup {}: {e}; process group only", cgroup.path.display());
+            let _ = cgroup.remove();
+            None
+        }
+    }
 }
 
 /// Follows a run until it exits, then judges, records and frees (or keeps) the slot.
@@ -390,9 +419,29 @@ async fn follow_run(
     };
 
     let pgid = child.pid;
+    let cgroup = shared.lock_table().task_of_run(&run_id).and_then(|t| shared.run_cgroup(&t.record));
+    let mut oom = None;
+    if let Some(cgroup) = &cgroup {
+        // The leader is gone; whatever it left in its cgroup (daemons that called setsid and closed their
+        // descriptors too) goes with it: a run has ended only when its cgroup is empty.
+        let left = cgroup.pids().len();
+        if left > 0 {
+            tracing::info!(run = %run_id, "stopping {left} process(es) the run left behind");
+        }
+        cgroup.stop(shared.grace).await;
+        if cgroup.oom_killed() {
+            oom = Some(cgroup.memory_max().unwrap_or_else(|| "?".into()));
+        }
+        if let Err(e) = cgroup.remove() {
+            tracing::warn!(run = %run_id, "cannot remove the run's cgroup {}: {e}", cgroup.path.display());
+        }
+    }
     if child.is_ours() {
-        // Our leader is gone but still unreaped, so its group id is ours: clear what is left of the tree.
-        supervisor::clear_group(pgid, shared.grace).await;
+        // Our leader is gone but still unreaped, so its group id is ours: clear what is left of the tree (in a
+        // cgroup, that was done above).
+        if cgroup.is_none() {
+            supervisor::clear_group(pgid, shared.grace).await;
+        }
     } else if let Some(task) = shared.lock_table().task_of_run(&run_id) {
         // An adopted leader was reaped by someone else: its group id is no longer provably ours.
         task.group_released = true;
@@ -417,7 +466,15 @@ async fn follow_run(
         .ok()
         .and_then(|(lines, _)| lines.into_iter().next());
     let exit = exit.map_err(|e| e.to_string());
-    let verdict = crate::task::verdict(format, &exit, outcome.as_ref(), last_stderr.as_deref());
+    let mut verdict = crate::task::verdict(format, &exit, outcome.as_ref(), last_stderr.as_deref());
+    if let Some(max) = oom
+        && verdict.cause != EndCause::Succeeded
+    {
+        verdict = Verdict::new(
+            EndCause::Killed,
+            format!("killed by the kernel's OOM killer: the run reached its memory limit (memory.max {max})"),
+        );
+    }
     let slot = {
         let mut table = shared.lock_table();
         let slot = table.slots.iter().find(|s| s.task.as_ref().is_some_and(|t| t.record.run_id == run_id));

@@ -89,6 +89,12 @@ async fn handle(shared: &Arc<Shared>, request: Request, stream: &mut UnixStream)
                 slots,
                 warnings: shared.warnings(),
                 summary: shared.summary(),
+                containment: shared.containment().to_string(),
+                containment_note: match &shared.cgroups {
+                    Ok(c) => format!("{} ({})", c.base.display(), c.how),
+                    Err(why) => why.clone(),
+                },
+                cgroup_controllers: shared.cgroups.as_ref().map(|c| c.controllers.clone()).unwrap_or_default(),
             })
         }
         Request::Instances => Reply::Instances { providers: shared.lock_table().usage() },

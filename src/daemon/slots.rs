@@ -65,8 +65,8 @@ pub struct Health {
     pub last_progress_at: Option<SystemTime>,
     pub cpu_percent: Option<f64>,
     pub memory_mb: Option<f64>,
-    /// CPU ticks of the run's processes at the last sample, and when the count last moved.
-    pub cpu_ticks: Option<u64>,
+    /// CPU seconds the run has used at the last sample, and when the count last moved.
+    pub cpu_secs: Option<f64>,
     pub last_cpu_at: Option<SystemTime>,
     pub sampled_at: Option<std::time::Instant>,
     /// The CLI hit a usage or rate limit; not stale or failed until then.

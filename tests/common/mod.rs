@@ -223,20 +223,38 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// Where the daemon put its runs' cgroups (from its log), when it contains runs with cgroups.
+    pub fn cgroup_base(&self) -> Option<PathBuf> {
+        let log = self.daemon_log();
+        let line = log.lines().rev().find(|l| l.contains("containment: a cgroup per run"))?;
+        let base = line.split_whitespace().find_map(|w| w.strip_prefix("base="))?;
+        Some(PathBuf::from(base))
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(mut child) = self.process.take() {
             let pid = nix::unistd::Pid::from_raw(child.id() as i32);
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
             let start = Instant::now();
+            let mut ended = false;
             while start.elapsed() < Duration::from_secs(10) {
                 if let Ok(Some(_)) = child.try_wait() {
-                    return;
+                    ended = true;
+                    break;
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
-            let _ = child.kill();
-            let _ = child.wait();
+            if !ended {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        // A daemon killed by a test leaves its (empty) cgroup base behind; the machine keeps no litter of tests.
+        if let Some(base) = self.cgroup_base() {
+            let _ = std::fs::remove_dir(base);
         }
     }
 }
