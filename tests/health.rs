@@ -201,3 +201,17 @@ fn an_agent_talking_about_rate_limits_is_not_rate_limited() {
     let row = d.wait_state("claude-1", "stale");
     assert_eq!(row["rate_limited_until"], Value::Null, "{row}");
 }
+
+#[test]
+fn cpu_and_memory_show_from_the_first_second_of_a_run_not_after_a_sample_period() {
+    let mut c = fake_config(1);
+    // The periodic sample is an hour away (and its first tick was at start-up, before the run).
+    c["health"] = json!({ "sampleSecs": 3600 });
+    let d = Daemon::start(&c);
+    d.assign(1, &[], "@burn 20");
+    wait_until("CPU and memory in status", || {
+        let row = d.slot("claude-1");
+        (row["cpu_percent"].as_f64()? > 10.0 && row["memory_mb"].as_f64()? > 0.0).then_some(())
+    });
+    d.ctl(&["stop", "claude-1"]);
+}

@@ -10,9 +10,14 @@ use std::time::{Duration, Instant, SystemTime};
 use super::Shared;
 use super::issue_sync;
 use super::life::drive;
+use super::slots::Health;
 use crate::cgroup::RunCgroup;
 use crate::protocol::SlotState;
 use crate::task::Event;
+
+/// When a new run's first samples are taken (memory at once, CPU over the second after).
+const FIRST_SAMPLE: Duration = Duration::from_millis(200);
+const SECOND_SAMPLE: Duration = Duration::from_secs(1);
 
 /// Samples on `health.sampleSecs` for as long as the daemon runs.
 pub(super) async fn run(shared: Arc<Shared>) {
@@ -97,6 +102,56 @@ fn scan(sources: &[(String, Source)]) -> HashMap<String, Usage> {
     usage
 }
 
+/// Puts one sample into a run's health: memory now, CPU as the share of a core since the previous sample.
+fn note_usage(health: &mut Health, usage: &Usage, now: SystemTime, now_instant: Instant) {
+    if let (Some(before), Some(at)) = (health.cpu_secs, health.sampled_at) {
+        let secs = now_instant.duration_since(at).as_secs_f64().max(0.001);
+        let used = (usage.cpu_secs - before).max(0.0);
+        health.cpu_percent = Some((used / secs * 100.0 * 10.0).round() / 10.0);
+        // More than 1% of a core (and more than a clock tick) is work; an idle event loop's timers are not.
+        if used > (0.01 * secs).max(0.01) {
+            health.last_cpu_at = Some(now);
+        }
+    }
+    health.cpu_secs = Some(usage.cpu_secs);
+    health.sampled_at = Some(now_instant);
+    health.memory_mb = Some((usage.memory_bytes as f64 / 1_048_576.0 * 10.0).round() / 10.0);
+}
+
+/// The first samples of a new run, so `status` shows its memory at once and its CPU after a second, instead of
+/// after up to one `health.sampleSecs`.
+pub(super) fn sample_new_run(shared: &Arc<Shared>, run_id: &str) {
+    let (shared, run_id) = (shared.clone(), run_id.to_string());
+    tokio::spawn(async move {
+        for wait in [FIRST_SAMPLE, SECOND_SAMPLE] {
+            tokio::time::sleep(wait).await;
+            let source = {
+                let table = shared.lock_table();
+                let Some(task) = table.slots.iter().filter_map(|s| s.task.as_ref()).find(|t| t.record.run_id == run_id)
+                else {
+                    return;
+                };
+                if !task.is_running() {
+                    return;
+                }
+                match shared.run_cgroup(&task.record) {
+                    Some(cgroup) => Source::Cgroup(cgroup),
+                    None => match task.record.pgid {
+                        Some(pgid) => Source::Group(pgid as i32),
+                        None => return,
+                    },
+                }
+            };
+            let sources = vec![(run_id.clone(), source)];
+            let Ok(usage) = tokio::task::spawn_blocking(move || scan(&sources)).await else { return };
+            let Some(usage) = usage.get(&run_id) else { continue };
+            if let Some(task) = shared.lock_table().task_of_run(&run_id) {
+                note_usage(&mut task.health, usage, SystemTime::now(), Instant::now());
+            }
+        }
+    });
+}
+
 /// Where to read each running task's usage.
 fn running_sources(shared: &Shared) -> Vec<(String, Source)> {
     shared
@@ -128,19 +183,7 @@ fn apply(shared: &Shared, totals: &HashMap<String, Usage>) -> (Vec<String>, Vec<
         };
         running.push(slot.name.clone());
         let Some(usage) = totals.get(&task.record.run_id) else { continue };
-        let health = &mut task.health;
-        if let (Some(before), Some(at)) = (health.cpu_secs, health.sampled_at) {
-            let secs = now_instant.duration_since(at).as_secs_f64().max(0.001);
-            let used = (usage.cpu_secs - before).max(0.0);
-            health.cpu_percent = Some((used / secs * 100.0 * 10.0).round() / 10.0);
-            // More than 1% of a core (and more than a clock tick) is work; an idle event loop's timers are not.
-            if used > (0.01 * secs).max(0.01) {
-                health.last_cpu_at = Some(now);
-            }
-        }
-        health.cpu_secs = Some(usage.cpu_secs);
-        health.sampled_at = Some(now_instant);
-        health.memory_mb = Some((usage.memory_bytes as f64 / 1_048_576.0 * 10.0).round() / 10.0);
+        note_usage(&mut task.health, usage, now, now_instant);
         let silent = now.duration_since(task.heartbeat()).unwrap_or_default();
         if task.health.rate_limited_until.is_some_and(|u| u > now) {
             // Waiting for a usage limit to reset is not being stale.

@@ -98,6 +98,7 @@ pub(super) async fn start_run(
             if let Err(e) = drive(shared, slot, Event::Spawned) {
                 tracing::error!(slot, "{e}");
             }
+            super::health::sample_new_run(shared, &run_id);
             follow(shared, run_id, provider.format, started.child, started.wake, Some(started.run_lock));
             Ok(reply)
         }
