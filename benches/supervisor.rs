@@ -319,6 +319,47 @@ fn recovery_startup(report: &mut Vec<String>, old_format: bool) {
     ));
 }
 
+/// `autodevctl stop` of a run whose tree is 200 processes (`sleep`s the fake CLI forked), until the reply: with a
+/// cgroup per run and with process groups only, alternating. `ignoring`: the 200 ignore SIGTERM, so the stop
+/// takes the grace period (2 s) and then kills.
+fn stop_tree(report: &mut Vec<String>, ignoring: bool) {
+    let rounds = if quick() { 1 } else { 5 };
+    let mode = if ignoring { " ignore-term" } else { "" };
+    let mut times: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let mut daemons: Vec<Daemon> = ["auto", "process-group"]
+        .iter()
+        .map(|containment| {
+            let mut c = plain_config(1);
+            c["supervisor"]["containment"] = json!(containment);
+            Daemon::start(&c)
+        })
+        .collect();
+    assert_eq!(daemons[0].status()["containment"], "cgroup", "this machine gives no cgroups to compare");
+    for round in 0..rounds {
+        for (i, d) in daemons.iter_mut().enumerate() {
+            let slot = d.assign(900 + round as u64, &[], &format!("@forks 200{mode}\n@say up\n@sleep 600"));
+            let run_id = d.slot(&slot)["run_id"].as_str().unwrap().to_string();
+            let record = common::wait_until("the 200 forks", || {
+                let text = std::fs::read_to_string(d.records.join(format!("fake-record-{run_id}.json"))).ok()?;
+                let record: Value = serde_json::from_str(&text).ok()?;
+                (record["forks"].as_array()?.len() == 200).then_some(record)
+            });
+            let start = Instant::now();
+            d.ctl(&["stop", &slot]);
+            times[i].push(start.elapsed().as_secs_f64() * 1000.0);
+            let forks = record["forks"].as_array().unwrap();
+            assert!(forks.iter().all(|p| !common::alive(p.as_i64().unwrap())), "a fork outlived stop");
+        }
+    }
+    let which = if ignoring { "ignoring SIGTERM (2 s grace, then kill)" } else { "ending on SIGTERM" };
+    report.push(format!(
+        "| `stop` of a run with a tree of 200 processes {which}, until the reply | cgroup **{:.0} ms**, process group \
+         {:.0} ms (medians of {rounds}) |",
+        median(times[0].clone()),
+        median(times[1].clone())
+    ));
+}
+
 /// Preparing a reused worktree for a new task in a repository of 10,000 files (fetch from a local `origin`, safety
 /// checks, switch to the new branch), through the library call autodevd makes.
 fn worktree_reuse(report: &mut Vec<String>) {
@@ -393,7 +434,7 @@ fn main() {
     if let Some(i) = args.iter().position(|a| a == "--writer") {
         return writer(&args[i + 1]);
     }
-    // BENCH_ONLY=capture,status,memory,idle,latency,recovery,worktree,health runs only those sections.
+    // BENCH_ONLY=capture,status,memory,idle,latency,recovery,worktree,health,stop runs only those sections.
     let only = std::env::var("BENCH_ONLY").ok();
     let wanted = |name: &str| only.as_deref().is_none_or(|o| o.split(',').any(|x| x == name));
     let (gib, rounds) = if quick() { (64u64 << 20, 2) } else { (1u64 << 30, 5) };
@@ -434,6 +475,10 @@ fn main() {
     }
     if wanted("health") {
         health_sampling(&mut other);
+    }
+    if wanted("stop") {
+        stop_tree(&mut other, false);
+        stop_tree(&mut other, true);
     }
 
     println!("\n## Capture cost (medians of {rounds} alternating rounds)\n");

@@ -48,7 +48,7 @@ fn all_dead(pids: &[i64]) -> bool {
 #[test]
 fn stop_ends_a_daemonized_grandchild_200_forks_and_a_cli_that_ignores_sigterm() {
     let Some(d) = daemon_with_cgroups() else { return };
-    d.assign(1, &[], "@ignore-term\n@daemonize\n@forks 200\n@say up\n@sleep 120");
+    d.assign(1, &[], "@ignore-term\n@daemonize\n@forks 200 ignore-term\n@say up\n@sleep 120");
     let (record, pids) = started_tree(&d, "claude-1", 200);
     let cli = record["pid"].as_i64().unwrap();
     d.ctl(&["stop", "claude-1"]);
@@ -76,7 +76,7 @@ fn what_a_run_leaves_behind_ends_when_the_cli_exits_by_itself() {
 #[test]
 fn sigterm_to_autodevd_ends_every_process_of_every_run() {
     let Some(mut d) = daemon_with_cgroups() else { return };
-    d.assign(3, &["--slot", "claude-1"], "@ignore-term\n@daemonize\n@forks 30\n@sleep 120");
+    d.assign(3, &["--slot", "claude-1"], "@ignore-term\n@daemonize\n@forks 30 ignore-term\n@sleep 120");
     d.assign(4, &["--slot", "claude-2"], "@daemonize\n@sleep 120");
     let (_, mut pids) = started_tree(&d, "claude-1", 30);
     let second = wait_until("the second run's daemon", || {
