@@ -39,7 +39,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
 
 /// Writes a JSON record atomically.
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> io::Result<()> {
-    let mut bytes = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
+    // Redacted like everything autodev writes; pretty, for people who read the state dir.
+    let mut bytes = crate::redact::to_json_vec_pretty(value).map_err(io::Error::other)?;
     bytes.push(b'\n');
     write_atomic(path, &bytes)
 }
@@ -389,7 +390,7 @@ pub fn parse_exit_record(bytes: &[u8]) -> Result<ExitRecord, String> {
 /// Appends one finished run to `history.jsonl` and syncs it. One line per run; a torn last line from a crash is
 /// skipped by readers.
 pub fn append_history(path: &Path, record: &ExitRecord) -> io::Result<()> {
-    let mut line = serde_json::to_vec(record).map_err(io::Error::other)?;
+    let mut line = crate::redact::to_json_vec(record).map_err(io::Error::other)?;
     line.push(b'\n');
     let mut file = OpenOptions::new().create(true).append(true).read(true).mode(0o600).open(path)?;
     // A write cut short (a full disk, a crash) left a torn line: end it, so this record starts a line of its own.

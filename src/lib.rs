@@ -11,6 +11,7 @@ pub mod output;
 pub mod paths;
 pub mod protocol;
 pub mod provider;
+pub mod redact;
 pub mod supervisor;
 pub mod task;
 pub mod template;

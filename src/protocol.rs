@@ -512,10 +512,14 @@ fn frame_of(kind: u8, payload: Vec<u8>) -> Frame {
 
 /// Encodes a JSON frame.
 pub fn encode_json<T: Serialize>(value: &T) -> Vec<u8> {
-    let body = serde_json::to_vec(value).expect("protocol types always serialize");
+    encode_json_body(&serde_json::to_vec(value).expect("protocol types always serialize"))
+}
+
+/// Encodes a JSON frame from its encoded body.
+pub fn encode_json_body(body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(body.len() + 5);
     out.extend_from_slice(&header(KIND_JSON, body.len()).expect("reply under 4 GiB"));
-    out.extend_from_slice(&body);
+    out.extend_from_slice(body);
     out
 }
 

@@ -57,33 +57,99 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
-            eprintln!("autodevd: {e:#}");
+            eprintln!("autodevd: {}", autodev::redact::clean(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }
 }
 
-/// Logs through tracing: to journald when systemd started us with our output on the journal (levels and fields
-/// kept), else readable lines on stderr. The level comes from RUST_LOG, else `logging.level`, else info.
+/// Logs through tracing, every line redacted (`autodev::redact`): plain lines on stderr; when systemd gave us the
+/// journal as stderr (`JOURNAL_STREAM`), each line starts with its syslog priority (`<3>` for errors), which journald
+/// reads as the level, and without a timestamp (the journal has its own). The level comes from RUST_LOG, else
+/// `logging.level`, else info.
 fn init_logging(config: &Config) {
-    use tracing_subscriber::prelude::*;
     let filter =
         std::env::var("RUST_LOG").ok().or_else(|| config.raw.logging.level.clone()).unwrap_or_else(|| "info".into());
     let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|e| {
         eprintln!("autodevd: log filter {filter:?} is invalid ({e}); using info");
         tracing_subscriber::EnvFilter::new("info")
     });
-    let journal = std::env::var_os("JOURNAL_STREAM")
-        .is_some()
-        .then(|| tracing_journald::layer().ok().map(|l| l.with_syslog_identifier("autodevd".into())))
-        .flatten();
-    match journal {
-        Some(layer) => tracing_subscriber::registry().with(filter).with(layer).init(),
+    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
         // Colours only for a person at a terminal: a log file or a pipe gets plain text.
-        None => tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .with_writer(std::io::stderr)
-            .init(),
+        .with_ansi(!journal && std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(log_line::Redacting);
+    if journal {
+        builder.event_format(log_line::Journal).init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Log lines on their way out.
+mod log_line {
+    use std::io::Write;
+
+    use tracing::{Event, Level, Subscriber};
+    use tracing_subscriber::fmt::format::Writer;
+    use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
+    use tracing_subscriber::registry::LookupSpan;
+
+    /// Hands out a [`Line`] per event.
+    pub struct Redacting;
+
+    impl<'a> MakeWriter<'a> for Redacting {
+        type Writer = Line;
+        fn make_writer(&'a self) -> Line {
+            Line(Vec::with_capacity(256))
+        }
+    }
+
+    /// One event's text, redacted and written to stderr in one write when the formatter is done with it.
+    pub struct Line(Vec<u8>);
+
+    impl Write for Line {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Drop for Line {
+        fn drop(&mut self) {
+            let text = String::from_utf8_lossy(&self.0);
+            let clean = autodev::redact::current().clean(&text).into_owned();
+            let _ = std::io::stderr().lock().write_all(clean.as_bytes());
+        }
+    }
+
+    /// `<priority>target: message fields`, for journald.
+    pub struct Journal;
+
+    impl<S, N> FormatEvent<S, N> for Journal
+    where
+        S: Subscriber + for<'a> LookupSpan<'a>,
+        N: for<'a> FormatFields<'a> + 'static,
+    {
+        fn format_event(
+            &self,
+            ctx: &FmtContext<'_, S, N>,
+            mut writer: Writer<'_>,
+            event: &Event<'_>,
+        ) -> std::fmt::Result {
+            let priority = match *event.metadata().level() {
+                Level::ERROR => 3,
+                Level::WARN => 4,
+                Level::INFO => 6,
+                Level::DEBUG | Level::TRACE => 7,
+            };
+            write!(writer, "<{priority}>{}: ", event.metadata().target())?;
+            ctx.format_fields(writer.by_ref(), event)?;
+            writeln!(writer)
+        }
     }
 }

@@ -72,7 +72,13 @@ pub fn run(config_flag: Option<&Path>, paths: &Paths) -> Vec<Check> {
         checks.push(cli(&provider));
     }
     let workspace = config.workspace_dir(&cwd);
+    crate::github::install_redactor(&config, None);
     checks.extend(github(&config, &workspace));
+    let redact = crate::redact::current();
+    for check in &mut checks {
+        check.detail = redact.clean(&check.detail).into_owned();
+        check.fix = check.fix.as_deref().map(|f| redact.clean(f).into_owned());
+    }
     checks
 }
 
@@ -212,6 +218,8 @@ fn github(config: &Config, workspace: &Path) -> Vec<Check> {
         return checks;
     };
     checks.push(pass("github token", format!("from {source}")));
+    // GitHub's answers may echo the token back: doctor's own output is redacted like the daemon's.
+    crate::github::install_redactor(config, Some(&token));
     let repo = match (&gh_config.owner, &gh_config.repo) {
         (Some(o), Some(r)) => Some((o.clone(), r.clone())),
         _ => {

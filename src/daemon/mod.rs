@@ -229,6 +229,9 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         config.path.as_ref().map_or_else(|| ".autonomous-config.json".into(), |p| p.display().to_string());
     let table = SlotTable::new(providers, config.raw.default_llm.clone(), config_name);
     let sup = &config.raw.supervisor;
+    // Secrets known without GitHub (API keys, secret variables) are redacted from the first line on; `setup`
+    // adds the token once it is found.
+    crate::github::install_redactor(&config, None);
     let github = crate::github::setup(&config, &workspace, &paths.state_dir);
     match &github {
         Ok(gh) => tracing::info!(
@@ -395,6 +398,7 @@ fn reload(shared: &Shared) {
             for key in &config.unknown_keys {
                 tracing::warn!("{}: unknown key {key} is ignored", path.display());
             }
+            crate::github::install_redactor(&config, shared.github.as_ref().ok().map(|g| &g.token));
             let providers: Vec<Provider> = config.providers().iter().map(Provider::from_entry).collect();
             let mut table = shared.lock_table();
             table.reconfigure(providers, config.raw.default_llm.clone());

@@ -72,8 +72,10 @@ fn error(kind: ErrorKind, message: String) -> Reply {
     Reply::Error(ErrorReply { kind, message, hint: None })
 }
 
+/// Every reply leaves through here, redacted (`crate::redact`).
 async fn send(stream: &mut UnixStream, reply: &Reply) -> std::io::Result<()> {
-    protocol::write_frame(stream, &protocol::encode_json(reply)).await
+    let body = crate::redact::to_json_vec(reply).map_err(std::io::Error::other)?;
+    protocol::write_frame(stream, &protocol::encode_json_body(&body)).await
 }
 
 async fn handle(shared: &Arc<Shared>, request: Request, stream: &mut UnixStream) -> std::io::Result<()> {
@@ -209,7 +211,7 @@ async fn send_text(stream: &mut UnixStream, lines: &[String]) -> std::io::Result
     if lines.is_empty() {
         return Ok(());
     }
-    let mut text = lines.join("\n");
+    let mut text = crate::redact::current().clean(&lines.join("\n")).into_owned();
     text.push('\n');
     protocol::write_frame(stream, &protocol::encode_bytes(text.as_bytes())).await
 }

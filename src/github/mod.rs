@@ -19,6 +19,8 @@ pub struct GitHubCtx {
     pub owner: String,
     pub repo: String,
     pub token_source: TokenSource,
+    /// Kept for the redactor, which must know it again when the config is reloaded.
+    pub token: client::Token,
     pub gh: Arc<GitHub>,
     /// Reads issues (with their board item) and, when `project.enabled`, keeps the board true.
     pub reconciler: Arc<Reconciler>,
@@ -40,6 +42,8 @@ pub fn setup(config: &Config, workspace: &Path, state_dir: &Path) -> Result<GitH
          or log in with `gh auth login`"
             .to_string()
     })?;
+    // From here on no text that holds the token leaves autodevd: logs, replies, files, GitHub writes.
+    install_redactor(config, Some(&token));
     let (owner, repo) = match (&github.owner, &github.repo) {
         (Some(o), Some(r)) => (o.clone(), r.clone()),
         _ => origin_repo(workspace).ok_or_else(|| {
@@ -64,31 +68,22 @@ pub fn setup(config: &Config, workspace: &Path, state_dir: &Path) -> Result<GitH
     }
     let settings = &config.raw.status_comments;
     let comments = settings.enabled.then(|| {
-        let redactor = comments::Redactor::new(&settings.redact_patterns, known_secrets(config, &token));
         let worker = comments::Comments::new(
             gh.clone(),
             owner.clone(),
             repo.clone(),
             std::time::Duration::from_secs_f64(settings.interval_secs),
-            redactor,
         );
         tokio::spawn(worker.clone().run());
         worker
     });
-    Ok(GitHubCtx { owner, repo, token_source, gh, reconciler, sync_enabled, comments })
+    Ok(GitHubCtx { owner, repo, token_source, token, gh, reconciler, sync_enabled, comments })
 }
 
-/// Secret values autodev knows, removed verbatim from anything it posts: the GitHub token, the LLMs' API keys,
-/// and the values of their environment variables whose names say they are keys or tokens.
-fn known_secrets(config: &Config, token: &client::Token) -> Vec<String> {
-    let secret_name = |k: &str| ["KEY", "TOKEN", "SECRET", "PASSWORD"].iter().any(|w| k.to_uppercase().contains(w));
-    let mut out = vec![token.expose().to_string()];
-    for entry in config.providers() {
-        out.extend(entry.llm.api_key.clone());
-        out.extend(entry.llm.env.iter().filter(|(k, _)| secret_name(k)).map(|(_, v)| v.clone()));
-    }
-    out.extend(std::env::vars().filter(|(k, _)| secret_name(k)).map(|(_, v)| v));
-    out
+/// Makes the one redactor know the secrets of `config` and the GitHub token (when there is one).
+pub fn install_redactor(config: &Config, token: Option<&client::Token>) {
+    let secrets = crate::redact::known_secrets(config, token.map(client::Token::expose));
+    crate::redact::install(crate::redact::Redactor::new(&config.raw.status_comments.redact_patterns, secrets));
 }
 
 fn origin_repo(workspace: &Path) -> Option<(String, String)> {

@@ -179,13 +179,8 @@ impl Reconciler {
     }
 
     fn persist(&self, state: &State) {
-        match serde_json::to_vec_pretty(&state.outbox) {
-            Ok(bytes) => {
-                if let Err(e) = crate::ledger::write_atomic(&self.path, &bytes) {
-                    tracing::error!("cannot write {}: {e}", self.path.display());
-                }
-            }
-            Err(e) => tracing::error!("cannot encode the sync outbox: {e}"),
+        if let Err(e) = crate::ledger::write_json(&self.path, &state.outbox) {
+            tracing::error!("cannot write {}: {e}", self.path.display());
         }
     }
 

@@ -23,6 +23,8 @@ pub enum Failure {
     Secondary,
     Unauthorized,
     InsufficientScopes,
+    /// A 422 whose message echoes the request's Authorization header, as some proxies and old servers do.
+    EchoAuthorization,
 }
 
 #[derive(Debug, Clone)]
@@ -255,6 +257,10 @@ fn handle(state: &Mutex<State>, method: &str, path: &str, headers: &str, body: &
             );
         }
         Some(Failure::Unauthorized) => return (401, String::new(), json!({ "message": "Bad credentials" })),
+        Some(Failure::EchoAuthorization) => {
+            let auth = headers.lines().find(|l| l.to_ascii_lowercase().starts_with("authorization:")).unwrap_or("");
+            return (422, String::new(), json!({ "message": format!("Validation failed for request with {auth}") }));
+        }
         Some(Failure::InsufficientScopes) => {
             return (
                 200,
