@@ -360,6 +360,44 @@ fn stop_tree(report: &mut Vec<String>, ignoring: bool) {
     ));
 }
 
+/// Daemon memory while 100 clients each stall one byte short of a 6 MiB request (the largest a request may be), and
+/// whether `status` still answers meanwhile (by time to answer).
+fn stalled_clients(report: &mut Vec<String>) {
+    use std::os::unix::net::UnixStream;
+    let d = Daemon::start(&plain_config(1));
+    let pid = d.pid();
+    let before = daemon_kb(pid, "VmRSS:");
+    let len: u32 = 6 << 20;
+    let writers: Vec<_> = (0..100)
+        .map(|_| {
+            let socket = d.socket();
+            std::thread::spawn(move || {
+                let mut s = UnixStream::connect(socket).unwrap();
+                let mut frame = vec![b'J'];
+                frame.extend_from_slice(&len.to_be_bytes());
+                let _ = s.write_all(&frame);
+                let chunk = vec![b' '; 1 << 20];
+                let mut left = len as usize - 1;
+                while left > 0 && s.write_all(&chunk[..left.min(chunk.len())]).is_ok() {
+                    left -= left.min(chunk.len());
+                }
+                s
+            })
+        })
+        .collect();
+    let _held: Vec<UnixStream> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+    let start = Instant::now();
+    d.status();
+    let status_ms = start.elapsed().as_secs_f64() * 1000.0;
+    let peak = daemon_kb(pid, "VmHWM:");
+    report.push(format!(
+        "| daemon peak RSS (VmHWM) while 100 clients stall one byte short of a 6 MiB request | **{:.1} MiB** (before: \
+         {:.1} MiB); `autodevctl status` meanwhile: {status_ms:.0} ms |",
+        peak as f64 / 1024.0,
+        before as f64 / 1024.0
+    ));
+}
+
 /// Preparing a reused worktree for a new task in a repository of 10,000 files (fetch from a local `origin`, safety
 /// checks, switch to the new branch), through the library call autodevd makes.
 fn worktree_reuse(report: &mut Vec<String>) {
@@ -434,7 +472,7 @@ fn main() {
     if let Some(i) = args.iter().position(|a| a == "--writer") {
         return writer(&args[i + 1]);
     }
-    // BENCH_ONLY=capture,status,memory,idle,latency,recovery,worktree,health,stop runs only those sections.
+    // BENCH_ONLY=capture,status,memory,idle,latency,recovery,worktree,health,stop,socket runs only those sections.
     let only = std::env::var("BENCH_ONLY").ok();
     let wanted = |name: &str| only.as_deref().is_none_or(|o| o.split(',').any(|x| x == name));
     let (gib, rounds) = if quick() { (64u64 << 20, 2) } else { (1u64 << 30, 5) };
@@ -475,6 +513,9 @@ fn main() {
     }
     if wanted("health") {
         health_sampling(&mut other);
+    }
+    if wanted("socket") {
+        stalled_clients(&mut other);
     }
     if wanted("stop") {
         stop_tree(&mut other, false);

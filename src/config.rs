@@ -125,6 +125,10 @@ pub struct SupervisorConfig {
     pub restart_allowance: RestartAllowance,
     /// A cgroup per run (`auto`) or process groups only.
     pub containment: Containment,
+    /// Request connections of the control socket at once; at the cap the longest-idle one is closed.
+    pub max_clients: usize,
+    /// Streaming connections (`logs -f`) at once.
+    pub max_streams: usize,
 }
 
 /// `supervisor.restartAllowance`: at most `count` automatic restarts of one task per `perSecs`.
@@ -150,6 +154,8 @@ impl Default for SupervisorConfig {
             on_abandoned: OnAbandoned::Ask,
             restart_allowance: RestartAllowance::default(),
             containment: Containment::Auto,
+            max_clients: 64,
+            max_streams: 64,
         }
     }
 }

@@ -12,7 +12,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// Bumped when a request or reply changes incompatibly.
 pub const PROTOCOL_VERSION: u32 = 1;
 /// A request larger than this is refused before it is read (a prompt travels inside `assign`).
-pub const MAX_REQUEST_FRAME: usize = 4 << 20;
+/// The largest legitimate request is an `assign` with a 1 MiB prompt; JSON escapes a control byte as six bytes.
+pub const MAX_REQUEST_FRAME: usize = (6 << 20) + (64 << 10);
 /// A reply larger than this is refused by the client (status of hundreds of slots stays far below it).
 pub const MAX_REPLY_FRAME: usize = 64 << 20;
 
@@ -494,7 +495,7 @@ fn header(kind: u8, len: usize) -> io::Result<[u8; 5]> {
     Ok(h)
 }
 
-fn parse_header(h: [u8; 5], max: usize) -> Result<(u8, usize), FrameError> {
+pub fn parse_header(h: [u8; 5], max: usize) -> Result<(u8, usize), FrameError> {
     let kind = h[0];
     if kind != KIND_JSON && kind != KIND_BYTES {
         return Err(FrameError::UnknownKind(kind));
@@ -506,7 +507,7 @@ fn parse_header(h: [u8; 5], max: usize) -> Result<(u8, usize), FrameError> {
     Ok((kind, len))
 }
 
-fn frame_of(kind: u8, payload: Vec<u8>) -> Frame {
+pub fn frame_of(kind: u8, payload: Vec<u8>) -> Frame {
     if kind == KIND_JSON { Frame::Json(payload) } else { Frame::Bytes(payload) }
 }
 

@@ -61,6 +61,46 @@ const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 /// How often a stop checks whether the group is gone.
 const GROUP_POLL: Duration = Duration::from_millis(20);
 
+/// The soft RLIMIT_NOFILE autodevd started with (0: not raised), given back to every child: tools that loop over
+/// every possible descriptor, or use select(), break under a huge limit.
+static CHILD_NOFILE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Raises the soft limit of open descriptors to the hard limit, remembering the old one for children.
+pub fn raise_fd_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit read and write the struct we own; no other memory is involved.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 || limit.rlim_cur >= limit.rlim_max {
+            return;
+        }
+        let old = limit.rlim_cur;
+        limit.rlim_cur = limit.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+            CHILD_NOFILE.store(old, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+/// Gives a child the descriptor limit autodevd started with (between fork and exec).
+fn restore_fd_limit(command: &mut Command) {
+    let soft = CHILD_NOFILE.load(std::sync::atomic::Ordering::Relaxed);
+    if soft == 0 {
+        return;
+    }
+    // SAFETY: runs in the child between fork and exec; getrlimit and setrlimit are async-signal-safe system calls
+    // on a struct on the stack.
+    unsafe {
+        command.pre_exec(move || {
+            let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+                limit.rlim_cur = soft.min(limit.rlim_max);
+                libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Pids of children whose exit a run watches; the orphan reaper leaves them alone.
 static TRACKED: Mutex<Option<HashSet<i32>>> = Mutex::new(None);
 
@@ -187,6 +227,7 @@ pub fn spawn(spec: &SpawnSpec) -> Result<Child, SpawnError> {
             });
         }
     }
+    restore_fd_limit(&mut command);
     // Hold the reaper off between fork and registration.
     let mut tracked = tracked();
     let child = command.spawn().map_err(|e| match e.kind() {
@@ -484,6 +525,7 @@ pub async fn clear_lock_holders(lock: &Path, pgid: Option<i32>, grace: Duration)
 pub fn run_command(command: &mut Command, timeout: Duration) -> io::Result<std::process::Output> {
     // Its own group, so a timeout also ends what it started (ssh, credential helpers, hooks) and the pipes close.
     command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
+    restore_fd_limit(command);
     let mut tracked = tracked();
     let child = command.spawn()?;
     let pid = child.id() as i32;

@@ -1,6 +1,7 @@
 //! autodevd: start-up (config, directories, the one-daemon lock, the socket), the main loop (connections and
 //! signals), and shutdown. Callable from tests and benchmarks through [`run`].
 
+mod clients;
 mod handle;
 mod health;
 mod issue_sync;
@@ -75,6 +76,8 @@ pub struct Shared {
     disk_full: Mutex<Option<String>>,
     /// The loop that writes records waiting for room runs.
     flushing: std::sync::atomic::AtomicBool,
+    /// The control socket's connections (caps, idle rules, the budget of unfinished requests).
+    clients: Arc<clients::Clients>,
     /// Where runs' cgroups live, or why runs are contained by process groups only.
     cgroups: Result<crate::cgroup::Cgroups, String>,
     /// Tasks whose next run is due, for [`start_next_runs`].
@@ -213,6 +216,8 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
     ensure_private_dir(&paths.slots_dir())?;
     let _lock = take_daemon_lock(&paths)?;
     supervisor::become_subreaper();
+    // Clients are capped, but a burst of them must not run the daemon out of descriptors; children get the old limit.
+    supervisor::raise_fd_limit();
 
     let socket_path = paths.socket();
     if socket_path.as_os_str().len() > MAX_SOCKET_PATH {
@@ -274,6 +279,7 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         flushing: std::sync::atomic::AtomicBool::new(false),
         start_next,
         cgroups,
+        clients: Arc::new(clients::Clients::new(sup.max_clients, sup.max_streams)),
         paths: paths.clone(),
         config,
     });

@@ -5,27 +5,32 @@ use std::io::{Read, Seek, SeekFrom};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::io::AsyncReadExt;
 use tokio::net::UnixStream;
 use tokio::sync::watch;
 
 use super::Shared;
+use super::clients::Admitted;
 use super::slots::RunSignal;
 use super::{handle, runs};
 use crate::output::{LineAssembler, render_lines, render_tail, tail_offset};
 use crate::protocol::{
-    self, ErrorKind, ErrorReply, Frame, FrameError, MAX_REQUEST_FRAME, PROTOCOL_VERSION, Reply, Request, SlotState,
-    StatusReport,
+    self, ErrorKind, ErrorReply, Frame, MAX_REQUEST_FRAME, PROTOCOL_VERSION, Reply, Request, SlotState, StatusReport,
 };
 use crate::provider::EventFormat;
 
-/// A connection that sends nothing for this long is closed (it holds a task and a socket).
-const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// A request connection that sends nothing for this long is closed (it holds a task and a socket).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A request must arrive whole within this long of its first byte.
+const FRAME_DEADLINE: Duration = Duration::from_secs(10);
+/// Requests are read in chunks of this size as the bytes arrive.
+const READ_CHUNK: usize = 64 << 10;
 /// Size of the chunks `logs` sends.
 const LOG_CHUNK: usize = 64 << 10;
 /// Characters per rendered line in `logs` (the preview keeps fewer).
 const LOG_LINE_CHARS: usize = 4000;
 
-/// Serves one client until it hangs up.
+/// Serves one client until it hangs up, goes idle, stalls mid-request, or is closed to make room.
 pub async fn serve(shared: Arc<Shared>, mut stream: UnixStream) {
     let me = nix::unistd::getuid().as_raw();
     match stream.peer_cred() {
@@ -41,17 +46,29 @@ pub async fn serve(shared: Arc<Shared>, mut stream: UnixStream) {
             return;
         }
     }
+    let Some(conn) = shared.clients.admit() else {
+        let reply = error(ErrorKind::Failed, "autodevd is answering as many clients as it serves at once".into());
+        let _ = protocol::write_frame(&mut stream, &protocol::encode_json(&reply)).await;
+        return;
+    };
     loop {
-        let frame = match tokio::time::timeout(IDLE_TIMEOUT, protocol::read_frame(&mut stream, MAX_REQUEST_FRAME)).await
-        {
-            Err(_) | Ok(Err(FrameError::Closed)) => return,
-            Ok(Ok(frame)) => frame,
-            Ok(Err(e)) => {
-                // After a bad header the stream cannot be resynchronised: answer, then hang up.
-                let _ = send(&mut stream, &error(ErrorKind::BadRequest, format!("bad frame: {e}"))).await;
+        conn.waiting();
+        let frame = tokio::select! {
+            why = conn.closed() => {
+                let _ = send(&mut stream, &error(ErrorKind::Failed, why.to_string())).await;
                 return;
             }
+            read = read_request(&mut stream, &conn) => match read {
+                Ok(frame) => frame,
+                Err(ReadEnd::Closed) | Err(ReadEnd::Idle) => return,
+                Err(ReadEnd::Refused(message)) => {
+                    // After a bad or partial frame the stream cannot be resynchronised: answer, then hang up.
+                    let _ = send(&mut stream, &error(ErrorKind::BadRequest, message)).await;
+                    return;
+                }
+            },
         };
+        conn.answering();
         let request = match frame {
             Frame::Json(payload) => protocol::decode_request(&payload),
             Frame::Bytes(_) => {
@@ -59,13 +76,71 @@ pub async fn serve(shared: Arc<Shared>, mut stream: UnixStream) {
             }
         };
         let outcome = match request {
-            Ok(request) => handle(&shared, request, &mut stream).await,
+            Ok(request) => handle(&shared, request, &mut stream, &conn).await,
             Err(e) => send(&mut stream, &Reply::Error(e)).await,
         };
         if outcome.is_err() {
             return;
         }
     }
+}
+
+/// Why no request came.
+enum ReadEnd {
+    /// The client hung up between requests.
+    Closed,
+    /// Nothing came for [`IDLE_TIMEOUT`].
+    Idle,
+    /// What came is not a request we take; the message says why.
+    Refused(String),
+}
+
+thread_local! {
+    /// Where every connection's bytes land before they are kept (the runtime has one thread; no read awaits in
+    /// between).
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; READ_CHUNK]);
+}
+
+/// Reads one request frame: its first byte within [`IDLE_TIMEOUT`], all of it within [`FRAME_DEADLINE`] of that
+/// byte. The payload is buffered as it arrives (never allocated from the length prefix) and counted against the
+/// budget of all unfinished requests.
+async fn read_request(stream: &mut UnixStream, conn: &Admitted) -> Result<Frame, ReadEnd> {
+    let mut header = [0u8; 5];
+    match tokio::time::timeout(IDLE_TIMEOUT, stream.read(&mut header[..1])).await {
+        Err(_) => return Err(ReadEnd::Idle),
+        Ok(Ok(0)) | Ok(Err(_)) => return Err(ReadEnd::Closed),
+        Ok(Ok(_)) => {}
+    }
+    let rest = async {
+        stream.read_exact(&mut header[1..]).await.map_err(|_| ReadEnd::Closed)?;
+        let (kind, len) = protocol::parse_header(header, MAX_REQUEST_FRAME)
+            .map_err(|e| ReadEnd::Refused(format!("bad frame: {e}")))?;
+        // In pieces of exactly what arrived, read through one scratch buffer: a stalled client holds only the bytes
+        // it sent (which the budget counts), never a buffer of its own, and no buffer ever doubles. Joined once whole.
+        let mut pieces: Vec<Vec<u8>> = Vec::new();
+        let mut received = 0;
+        while received < len {
+            stream.readable().await.map_err(|_| ReadEnd::Closed)?;
+            let want = READ_CHUNK.min(len - received);
+            let read = SCRATCH.with_borrow_mut(|scratch| match stream.try_read(&mut scratch[..want]) {
+                Ok(n) => Ok(Some(scratch[..n].to_vec())),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+                Err(_) => Err(ReadEnd::Closed),
+            })?;
+            let Some(piece) = read else { continue };
+            if piece.is_empty() {
+                return Err(ReadEnd::Closed);
+            }
+            conn.buffered(piece.len()).map_err(|why| ReadEnd::Refused(why.to_string()))?;
+            received += piece.len();
+            pieces.push(piece);
+        }
+        let payload = pieces.concat();
+        Ok(protocol::frame_of(kind, payload))
+    };
+    tokio::time::timeout(FRAME_DEADLINE, rest).await.unwrap_or_else(|_| {
+        Err(ReadEnd::Refused(format!("the request did not arrive whole within {FRAME_DEADLINE:?} of its first byte")))
+    })
 }
 
 fn error(kind: ErrorKind, message: String) -> Reply {
@@ -78,7 +153,12 @@ async fn send(stream: &mut UnixStream, reply: &Reply) -> std::io::Result<()> {
     protocol::write_frame(stream, &protocol::encode_json_body(&body)).await
 }
 
-async fn handle(shared: &Arc<Shared>, request: Request, stream: &mut UnixStream) -> std::io::Result<()> {
+async fn handle(
+    shared: &Arc<Shared>,
+    request: Request,
+    stream: &mut UnixStream,
+    conn: &Admitted,
+) -> std::io::Result<()> {
     let reply = match request {
         Request::Ping => Reply::Pong { version: PROTOCOL_VERSION, daemon_pid: shared.daemon_pid },
         Request::Status => {
@@ -118,6 +198,9 @@ async fn handle(shared: &Arc<Shared>, request: Request, stream: &mut UnixStream)
         Request::Release { slot, done } => handle::release(shared, &slot, done).unwrap_or_else(Reply::Error),
         Request::Workspaces { prune } => handle::workspaces(shared, prune).await.unwrap_or_else(Reply::Error),
         Request::Logs { slot, lines, follow, raw, stderr } => {
+            if follow && let Err(message) = conn.to_stream() {
+                return send(stream, &error(ErrorKind::Failed, message)).await;
+            }
             return stream_logs(shared, stream, &slot, lines, follow, raw, stderr).await;
         }
     };
