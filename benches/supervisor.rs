@@ -398,6 +398,34 @@ fn stalled_clients(report: &mut Vec<String>) {
     ));
 }
 
+/// Daemon memory across `logs -n 100000000` (rendered and raw) of a 200 MiB log: it must not grow with the count
+/// or the log.
+fn logs_memory(report: &mut Vec<String>) {
+    let bytes: u64 = if quick() { 20 << 20 } else { 200 << 20 };
+    let d = Daemon::start(&plain_config(1));
+    let slot = d.assign(1, &[], &format!("@flood {bytes}"));
+    wait_done(&d, &slot, Duration::from_secs(600));
+    let pid = d.pid();
+    let before = daemon_kb(pid, "VmHWM:");
+    let mut times = Vec::new();
+    for args in [vec!["logs", "-n", "100000000", &slot], vec!["logs", "--raw", "-n", "100000000", &slot]] {
+        let start = Instant::now();
+        let status = d.ctl_command(&args).stdout(Stdio::null()).status().unwrap();
+        assert!(status.success());
+        times.push(start.elapsed().as_secs_f64());
+    }
+    let after = daemon_kb(pid, "VmHWM:");
+    report.push(format!(
+        "| daemon peak RSS (VmHWM) before and after `logs -n 100000000` and `logs --raw -n 100000000` of a {} MiB \
+         log | **{:.1} → {:.1} MiB** ({:.1} s and {:.1} s to stream it) |",
+        bytes >> 20,
+        before as f64 / 1024.0,
+        after as f64 / 1024.0,
+        times[0],
+        times[1]
+    ));
+}
+
 /// Preparing a reused worktree for a new task in a repository of 10,000 files (fetch from a local `origin`, safety
 /// checks, switch to the new branch), through the library call autodevd makes.
 fn worktree_reuse(report: &mut Vec<String>) {
@@ -472,7 +500,7 @@ fn main() {
     if let Some(i) = args.iter().position(|a| a == "--writer") {
         return writer(&args[i + 1]);
     }
-    // BENCH_ONLY=capture,status,memory,idle,latency,recovery,worktree,health,stop,socket runs only those sections.
+    // BENCH_ONLY=capture,status,memory,idle,latency,recovery,worktree,health,stop,socket,logs runs only those sections.
     let only = std::env::var("BENCH_ONLY").ok();
     let wanted = |name: &str| only.as_deref().is_none_or(|o| o.split(',').any(|x| x == name));
     let (gib, rounds) = if quick() { (64u64 << 20, 2) } else { (1u64 << 30, 5) };
@@ -513,6 +541,9 @@ fn main() {
     }
     if wanted("health") {
         health_sampling(&mut other);
+    }
+    if wanted("logs") {
+        logs_memory(&mut other);
     }
     if wanted("socket") {
         stalled_clients(&mut other);

@@ -423,11 +423,15 @@ pub struct LoggingConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    /// Names the file and what is wrong with it.
+    #[error("{message}")]
+    Read { message: String },
     #[error("config {path}: at {json_path}: {message}")]
     Invalid { path: String, json_path: String, message: String },
 }
+
+/// The largest config file autodev reads.
+pub const MAX_CONFIG_BYTES: usize = 1 << 20;
 
 impl Config {
     /// Built-in defaults: every built-in provider enabled with one slot.
@@ -437,8 +441,8 @@ impl Config {
 
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let text = crate::input::read_text(path, MAX_CONFIG_BYTES, crate::input::READ_TIMEOUT, "config")
+            .map_err(|message| ConfigError::Read { message })?;
         Config::parse(&text, Some(path.to_path_buf()))
     }
 

@@ -6,6 +6,7 @@ pub mod config;
 pub mod ctl;
 pub mod daemon;
 pub mod github;
+pub mod input;
 pub mod ledger;
 pub mod output;
 pub mod paths;

@@ -25,7 +25,9 @@ pub const HEAD_WINDOW: u64 = 64 << 10;
 pub const RESULT_SCAN_WINDOW: u64 = 4 << 20;
 const READ_CHUNK: usize = 64 << 10;
 /// How far back `logs -n` and the end-of-run stderr summary read at most.
-const RENDER_TAIL_MAX: u64 = 8 << 20;
+const RENDER_TAIL_MAX: u64 = 64 << 20;
+/// [`render_tail`] holds what it reads: it reads at most this much.
+const RENDER_TAIL_WINDOW_MAX: u64 = 1 << 20;
 
 /// One complete line, cut to [`LINE_CAP`] bytes; `dropped` counts the bytes cut off.
 pub struct Line<'a> {
@@ -363,7 +365,7 @@ pub fn render_tail(path: &Path, format: EventFormat, n: usize, max_chars: usize)
         let mut rendered = render_lines(&mut assembler, &data[..complete], format, max_chars, false);
         // A log whose tail renders to few lines (progress bars, tool results) is not read whole: past the cap,
         // what was found is what is shown.
-        if rendered.len() >= n || start == 0 || window >= RENDER_TAIL_MAX {
+        if rendered.len() >= n || start == 0 || window >= RENDER_TAIL_WINDOW_MAX {
             let skip = rendered.len().saturating_sub(n);
             return Ok((rendered.split_off(skip), start + complete as u64));
         }
@@ -371,27 +373,72 @@ pub fn render_tail(path: &Path, format: EventFormat, n: usize, max_chars: usize)
     }
 }
 
-/// The offset where the last `n` lines of a file start (what `logs --raw -n` shows).
+/// The offset where the last `n` lines of a file start (what `logs --raw -n` shows). Reads backwards in chunks of
+/// [`TAIL_WINDOW`]: memory does not grow with `n` or with the file.
 pub fn tail_offset(path: &Path, n: usize) -> io::Result<u64> {
     let file = File::open(path)?;
     let size = file.metadata()?.len();
-    let mut window = TAIL_WINDOW;
-    loop {
-        let start = size.saturating_sub(window);
-        let data = read_at(&file, start, size - start)?;
-        // A final newline ends the last line; it does not start another.
-        let body = data.strip_suffix(b"\n").unwrap_or(&data);
-        if n == 0 {
-            return Ok(size);
-        }
-        if let Some(i) = memchr::memrchr_iter(b'\n', body).nth(n - 1) {
-            return Ok(start + i as u64 + 1);
-        }
-        if start == 0 || window >= RENDER_TAIL_MAX {
-            return Ok(start);
-        }
-        window = window.saturating_mul(4);
+    line_start_from_end(&file, size, n)
+}
+
+fn line_start_from_end(file: &File, size: u64, n: usize) -> io::Result<u64> {
+    if n == 0 {
+        return Ok(size);
     }
+    let mut end = size;
+    let mut seen = 0;
+    let mut last_byte = true;
+    while end > 0 {
+        let start = end.saturating_sub(TAIL_WINDOW);
+        let data = read_at(file, start, end - start)?;
+        for i in memchr::memrchr_iter(b'\n', &data) {
+            // A final newline ends the last line; it does not start another.
+            if last_byte && start + i as u64 + 1 == size {
+                continue;
+            }
+            seen += 1;
+            if seen == n {
+                return Ok(start + i as u64 + 1);
+            }
+        }
+        last_byte = false;
+        end = start;
+    }
+    Ok(0)
+}
+
+/// Where `logs -n` starts rendering, and how many rendered lines to skip there, for the last `n` rendered lines:
+/// found by counting, in chunks, never by holding the lines, so memory does not grow with `n` or with the log.
+/// One raw line may render to several lines or to none; past [`RENDER_TAIL_MAX`] of log searched, what was found
+/// is what is shown.
+pub fn plan_tail(path: &Path, format: EventFormat, n: usize, max_chars: usize) -> io::Result<(u64, usize)> {
+    let file = File::open(path)?;
+    let size = file.metadata()?.len();
+    let mut raw_lines = n.max(1);
+    loop {
+        let offset = line_start_from_end(&file, size, raw_lines)?;
+        let rendered = count_rendered(&file, offset, size, format, max_chars)?;
+        if rendered >= n || offset == 0 || size - offset >= RENDER_TAIL_MAX {
+            return Ok((offset, rendered.saturating_sub(n)));
+        }
+        raw_lines = raw_lines.saturating_mul(4);
+    }
+}
+
+/// How many lines the complete lines between `from` and `to` render to.
+fn count_rendered(file: &File, from: u64, to: u64, format: EventFormat, max_chars: usize) -> io::Result<usize> {
+    let mut assembler = LineAssembler::default();
+    let mut count = 0;
+    let mut at = from;
+    while at < to {
+        let data = read_at(file, at, TAIL_WINDOW.min(to - at))?;
+        if data.is_empty() {
+            break;
+        }
+        at += data.len() as u64;
+        count += render_lines(&mut assembler, &data, format, max_chars, false).len();
+    }
+    Ok(count)
 }
 
 /// Renders every line of `data` (what `logs` shows). With `finish`, a last line without newline counts too.
@@ -430,6 +477,39 @@ mod tests {
     #[test]
     fn assembles_lines_across_chunks() {
         assert_eq!(lines_of(&[b"ab", b"c\nde", b"f\n", b"g"], usize::MAX, usize::MAX), ["abc", "def", "g"]);
+    }
+
+    /// Rendering from the planned offset, skipping as planned, gives the last `n` lines of rendering everything.
+    #[test]
+    fn the_tail_plan_matches_rendering_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stdout");
+        let mut log = String::new();
+        for i in 0..5000 {
+            // Some events render to two lines, some to none, some lines are plain text.
+            match i % 4 {
+                0 => log.push_str(&format!("{{\"type\":\"assistant\",\"message\":{{\"content\":[{{\"type\":\"text\",\"text\":\"a{i}\\nb{i}\"}}]}}}}\n")),
+                1 => log.push_str("{\"type\":\"system\",\"subtype\":\"hook\"}\n"),
+                _ => log.push_str(&format!("plain {i}\n")),
+            }
+        }
+        std::fs::write(&path, &log).unwrap();
+        let everything = render_lines(&mut LineAssembler::default(), log.as_bytes(), EventFormat::Claude, 4000, false);
+        for n in [0, 1, 7, 100, 4999, 100_000_000] {
+            let (offset, skip) = plan_tail(&path, EventFormat::Claude, n, 4000).unwrap();
+            let mut shown = render_lines(
+                &mut LineAssembler::default(),
+                &log.as_bytes()[offset as usize..],
+                EventFormat::Claude,
+                4000,
+                false,
+            );
+            shown.drain(..skip);
+            let expected = &everything[everything.len().saturating_sub(n)..];
+            assert_eq!(shown, expected, "n = {n}");
+        }
+        assert_eq!(tail_offset(&path, 2).unwrap(), log.len() as u64 - "plain 4998\nplain 4999\n".len() as u64);
+        assert_eq!(tail_offset(&path, 100_000_000).unwrap(), 0);
     }
 
     #[test]

@@ -146,8 +146,13 @@ pub struct SpawnSpec<'a> {
 pub enum SpawnError {
     #[error("command not found")]
     NotFound,
+    /// The program exists, but the interpreter its `#!` line names does not.
+    #[error("its interpreter {0} (from its #! line) is not found")]
+    NoInterpreter(String),
     #[error("permission denied (is it executable?)")]
     NotExecutable,
+    #[error("it is a directory")]
+    IsDirectory,
     #[error("working directory {0} does not exist")]
     NoWorkingDir(PathBuf),
     #[error("{0}")]
@@ -230,11 +235,7 @@ pub fn spawn(spec: &SpawnSpec) -> Result<Child, SpawnError> {
     restore_fd_limit(&mut command);
     // Hold the reaper off between fork and registration.
     let mut tracked = tracked();
-    let child = command.spawn().map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound => SpawnError::NotFound,
-        io::ErrorKind::PermissionDenied => SpawnError::NotExecutable,
-        _ => SpawnError::Io(e),
-    })?;
+    let child = command.spawn().map_err(|e| explain(spec, e))?;
     let pid = child.id() as i32;
     tracked.get_or_insert_with(HashSet::new).insert(pid);
     drop(tracked);
@@ -247,6 +248,38 @@ pub fn spawn(spec: &SpawnSpec) -> Result<Child, SpawnError> {
         untrack(pid);
     })?;
     Ok(Child { pid, pidfd, ours: true })
+}
+
+/// Says why `spec.program` could not be started, from what is on disk (the kernel says ENOENT both for a missing
+/// program and for a script whose interpreter is missing, EACCES both for a file without the x bit and for a
+/// directory).
+fn explain(spec: &SpawnSpec, error: io::Error) -> SpawnError {
+    let path_var = spec.env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.as_str()).unwrap_or(DEFAULT_PATH);
+    let found = if spec.program.contains('/') {
+        Some(spec.cwd.join(spec.program)).filter(|p| p.exists())
+    } else {
+        std::env::split_paths(path_var).map(|d| d.join(spec.program)).find(|p| p.exists())
+    };
+    match (error.kind(), found) {
+        (_, Some(p)) if p.is_dir() => SpawnError::IsDirectory,
+        (io::ErrorKind::NotFound, Some(p)) => match interpreter_of(&p) {
+            Some(interpreter) => SpawnError::NoInterpreter(interpreter),
+            None => SpawnError::NotFound,
+        },
+        (io::ErrorKind::NotFound, None) => SpawnError::NotFound,
+        (io::ErrorKind::PermissionDenied, _) => SpawnError::NotExecutable,
+        _ => SpawnError::Io(error),
+    }
+}
+
+/// The interpreter a script's `#!` line names (its first 256 bytes are read).
+fn interpreter_of(path: &Path) -> Option<String> {
+    use std::io::Read;
+    let mut head = Vec::new();
+    File::open(path).ok()?.take(256).read_to_end(&mut head).ok()?;
+    let line = head.strip_prefix(b"#!")?.split(|b| *b == b'\n').next()?;
+    let line = String::from_utf8_lossy(line);
+    line.split_whitespace().next().map(str::to_string)
 }
 
 /// Watches a live process we did not spawn (a run adopted after a restart).

@@ -45,6 +45,7 @@ pub enum Command {
     /// Start an agent on an issue in a free slot
     Assign {
         /// The GitHub issue number the task is about
+        #[arg(allow_negative_numbers = true, value_parser = issue_number)]
         issue: u64,
         /// Which LLM to use (claude, gemini, codex or a custom one); default: the config's, else the first free
         #[arg(long)]
@@ -158,7 +159,8 @@ pub enum Command {
 }
 
 /// The largest prompt `assign` sends: the request frame limit less room for the rest of the request.
-const MAX_PROMPT_BYTES: usize = protocol::MAX_REQUEST_FRAME - (64 << 10);
+/// The largest prompt `assign` takes, from any source (the daemon reads no more of a task's prompt file either).
+const MAX_PROMPT_BYTES: usize = 1 << 20;
 
 #[derive(Debug, Subcommand)]
 pub enum ProjectAction {
@@ -298,19 +300,27 @@ fn unexpected(reply: Reply) -> CtlError {
     CtlError::Failed(format!("unexpected reply from autodevd: {reply:?}"))
 }
 
+/// An issue number as a person types it: GitHub numbers issues from 1.
+fn issue_number(text: &str) -> Result<u64, String> {
+    match text.trim().parse::<i128>() {
+        Ok(n) if n >= 1 && n <= u64::MAX as i128 => Ok(n as u64),
+        Ok(_) => Err("issue numbers start at 1".into()),
+        Err(_) => Err("not a number: give the issue's number, e.g. 123".into()),
+    }
+}
+
 /// The task from `--prompt` or `--prompt-file`; `None` takes it from the GitHub issue.
 fn read_prompt(prompt: Option<String>, file: Option<PathBuf>) -> Result<Option<String>, CtlError> {
     match (prompt, file) {
         (Some(p), _) => Ok(Some(p)),
         (None, Some(path)) if path.as_os_str() == "-" => {
-            let mut text = String::new();
-            io::Read::read_to_string(&mut io::stdin(), &mut text)
-                .map_err(|e| CtlError::Failed(format!("cannot read the prompt from stdin: {e}")))?;
-            Ok(Some(text))
+            crate::input::read_stdin(MAX_PROMPT_BYTES, "prompt").map(Some).map_err(CtlError::Failed)
         }
-        (None, Some(path)) => std::fs::read_to_string(&path)
-            .map(Some)
-            .map_err(|e| CtlError::Failed(format!("cannot read prompt file {}: {e}", path.display()))),
+        (None, Some(path)) => {
+            crate::input::read_text(&path, MAX_PROMPT_BYTES, crate::input::READ_TIMEOUT, "prompt file")
+                .map(Some)
+                .map_err(CtlError::Failed)
+        }
         (None, None) => Ok(None),
     }
 }

@@ -300,6 +300,17 @@ fn launch(
                     EndCause::CliMissing,
                     format!("{name}: command not found (cliPath {program:?}) — install it or set llms.{name}.cliPath"),
                 ),
+                SpawnError::NoInterpreter(interpreter) => (
+                    EndCause::CliMissing,
+                    format!(
+                        "{name}: {program:?} is a script whose interpreter {interpreter} (from its #! line) is not \
+                         found — install it, or fix llms.{name}.cliPath"
+                    ),
+                ),
+                SpawnError::IsDirectory => (
+                    EndCause::CliMissing,
+                    format!("{name}: cliPath {program:?} is a directory, not a program — fix llms.{name}.cliPath"),
+                ),
                 SpawnError::NotExecutable => (
                     EndCause::CliMissing,
                     format!(

@@ -13,7 +13,7 @@ use super::Shared;
 use super::clients::Admitted;
 use super::slots::RunSignal;
 use super::{handle, runs};
-use crate::output::{LineAssembler, render_lines, render_tail, tail_offset};
+use crate::output::{LineAssembler, plan_tail, render_lines, tail_offset};
 use crate::protocol::{
     self, ErrorKind, ErrorReply, Frame, MAX_REQUEST_FRAME, PROTOCOL_VERSION, Reply, Request, SlotState, StatusReport,
 };
@@ -238,19 +238,21 @@ async fn stream_logs(
         Err(message) => return send(stream, &error(ErrorKind::NotFound, message)).await,
     };
     let unreadable = |e: std::io::Error| error(ErrorKind::Failed, format!("cannot read {}: {e}", path.display()));
-    let mut offset = match (raw, lines) {
-        (_, None) => 0,
-        (true, Some(n)) => match tail_offset(&path, n) {
-            Ok(o) => o,
-            Err(e) => return send(stream, &unreadable(e)).await,
-        },
-        (false, Some(n)) => match render_tail(&path, format, n, LOG_LINE_CHARS) {
-            Ok((tail, resume)) => {
-                send_text(stream, &tail).await?;
-                resume
-            }
-            Err(e) => return send(stream, &unreadable(e)).await,
-        },
+    // Where to start, and how many rendered lines to skip there: found in bounded chunks whatever `-n` says, and
+    // off the runtime thread (a huge `-n` on a big log reads all of it).
+    let planned = {
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || match (raw, lines) {
+            (_, None) => Ok((0, 0)),
+            (true, Some(n)) => tail_offset(&path, n).map(|o| (o, 0)),
+            (false, Some(n)) => plan_tail(&path, format, n, LOG_LINE_CHARS),
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+    };
+    let (mut offset, mut skip) = match planned {
+        Ok(plan) => plan,
+        Err(e) => return send(stream, &unreadable(e)).await,
     };
     let mut file = match std::fs::File::open(&path) {
         Ok(f) => f,
@@ -271,7 +273,11 @@ async fn stream_logs(
             if raw {
                 protocol::write_frame(stream, &protocol::encode_bytes(&buf[..n])).await?;
             } else {
-                send_text(stream, &render_lines(&mut assembler, &buf[..n], format, LOG_LINE_CHARS, false)).await?;
+                let mut lines = render_lines(&mut assembler, &buf[..n], format, LOG_LINE_CHARS, false);
+                let skipped = skip.min(lines.len());
+                lines.drain(..skipped);
+                skip -= skipped;
+                send_text(stream, &lines).await?;
             }
         }
         if !follow || ended || !wait_for_more(&mut signal).await {

@@ -16,6 +16,9 @@ use crate::protocol::{ErrorKind, ErrorReply, Reply};
 use crate::task::Event;
 use crate::workspace;
 
+/// The largest prompt a task takes (what `autodevctl` sends at most, and what a resume reads back).
+const MAX_PROMPT: usize = 1 << 20;
+
 /// Handles `assign`: reserves a slot and starts the first run of a new task in it.
 pub(in crate::daemon) async fn assign(
     shared: &Arc<Shared>,
@@ -25,6 +28,16 @@ pub(in crate::daemon) async fn assign(
     prompt: Option<&str>,
     force: bool,
 ) -> Result<Reply, ErrorReply> {
+    if issue == 0 {
+        return Err(refuse(ErrorKind::BadRequest, "issue numbers start at 1".into(), None));
+    }
+    if prompt.is_some_and(|p| p.len() > MAX_PROMPT) {
+        return Err(refuse(
+            ErrorKind::BadRequest,
+            format!("the prompt is {} KiB; the limit is {} KiB", prompt.map_or(0, str::len) >> 10, MAX_PROMPT >> 10),
+            Some("put the details in a file in the repository and point to it".into()),
+        ));
+    }
     if prompt.is_some_and(|p| p.trim().is_empty()) {
         return Err(refuse(ErrorKind::BadRequest, "the prompt is empty".into(), None));
     }
