@@ -169,13 +169,34 @@ fn status_latency(report: &mut Vec<String>, slots: u32) {
         std::thread::sleep(Duration::from_millis(100));
     }
     let rounds = if quick() { 20 } else { 300 };
-    let mut times = Vec::new();
+    let (mut times, mut trivial, mut version, mut in_process) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let paths = Paths::resolve(Some(&d.state_dir()), Some(&d.runtime_dir())).unwrap();
+    let true_bin = if std::path::Path::new("/usr/bin/true").exists() { "/usr/bin/true" } else { "/bin/true" };
+    // Alternating, so the noise of a shared machine hits each the same: the whole command; a trivial program (the
+    // floor of any process); autodevctl doing nothing (`--version`); the request alone over an open connection.
     for _ in 0..rounds {
         let start = Instant::now();
         let out = d.ctl_command(&["status", "--json"]).output().unwrap();
         times.push(start.elapsed().as_secs_f64() * 1000.0);
         assert!(out.status.success());
+        let start = Instant::now();
+        Command::new(true_bin).stdout(Stdio::piped()).output().unwrap();
+        trivial.push(start.elapsed().as_secs_f64() * 1000.0);
+        let start = Instant::now();
+        d.ctl_command(&["--version"]).output().unwrap();
+        version.push(start.elapsed().as_secs_f64() * 1000.0);
+        let start = Instant::now();
+        let mut client = Client::connect(&paths).unwrap();
+        let Ok(Reply::Status(_)) = client.call(Request::Status) else { panic!("no status") };
+        in_process.push(start.elapsed().as_secs_f64() * 1000.0);
     }
+    report.push(format!(
+        "| the same, side by side: a trivial program (`true`), `autodevctl --version`, the request alone (connect, \
+         status, decode, in-process) | {:.2} ms, {:.2} ms, {:.2} ms (medians, {rounds} runs each) |",
+        median(trivial),
+        median(version),
+        median(in_process)
+    ));
     let busy = d.status()["slots"].as_array().unwrap().iter().filter(|s| s["state"] == "in_progress").count();
     assert_eq!(busy, slots as usize);
     let p90 = {

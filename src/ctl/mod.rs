@@ -262,10 +262,15 @@ impl Client {
 
     /// Sends a request and reads its one reply; an error reply becomes `Err`.
     pub fn call(&mut self, request: Request) -> Result<Reply, CtlError> {
+        decode_reply(&self.call_raw(request)?)
+    }
+
+    /// The reply's JSON as the daemon sent it (for `--json`, which prints it without decoding it).
+    pub fn call_raw(&mut self, request: Request) -> Result<Vec<u8>, CtlError> {
         self.send(request)?;
         loop {
             match self.next_frame()? {
-                Frame::Json(payload) => return decode_reply(&payload),
+                Frame::Json(payload) => return Ok(payload),
                 Frame::Bytes(_) => continue,
             }
         }
@@ -289,8 +294,13 @@ fn print_json<T: serde::Serialize>(value: &T) -> Result<(), CtlError> {
 
 /// Writes to stdout. A reader that went away (`| head`, `| grep -q`) is a normal end, not an error or a panic.
 fn emit(text: &str) -> Result<(), CtlError> {
+    emit_bytes(&[text.as_bytes()])
+}
+
+/// Writes to stdout; a reader that went away (`| head`) is not an error.
+fn emit_bytes(parts: &[&[u8]]) -> Result<(), CtlError> {
     let mut out = io::stdout().lock();
-    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+    match parts.iter().try_for_each(|p| out.write_all(p)).and_then(|_| out.flush()) {
         Err(e) if e.kind() != io::ErrorKind::BrokenPipe => Err(CtlError::Failed(format!("cannot write output: {e}"))),
         _ => Ok(()),
     }
@@ -298,6 +308,39 @@ fn emit(text: &str) -> Result<(), CtlError> {
 
 fn unexpected(reply: Reply) -> CtlError {
     CtlError::Failed(format!("unexpected reply from autodevd: {reply:?}"))
+}
+
+/// The name of the doctor's binary, installed beside autodevctl.
+pub const DOCTOR_BINARY: &str = "autodev-doctor";
+
+/// Replaces this process with `autodev-doctor` and the same arguments (found beside autodevctl, else on PATH).
+/// Returns only if that fails.
+fn exec_doctor() -> CtlError {
+    use std::os::unix::process::CommandExt;
+    let beside = std::env::current_exe().ok().and_then(|exe| Some(exe.parent()?.join(DOCTOR_BINARY)));
+    let program = beside.filter(|p| p.is_file()).unwrap_or_else(|| PathBuf::from(DOCTOR_BINARY));
+    let error = std::process::Command::new(&program).args(std::env::args_os().skip(1)).exec();
+    CtlError::Failed(format!(
+        "cannot run {} ({error}): install it beside autodevctl (`cargo install --path .` installs both)",
+        program.display()
+    ))
+}
+
+/// Runs `doctor` (the `autodev-doctor` binary's whole job) and maps the checks to the exit status.
+pub fn run_doctor(cli: Cli) -> Result<(), CtlError> {
+    let paths = Paths::resolve(cli.state_dir.as_deref(), cli.runtime_dir.as_deref())
+        .map_err(|e| CtlError::Unreachable(e.to_string()))?;
+    let Command::Doctor { config, json } = cli.command else {
+        return Err(CtlError::Failed("autodev-doctor runs `doctor` only: `autodevctl doctor`".into()));
+    };
+    let checks = doctor::run(config.as_deref(), &paths);
+    if json {
+        print_json(&checks)?
+    } else {
+        emit(&doctor::render(&checks))?
+    }
+    let failed = checks.iter().filter(|c| !c.ok).count();
+    if failed == 0 { Ok(()) } else { Err(CtlError::Quiet(format!("{failed} check(s) failed"))) }
 }
 
 /// An issue number as a person types it: GitHub numbers issues from 1.
@@ -345,16 +388,9 @@ pub fn run(cli: Cli) -> Result<(), CtlError> {
     }
     // Commands that need no daemon.
     match &cli.command {
-        Command::Doctor { config, json } => {
-            let checks = doctor::run(config.as_deref(), &paths);
-            if *json {
-                print_json(&checks)?
-            } else {
-                emit(&doctor::render(&checks))?
-            }
-            let failed = checks.iter().filter(|c| !c.ok).count();
-            return if failed == 0 { Ok(()) } else { Err(CtlError::Quiet(format!("{failed} check(s) failed"))) };
-        }
+        // Its own binary: doctor talks to GitHub, and the HTTP and TLS stack it needs must not slow every other
+        // command's start.
+        Command::Doctor { .. } => return Err(exec_doctor()),
         Command::Progress { percent, message } => {
             let var = |name: &str| {
                 std::env::var(name).map_err(|_| {
@@ -393,8 +429,20 @@ pub fn run(cli: Cli) -> Result<(), CtlError> {
                 other => Err(unexpected(other)),
             }
         }
-        Command::Status { preview, json } => match client.call(Request::Status)? {
-            Reply::Status(report) if json => print_json(&report),
+        // As it came: decoding and encoding 64 slots again would cost more than the request.
+        Command::Status { json: true, .. } => {
+            let payload = client.call_raw(Request::Status)?;
+            // Only the reply's kind is read (the rest is skipped over, not built).
+            #[derive(serde::Deserialize)]
+            struct Kind {
+                r#type: String,
+            }
+            if serde_json::from_slice::<Kind>(&payload).is_ok_and(|k| k.r#type == "status") {
+                return emit_bytes(&[&payload, b"\n"]);
+            }
+            Err(unexpected(decode_reply(&payload)?))
+        }
+        Command::Status { preview, .. } => match client.call(Request::Status)? {
             Reply::Status(report) => emit(&render::status(&report, preview)),
             other => Err(unexpected(other)),
         },
