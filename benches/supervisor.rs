@@ -329,6 +329,18 @@ fn recovery_startup(report: &mut Vec<String>, old_format: bool) {
             }
         }
         let count = |state: SlotState| report.slots.iter().filter(|s| s.state == state).count();
+        if count(SlotState::InProgress) != alive {
+            for s in
+                report.slots.iter().filter(|s| s.state != SlotState::InProgress && s.issue.is_some_and(|i| i < 7000))
+            {
+                eprintln!("NOT ALIVE: {} {:?} {:?} {:?}", s.slot, s.state, s.reason, s.pid);
+            }
+            for line in d.daemon_log().lines().filter(|l| {
+                !l.contains("abandoned: process") && !l.contains("lockfile was unreadable") && !l.contains("01DEAD")
+            }) {
+                eprintln!("LOG {line}");
+            }
+        }
         assert_eq!((count(SlotState::InProgress), count(SlotState::Abandoned)), (alive, dead));
         assert_eq!(report.warnings.len(), corrupt);
     }

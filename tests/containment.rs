@@ -115,3 +115,27 @@ fn after_a_crash_the_run_is_adopted_through_its_cgroup_and_leftovers_of_a_dead_r
         "a process of the adopted run outlived `stop`"
     );
 }
+
+#[test]
+fn a_live_run_whose_lockfile_does_not_name_its_cgroup_is_adopted_not_swept() {
+    let Some(mut d) = daemon_with_cgroups() else { return };
+    d.assign(7, &[], "@say up\n@sleep 120");
+    let row = d.wait_state("claude-1", "in_progress");
+    let pid = d.record(row["run_id"].as_str().unwrap())["pid"].as_i64().unwrap();
+    d.kill9();
+    // As an autodevd from before cgroups wrote it.
+    let lockfile = d.state_dir().join("slots/claude-1.lock");
+    let mut lock: serde_json::Value = serde_json::from_slice(&std::fs::read(&lockfile).unwrap()).unwrap();
+    assert!(lock.as_object_mut().unwrap().remove("cgroup").is_some(), "the lockfile names the run's cgroup");
+    std::fs::write(&lockfile, serde_json::to_vec(&lock).unwrap()).unwrap();
+    d.launch();
+    assert_eq!(d.slot("claude-1")["state"], "in_progress");
+    // Stray cgroups are swept right after start-up; give that every chance to (wrongly) hit this run.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while std::time::Instant::now() < deadline {
+        assert!(alive(pid), "the adopted run was swept away as a stray cgroup");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    d.ctl(&["stop", "claude-1"]);
+    assert!(!alive(pid));
+}

@@ -293,6 +293,12 @@ async fn recover_one(
         .and_then(|bytes| ledger::parse_exit_record(&bytes).ok())
         .filter(|e| e.run_id == lock.run_id);
     let same_boot = lock.boot_id == shared.boot_id;
+    // The run's cgroup is found from its id under our base, never taken from the file: a lockfile written by an
+    // autodevd that did not record it (an older version) still gets its live run adopted, not swept away.
+    if let Ok(cgroups) = &shared.cgroups {
+        let found = cgroups.run(&lock.run_id);
+        lock.cgroup = found.exists().then_some(found.path);
+    }
     let cgroup = shared.run_cgroup(&lock).filter(|_| same_boot);
     // Leftovers of the run (its grandchildren, say) still hold the run lock or sit in its cgroup: they are
     // provably ours.
