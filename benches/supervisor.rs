@@ -404,18 +404,7 @@ fn stalled_clients(report: &mut Vec<String>) {
     let writers: Vec<_> = (0..100)
         .map(|_| {
             let socket = d.socket();
-            std::thread::spawn(move || {
-                let mut s = UnixStream::connect(socket).unwrap();
-                let mut frame = vec![b'J'];
-                frame.extend_from_slice(&len.to_be_bytes());
-                let _ = s.write_all(&frame);
-                let chunk = vec![b' '; 1 << 20];
-                let mut left = len as usize - 1;
-                while left > 0 && s.write_all(&chunk[..left.min(chunk.len())]).is_ok() {
-                    left -= left.min(chunk.len());
-                }
-                s
-            })
+            std::thread::spawn(move || common::stalled_client(&socket, len))
         })
         .collect();
     let _held: Vec<UnixStream> = writers.into_iter().map(|w| w.join().unwrap()).collect();

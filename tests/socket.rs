@@ -8,7 +8,7 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::time::Duration;
 
-use common::{Daemon, fake_config, wait_until};
+use common::{Daemon, fake_config, stalled_client, wait_until};
 
 /// A frame header: kind `J` (JSON) and a big-endian length.
 fn header(len: u32) -> Vec<u8> {
@@ -32,21 +32,7 @@ fn clients_stalled_one_byte_short_of_a_big_request_are_dropped_and_status_still_
     let writers: Vec<_> = (0..100)
         .map(|_| {
             let socket = d.socket();
-            std::thread::spawn(move || {
-                let mut s = UnixStream::connect(socket).unwrap();
-                let _ = s.write_all(&header(len));
-                // One byte short: the daemon waits for the last one. Writes fail once the daemon drops us.
-                let chunk = vec![b' '; 1 << 20];
-                let mut left = len as usize - 1;
-                while left > 0 {
-                    let n = left.min(chunk.len());
-                    if s.write_all(&chunk[..n]).is_err() {
-                        break;
-                    }
-                    left -= n;
-                }
-                s
-            })
+            std::thread::spawn(move || stalled_client(&socket, len))
         })
         .collect();
     let mut stalled: Vec<UnixStream> = writers.into_iter().map(|w| w.join().unwrap()).collect();

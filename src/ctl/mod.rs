@@ -310,6 +310,20 @@ fn unexpected(reply: Reply) -> CtlError {
     CtlError::Failed(format!("unexpected reply from autodevd: {reply:?}"))
 }
 
+/// What a binary's `main` returns for a command's result: the exit code, after the error (if any) on stderr.
+pub fn finish(result: Result<(), CtlError>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::from(exit::OK),
+        Err(e) => {
+            let message = e.render();
+            if !message.is_empty() {
+                eprintln!("{message}");
+            }
+            std::process::ExitCode::from(e.exit_code())
+        }
+    }
+}
+
 /// The name of the doctor's binary, installed beside autodevctl.
 pub const DOCTOR_BINARY: &str = "autodev-doctor";
 

@@ -352,32 +352,13 @@ async fn project_status(shared: &Shared) -> crate::protocol::ProjectReport {
                         report.missing_fields.push(name.clone());
                     }
                 }
-                report.fields = board
-                    .fields
-                    .into_iter()
-                    .map(|f| crate::protocol::BoardField {
-                        name: f.name,
-                        data_type: f.data_type,
-                        options: f.options.into_iter().map(|o| o.name).collect(),
-                    })
-                    .collect();
+                report.fields = board.fields.into_iter().map(Into::into).collect();
             }
             Err(e) => report.project_error = Some(e.to_string()),
         }
     }
     let sync = gh.reconciler.report();
-    report.pending = sync
-        .pending
-        .into_iter()
-        .map(|owed| crate::protocol::PendingWrite {
-            issue: owed.issue,
-            slot: owed.slot,
-            target: owed.target.as_str().to_string(),
-            since: owed.since,
-            attempts: owed.attempts,
-            last_error: owed.last_error,
-        })
-        .collect();
+    report.pending = sync.pending.into_iter().map(Into::into).collect();
     report.last_error = sync.last_error;
     report.last_error_at = sync.last_error_at;
     report.requests = sync.requests;

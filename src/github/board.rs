@@ -24,6 +24,16 @@ pub struct Field {
     pub options: Vec<FieldOption>,
 }
 
+impl From<Field> for crate::protocol::BoardField {
+    fn from(f: Field) -> Self {
+        crate::protocol::BoardField {
+            name: f.name,
+            data_type: f.data_type,
+            options: f.options.into_iter().map(|o| o.name).collect(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct FieldOption {
     pub id: String,

@@ -64,6 +64,19 @@ pub struct Owed {
     pub takeover: bool,
 }
 
+impl From<Owed> for crate::protocol::PendingWrite {
+    fn from(owed: Owed) -> Self {
+        crate::protocol::PendingWrite {
+            issue: owed.issue,
+            slot: owed.slot,
+            target: owed.target.as_str().to_string(),
+            since: owed.since,
+            attempts: owed.attempts,
+            last_error: owed.last_error,
+        }
+    }
+}
+
 /// Format version of `github-sync.json` (files written before it carried one are version 1 as well).
 const OUTBOX_VERSION: u32 = 1;
 

@@ -259,6 +259,22 @@ impl Drop for Daemon {
     }
 }
 
+/// Connects to `socket` and sends a JSON frame header announcing `len` bytes, then `len - 1` of them: a client
+/// stalled one byte short of a request. Stops writing once the daemon drops it.
+pub fn stalled_client(socket: &Path, len: u32) -> std::os::unix::net::UnixStream {
+    use std::io::Write;
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    let mut header = vec![b'J'];
+    header.extend_from_slice(&len.to_be_bytes());
+    let _ = s.write_all(&header);
+    let chunk = vec![b' '; 1 << 20];
+    let mut left = len as usize - 1;
+    while left > 0 && s.write_all(&chunk[..left.min(chunk.len())]).is_ok() {
+        left -= left.min(chunk.len());
+    }
+    s
+}
+
 /// True while `pid` names a process that has not exited (zombies count as gone).
 pub fn alive(pid: i64) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
