@@ -32,6 +32,8 @@ const MAX_READ: u64 = 1 << 20;
 /// Where this daemon's runs get their cgroups.
 #[derive(Debug, Clone)]
 pub struct Cgroups {
+    /// Where the cgroup2 filesystem is mounted.
+    mount: PathBuf,
     /// The directory under which each run gets `<run id>`.
     pub base: PathBuf,
     /// Controllers enabled for the runs' cgroups.
@@ -65,7 +67,7 @@ impl Cgroups {
             && own_dir.parent().is_some_and(|unit| unit != mount && is_delegated(unit));
         let unit = if placed_in_leaf { own_dir.parent().map(Path::to_path_buf) } else { Some(own_dir.clone()) };
         if let Some(unit) = unit.filter(|u| *u != mount && is_delegated(u)) {
-            match setup_delegated(&unit, placed_in_leaf) {
+            match setup_delegated(&mount, &unit, placed_in_leaf) {
                 Ok(cgroups) => return Ok(cgroups),
                 Err(e) => tracing::warn!("cannot use the delegated cgroup {}: {e}", unit.display()),
             }
@@ -84,18 +86,23 @@ impl Cgroups {
             }
         }
         let controllers = enable_controllers(&base);
-        Ok(Cgroups { base, controllers, how: "mount root" })
+        Ok(Cgroups { mount, base, controllers, how: "mount root" })
     }
 
     /// The cgroup of run `run_id` (not created yet).
     pub fn run(&self, run_id: &str) -> RunCgroup {
-        RunCgroup { path: self.base.join(run_id) }
+        self.at(self.base.join(run_id))
     }
 
-    /// The cgroups of runs under the base, by run id.
+    fn at(&self, path: PathBuf) -> RunCgroup {
+        let relative = path.strip_prefix(&self.mount).map(|r| format!("/{}", r.display())).unwrap_or_default();
+        RunCgroup { path, relative }
+    }
+
+    /// The cgroups of runs under the base.
     pub fn runs(&self) -> Vec<RunCgroup> {
         let Ok(entries) = std::fs::read_dir(&self.base) else { return Vec::new() };
-        entries.filter_map(|e| e.ok()).filter(|e| e.path().is_dir()).map(|e| RunCgroup { path: e.path() }).collect()
+        entries.filter_map(|e| e.ok()).filter(|e| e.path().is_dir()).map(|e| self.at(e.path())).collect()
     }
 
     /// Removes the base if nothing is left in it (at shutdown, when no run outlives the daemon).
@@ -110,6 +117,8 @@ impl Cgroups {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunCgroup {
     pub path: PathBuf,
+    /// The path as `/proc/<pid>/cgroup` names it (from the mount's root).
+    relative: String,
 }
 
 impl RunCgroup {
@@ -142,6 +151,11 @@ impl RunCgroup {
         std::fs::OpenOptions::new().write(true).open(self.path.join("cgroup.procs"))
     }
 
+    /// The run id the cgroup is named after.
+    pub fn run_id(&self) -> Option<&str> {
+        self.path.file_name()?.to_str()
+    }
+
     pub fn exists(&self) -> bool {
         self.path.join("cgroup.procs").exists()
     }
@@ -160,11 +174,11 @@ impl RunCgroup {
             .unwrap_or(false)
     }
 
-    /// Whether `pid` is in this cgroup (its `/proc/<pid>/cgroup` names it).
+    /// Whether `pid` is in this cgroup: its `/proc/<pid>/cgroup` names exactly this one.
     pub fn contains(&self, pid: i32) -> bool {
         let Some(own) = read_small(Path::new(&format!("/proc/{pid}/cgroup"))) else { return false };
-        let Some(relative) = own.lines().find_map(|l| l.strip_prefix("0::")) else { return false };
-        self.path.ends_with(relative.trim_start_matches('/'))
+        let Some(theirs) = own.lines().find_map(|l| l.strip_prefix("0::")) else { return false };
+        !self.relative.is_empty() && theirs.trim_end() == self.relative
     }
 
     /// Sends `signal` to every process in the cgroup, through a pidfd checked for membership, so a pid recycled
@@ -303,7 +317,7 @@ fn is_delegated(dir: &Path) -> bool {
 /// (`DelegateSubgroup=daemon`, systemd ≥ 254): with controllers enabled in the unit's cgroup, the kernel refuses
 /// processes in it, and systemd 252, which starts the main process there, could not restart autodevd after a crash
 /// while runs live on. Without controllers, containment and CPU figures still work; limits do not (`doctor`).
-fn setup_delegated(unit: &Path, placed_in_leaf: bool) -> io::Result<Cgroups> {
+fn setup_delegated(mount: &Path, unit: &Path, placed_in_leaf: bool) -> io::Result<Cgroups> {
     let leaf = unit.join("daemon");
     let runs = unit.join("runs");
     for dir in [&leaf, &runs] {
@@ -322,7 +336,7 @@ fn setup_delegated(unit: &Path, placed_in_leaf: bool) -> io::Result<Cgroups> {
     } else {
         Vec::new()
     };
-    Ok(Cgroups { base: runs, controllers, how: "delegated" })
+    Ok(Cgroups { mount: mount.to_path_buf(), base: runs, controllers, how: "delegated" })
 }
 
 /// Enables the wanted controllers that `dir` has for its children; returns those enabled.

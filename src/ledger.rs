@@ -403,14 +403,13 @@ pub fn append_history(path: &Path, record: &ExitRecord) -> io::Result<()> {
     file.sync_data()
 }
 
-/// Reads a task's original prompt (at most 1 MiB plus a byte: more is not a prompt of ours).
+/// The most a task's prompt file may hold: a 1 MiB prompt, or an issue rendered into the template, plus what
+/// autodev adds (the worktree note). Larger is not a prompt of ours, and is refused whole, never cut.
+const MAX_PROMPT_FILE: usize = 2 << 20;
+
+/// Reads a task's original prompt.
 pub fn read_prompt(path: &Path) -> Result<String, String> {
-    use std::io::Read;
-    let mut text = String::new();
-    std::fs::File::open(path)
-        .and_then(|f| f.take((1 << 20) + 1).read_to_string(&mut text))
-        .map_err(|e| format!("cannot read the task's original prompt {}: {e}", path.display()))?;
-    Ok(text)
+    crate::input::read_text(path, MAX_PROMPT_FILE, crate::input::READ_TIMEOUT, "the task's original prompt")
 }
 
 #[cfg(test)]

@@ -16,21 +16,22 @@ pub const MASK: &str = "[redacted]";
 /// Values shorter than this are not treated as secrets (they would mask ordinary words).
 pub const MIN_SECRET_LEN: usize = 8;
 
-/// Token shapes removed wherever they appear. Each starts at a word boundary, so an id like `task-…` is not taken
-/// for an `sk-…` key. Key words are spelled in the cases people write them (`api_key`, `apiKey`, `API_KEY`)
-/// rather than with `(?i)`: case-insensitive alternatives defeat the regex engine's literal prefilter and made a
-/// `status` reply's scan 16 times slower.
+/// Token shapes removed wherever they appear. `sk-` keys and the words before a token start at a word boundary, so
+/// an id like `task-…` is not taken for a key; the other prefixes are distinctive enough to match anywhere (after
+/// `%20` in a URL, say). Key words are spelled in the cases people write them (`api_key`, `apiKey`, `Api-Key`,
+/// `API_KEY`) rather than with `(?i)`: case-insensitive alternatives defeat the regex engine's literal prefilter
+/// and made a `status` reply's scan 16 times slower.
 const BUILTIN_PATTERNS: &[&str] = &[
-    r"\bgh[pousr]_[A-Za-z0-9]{20,}",
-    r"\bgithub_pat_[A-Za-z0-9_]{20,}",
-    r"\bsk-ant-[A-Za-z0-9_\-]{8,}",
+    r"gh[pousr]_[A-Za-z0-9]{20,}",
+    r"github_pat_[A-Za-z0-9_]{20,}",
+    r"sk-ant-[A-Za-z0-9_\-]{8,}",
     r"\bsk-[A-Za-z0-9_\-]{20,}",
-    r"\bAKIA[0-9A-Z]{16}",
-    r"\bAIza[0-9A-Za-z_\-]{30,}",
-    r"\bxox[abprs]-[A-Za-z0-9\-]{10,}",
+    r"AKIA[0-9A-Z]{16}",
+    r"AIza[0-9A-Za-z_\-]{30,}",
+    r"xox[abprs]-[A-Za-z0-9\-]{10,}",
     r"\b(?:bearer|Bearer|BEARER)\s+[A-Za-z0-9._~+/\-]{10,}=*",
     r"\b(?:token|Token|TOKEN|basic|Basic|BASIC)\s+[A-Za-z0-9._~+/\-]{20,}=*",
-    r#"(?:api[_-]?key|apiKey|ApiKey|API[_-]?KEY|access[_-]?token|accessToken|AccessToken|ACCESS[_-]?TOKEN|auth[_-]?token|authToken|AuthToken|AUTH[_-]?TOKEN|secret|Secret|SECRET|password|Password|PASSWORD|passwd|PASSWD)[A-Za-z0-9_\-]*"?\s*[:=]\s*"?[^\s",]+"#,
+    r#"(?:api[_-]?key|apiKey|Api[_-]?Key|API[_-]?KEY|access[_-]?token|accessToken|Access[_-]?Token|ACCESS[_-]?TOKEN|auth[_-]?token|authToken|Auth[_-]?Token|AUTH[_-]?TOKEN|secret|Secret|SECRET|password|Password|PASSWORD|passwd|Passwd|PASSWD)[A-Za-z0-9_\-]*"?\s*[:=]\s*"?[^\s",]+"#,
 ];
 
 /// JSON keys that hold paths, ids and times, never free text: [`clean_json`] leaves them alone, so redaction can
@@ -161,12 +162,42 @@ fn encode<T: serde::Serialize + ?Sized>(value: &T, pretty: bool) -> serde_json::
     }
     let bytes = write(value, pretty)?;
     let redactor = current();
-    if !redactor.finds_any(&String::from_utf8_lossy(&bytes)) {
+    // Checked on the strings as they are, not as JSON escapes them (a `\n` before a token hides its start).
+    if !redactor.finds_any(&unescaped(&bytes)) {
         return Ok(bytes);
     }
     let mut tree = serde_json::to_value(value)?;
     redactor.clean_value(&mut tree);
     write(&tree, pretty)
+}
+
+/// JSON text with the escapes inside its strings undone (`\n`, `\"`, `\\`, …; `\uXXXX` stays), for the check
+/// only: what the patterns see is what the strings hold.
+fn unescaped(json: &[u8]) -> Cow<'_, str> {
+    let text = String::from_utf8_lossy(json);
+    if !text.contains('\\') {
+        return text;
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('n') => out.push('\n'),
+            Some('t') => out.push('\t'),
+            Some('r') => out.push('\r'),
+            Some(other @ ('"' | '\\' | '/')) => out.push(other),
+            Some(other) => {
+                out.push('\\');
+                out.push(other);
+            }
+            None => out.push('\\'),
+        }
+    }
+    Cow::Owned(out)
 }
 
 /// The secret values autodev knows: the GitHub token, every `apiKey`, the LLMs' key variables passed through from
@@ -221,6 +252,22 @@ mod tests {
             assert!(!clean.contains(gone), "{gone} left in {clean}");
         }
         assert!(clean.ends_with(" ok"));
+    }
+
+    #[test]
+    fn a_secret_after_an_escape_in_json_is_found() {
+        let r = Redactor::new(&[], vec!["quote\"d-secret-value".into()]);
+        install(r);
+        let value = serde_json::json!({
+            "reason": "line one\nghp_abcdefghijklmnopqrstuvwxyz12",
+            "other": "tab\tBearer abcdefghijklmnop",
+            "third": "has quote\"d-secret-value inside",
+            "header": "X-Api-Key: abcdef123456",
+        });
+        let text = String::from_utf8(to_json_vec(&value).unwrap()).unwrap();
+        for gone in ["ghp_", "abcdefghijklmnop", "quote", "abcdef123456"] {
+            assert!(!text.contains(gone), "{gone} left in {text}");
+        }
     }
 
     #[test]

@@ -218,10 +218,10 @@ pub fn spawn(spec: &SpawnSpec) -> Result<Child, SpawnError> {
         // fds, and allocate nothing.
         unsafe {
             command.pre_exec(move || {
-                if let Some(fd) = cgroup_fd
-                    && libc::write(fd, b"0".as_ptr().cast(), 1) != 1
-                {
-                    return Err(io::Error::last_os_error());
+                // A refused move (permissions) is not a failed start: the caller sees the child outside its
+                // cgroup and falls back to the process group for this run.
+                if let Some(fd) = cgroup_fd {
+                    libc::write(fd, b"0".as_ptr().cast(), 1);
                 }
                 if let Some(fd) = lock_fd
                     && libc::fcntl(fd, libc::F_SETFD, 0) == -1

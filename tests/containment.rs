@@ -139,3 +139,24 @@ fn a_live_run_whose_lockfile_does_not_name_its_cgroup_is_adopted_not_swept() {
     d.ctl(&["stop", "claude-1"]);
     assert!(!alive(pid));
 }
+
+#[test]
+fn a_run_whose_llm_left_the_config_is_kept_alive_through_a_restart() {
+    let Some(mut d) = daemon_with_cgroups() else { return };
+    d.assign(8, &["--llm", "gemini"], "@say up\n@sleep 120");
+    let row = d.wait_state("gemini-1", "in_progress");
+    let pid = d.record(row["run_id"].as_str().unwrap())["pid"].as_i64().unwrap();
+    d.kill9();
+    let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(&d.config_path).unwrap()).unwrap();
+    config["llms"].as_object_mut().unwrap().remove("gemini");
+    std::fs::write(&d.config_path, serde_json::to_vec(&config).unwrap()).unwrap();
+    d.launch();
+    // Its lockfile is kept and its issue held; its cgroup is not a stray to sweep.
+    assert!(d.status()["warnings"].to_string().contains("no longer in the config"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while std::time::Instant::now() < deadline {
+        assert!(alive(pid), "the run of an LLM gone from the config was swept away");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+}

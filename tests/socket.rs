@@ -92,3 +92,28 @@ fn children_get_back_the_descriptor_limit_autodevd_started_with() {
     let record = d.record(row["run_id"].as_str().unwrap());
     assert_eq!(record["nofile"][0], 1024, "the child did not get the old limit back: {record}");
 }
+
+#[test]
+fn a_follower_that_hangs_up_gives_its_place_back_even_while_the_run_is_silent() {
+    let mut c = fake_config(1);
+    c["supervisor"]["maxStreams"] = serde_json::json!(1);
+    let d = Daemon::start(&c);
+    d.assign(1, &[], "@say up\n@sleep 60");
+    d.wait_state("claude-1", "in_progress");
+    let mut follower = d.ctl_command(&["logs", "-f", "claude-1"]).stdout(std::process::Stdio::null()).spawn().unwrap();
+    // While it follows, a second follower is refused: one stream at most.
+    wait_until("the second follower to be refused", || {
+        let out = d.try_ctl(&["logs", "-f", "claude-1"]);
+        String::from_utf8_lossy(&out.stderr).contains("follow logs already").then_some(())
+    });
+    follower.kill().unwrap();
+    follower.wait().unwrap();
+    // The run prints nothing more, yet the place comes back.
+    let mut second = d.ctl_command(&["logs", "-f", "claude-1"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let mut first_line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(second.stdout.take().unwrap()), &mut first_line).unwrap();
+    assert!(!first_line.is_empty(), "the second follower got no log line (refused?)");
+    second.kill().unwrap();
+    let _ = second.wait();
+    d.ctl(&["stop", "claude-1"]);
+}

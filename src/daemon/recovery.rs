@@ -60,6 +60,9 @@ pub(super) async fn recover(shared: &Arc<Shared>) -> Result<Vec<String>, String>
         history.iter().map(|h| (h.run_id.as_str(), (h.state.clone(), h.end_cause))).collect();
     let read = started.elapsed();
     let count = locks.len();
+    // Every run a lockfile names is kept from the sweep, also those recovery could not install (an LLM gone from
+    // the config, a malformed run id): their issues stay held and their runs must live on.
+    let named: std::collections::HashSet<String> = locks.iter().map(|l| l.run_id.clone()).collect();
     let mut abandoned = Vec::new();
     for lock in locks {
         let slot = lock.slot.clone();
@@ -74,7 +77,7 @@ pub(super) async fn recover(shared: &Arc<Shared>) -> Result<Vec<String>, String>
         }
     }
     let settled = started.elapsed();
-    sweep_cgroups(shared);
+    sweep_cgroups(shared, &named);
     apply_policy(shared, abandoned).await;
     tracing::info!(
         "recovery: {count} lockfile(s) settled in {:.1} ms (reading {:.1} ms, settling {:.1} ms, policy {:.1} ms)",
@@ -86,19 +89,18 @@ pub(super) async fn recover(shared: &Arc<Shared>) -> Result<Vec<String>, String>
     Ok(warnings)
 }
 
-/// Cgroups under our base that no task's current run owns (left by runs whose end was recorded just before a
-/// crash, say): whatever is in them is stopped, and they are removed. In the background: start-up does not wait.
-fn sweep_cgroups(shared: &Arc<Shared>) {
+/// Cgroups under our base whose run no lockfile names and no task holds (left by runs whose end was recorded just
+/// before a crash, say): whatever is in them is stopped, and they are removed. In the background: start-up does
+/// not wait.
+fn sweep_cgroups(shared: &Arc<Shared>, named: &std::collections::HashSet<String>) {
     let Ok(cgroups) = &shared.cgroups else { return };
-    let owned: std::collections::HashSet<std::path::PathBuf> = shared
-        .lock_table()
-        .slots
-        .iter()
-        .filter_map(|s| s.task.as_ref())
-        .filter_map(|t| shared.run_cgroup(&t.record))
-        .map(|c| c.path)
+    let held: std::collections::HashSet<String> =
+        shared.lock_table().slots.iter().filter_map(|s| s.task.as_ref()).map(|t| t.record.run_id.clone()).collect();
+    let strays: Vec<RunCgroup> = cgroups
+        .runs()
+        .into_iter()
+        .filter(|c| c.run_id().is_none_or(|id| !named.contains(id) && !held.contains(id)))
         .collect();
-    let strays: Vec<RunCgroup> = cgroups.runs().into_iter().filter(|c| !owned.contains(&c.path)).collect();
     if strays.is_empty() {
         return;
     }

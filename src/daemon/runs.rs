@@ -272,10 +272,21 @@ fn launch(
     };
     ledger::write_json(&files.record(), &run_record).map_err(|e| disk("write the run record", e))?;
     let cgroup = join_cgroup(shared, provider, record);
+    // Nothing runs in the cgroup if the launch stops before the spawn.
+    let unjoin = |record: &SlotLock| {
+        if let Some(made) = shared.run_cgroup(record) {
+            let _ = made.remove();
+        }
+    };
     // The lockfile exists before the child can do anything: a crash from here on finds the task.
-    shared.write_lock(record).map_err(|e| disk("write the slot's lockfile", e))?;
-    let run_lock =
-        supervisor::create_run_lock(&files.dir.join(RUN_LOCK)).map_err(|e| disk("create the run lock", e))?;
+    shared.write_lock(record).map_err(|e| {
+        unjoin(record);
+        disk("write the slot's lockfile", e)
+    })?;
+    let run_lock = supervisor::create_run_lock(&files.dir.join(RUN_LOCK)).map_err(|e| {
+        unjoin(record);
+        disk("create the run lock", e)
+    })?;
 
     let mut wake = Wake::arm(shared, vec![files.stdout(), files.stderr()]);
     let spawned = supervisor::spawn(&SpawnSpec {
@@ -327,12 +338,21 @@ fn launch(
                 ),
                 SpawnError::Io(e) => (EndCause::SpawnFailed, format!("{name}: cannot start {program:?}: {e}")),
             };
-            if let Some(cgroup) = shared.run_cgroup(record) {
-                let _ = cgroup.remove();
-            }
+            unjoin(record);
             return Err(Launch::Failed(Verdict::new(cause, reason)));
         }
     };
+    if let Some(joined) = shared.run_cgroup(record)
+        && !joined.contains(child.pid)
+    {
+        tracing::warn!(
+            slot = %record.slot,
+            "the run could not join its cgroup {} (permissions?); it is contained by its process group only",
+            joined.path.display()
+        );
+        record.cgroup = None;
+        let _ = joined.remove();
+    }
     record.pid = Some(child.pid as u32);
     record.pgid = Some(child.pid as u32);
     record.start_time = supervisor::proc_stat(child.pid).map(|s| s.start_time);
@@ -479,8 +499,10 @@ async fn follow_run(
         .and_then(|(lines, _)| lines.into_iter().next());
     let exit = exit.map_err(|e| e.to_string());
     let mut verdict = crate::task::verdict(format, &exit, outcome.as_ref(), last_stderr.as_deref());
+    // Only a run that died of a kill says the OOM killer: one of its tools killed an hour ago does not make a
+    // usage limit or a bad key into an OOM kill.
     if let Some(max) = oom
-        && verdict.cause != EndCause::Succeeded
+        && matches!(verdict.cause, EndCause::Killed | EndCause::Lost)
     {
         verdict = Verdict::new(
             EndCause::Killed,

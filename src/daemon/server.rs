@@ -21,6 +21,8 @@ use crate::provider::EventFormat;
 
 /// A request connection that sends nothing for this long is closed (it holds a task and a socket).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A reply frame must be taken by the client within this long.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// A request must arrive whole within this long of its first byte.
 const FRAME_DEADLINE: Duration = Duration::from_secs(10);
 /// Requests are read in chunks of this size as the bytes arrive.
@@ -38,7 +40,7 @@ pub async fn serve(shared: Arc<Shared>, mut stream: UnixStream) {
         Ok(cred) => {
             tracing::warn!(uid = cred.uid(), "refused a connection from another user");
             let reply = error(ErrorKind::BadRequest, format!("autodevd serves uid {me} only"));
-            let _ = protocol::write_frame(&mut stream, &protocol::encode_json(&reply)).await;
+            let _ = write_timed(&mut stream, &protocol::encode_json(&reply)).await;
             return;
         }
         Err(e) => {
@@ -48,7 +50,7 @@ pub async fn serve(shared: Arc<Shared>, mut stream: UnixStream) {
     }
     let Some(conn) = shared.clients.admit() else {
         let reply = error(ErrorKind::Failed, "autodevd is answering as many clients as it serves at once".into());
-        let _ = protocol::write_frame(&mut stream, &protocol::encode_json(&reply)).await;
+        let _ = write_timed(&mut stream, &protocol::encode_json(&reply)).await;
         return;
     };
     loop {
@@ -153,7 +155,15 @@ fn error(kind: ErrorKind, message: String) -> Reply {
 /// Every reply leaves through here, redacted (`crate::redact`).
 async fn send(stream: &mut UnixStream, reply: &Reply) -> std::io::Result<()> {
     let body = crate::redact::to_json_vec(reply).map_err(std::io::Error::other)?;
-    protocol::write_frame(stream, &protocol::encode_json_body(&body)).await
+    write_timed(stream, &protocol::encode_json_body(&body)).await
+}
+
+/// Writes a frame, giving up after [`WRITE_TIMEOUT`]: a client that stops reading is hung up on rather than
+/// holding its connection (and a place among `maxClients`) forever.
+async fn write_timed(stream: &mut UnixStream, frame: &[u8]) -> std::io::Result<()> {
+    tokio::time::timeout(WRITE_TIMEOUT, protocol::write_frame(stream, frame))
+        .await
+        .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the client stopped reading")))
 }
 
 async fn handle(
@@ -274,7 +284,7 @@ async fn stream_logs(
             }
             offset += n as u64;
             if raw {
-                protocol::write_frame(stream, &protocol::encode_bytes(&buf[..n])).await?;
+                write_timed(stream, &protocol::encode_bytes(&buf[..n])).await?;
             } else {
                 let mut lines = render_lines(&mut assembler, &buf[..n], format, LOG_LINE_CHARS, false);
                 let skipped = skip.min(lines.len());
@@ -283,7 +293,7 @@ async fn stream_logs(
                 send_text(stream, &lines).await?;
             }
         }
-        if !follow || ended || !wait_for_more(&mut signal).await {
+        if !follow || ended || !wait_for_more(&mut signal, stream).await {
             break;
         }
     }
@@ -294,9 +304,26 @@ async fn stream_logs(
     send(stream, &Reply::LogEnd { slot: slot.to_string(), run_id, state }).await
 }
 
-/// Waits for the next batch of output; false once the run record is gone.
-async fn wait_for_more(signal: &mut watch::Receiver<RunSignal>) -> bool {
-    signal.changed().await.is_ok()
+/// Waits for the next batch of output; false once the run record is gone or the client hung up.
+async fn wait_for_more(signal: &mut watch::Receiver<RunSignal>, stream: &UnixStream) -> bool {
+    loop {
+        tokio::select! {
+            changed = signal.changed() => return changed.is_ok(),
+            // A follower that hung up (`logs -f` ended with Ctrl-C) stops here, even while the run is silent.
+            ready = stream.readable() => {
+                if ready.is_err() {
+                    return false;
+                }
+                let mut probe = [0u8; 1];
+                match stream.try_read(&mut probe) {
+                    Ok(0) => return false,
+                    Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => return false,
+                    // A client sends nothing while it follows; whatever came is ignored.
+                    _ => {}
+                }
+            }
+        }
+    }
 }
 
 async fn send_text(stream: &mut UnixStream, lines: &[String]) -> std::io::Result<()> {
@@ -305,7 +332,7 @@ async fn send_text(stream: &mut UnixStream, lines: &[String]) -> std::io::Result
     }
     let mut text = crate::redact::current().clean(&lines.join("\n")).into_owned();
     text.push('\n');
-    protocol::write_frame(stream, &protocol::encode_bytes(text.as_bytes())).await
+    write_timed(stream, &protocol::encode_bytes(text.as_bytes())).await
 }
 
 /// `project status`: the project as GitHub has it now, and what the reconciler still owes.
