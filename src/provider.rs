@@ -450,7 +450,20 @@ fn claude_event(e: &Value, parsed: &mut Parsed) {
             if let Some(ms) = duration {
                 facts.push(short_duration(ms / 1000));
             }
-            let facts = if facts.is_empty() { String::new() } else { format!(" ({})", facts.join(", ")) };
+            let mut facts = if facts.is_empty() { String::new() } else { format!(" ({})", facts.join(", ")) };
+            // Actions the CLI's permission mode refused (claude still calls the run a success): the user must see
+            // them, or uncommitted work looks like finished work.
+            let denied = claude_denials(e);
+            for d in denied.iter().take(MAX_DENIALS_SHOWN) {
+                parsed.lines.push(format!("denied: {d}"));
+            }
+            if !denied.is_empty() {
+                let more = denied.len().saturating_sub(MAX_DENIALS_SHOWN);
+                let more = if more > 0 { format!(", and {more} more") } else { String::new() };
+                let plural = if denied.len() == 1 { "" } else { "s" };
+                let shown: Vec<&str> = denied.iter().take(MAX_DENIALS_SHOWN).map(String::as_str).collect();
+                facts.push_str(&format!(" · {} action{plural} denied: {}{more}", denied.len(), shown.join("; ")));
+            }
             let summary = if is_error {
                 // API errors come as subtype "success" with is_error: say what the CLI said.
                 let why = str_at(e, "/result")
@@ -470,6 +483,28 @@ fn claude_event(e: &Value, parsed: &mut Parsed) {
         }
         _ => {}
     }
+}
+
+/// How many denied actions a summary names (the count is always whole).
+const MAX_DENIALS_SHOWN: usize = 3;
+
+/// claude's `permission_denials` [{tool_name, tool_input}], each as `Bash git commit -m …` (the command's first line,
+/// at most 80 characters), else the tool's name.
+fn claude_denials(e: &Value) -> Vec<String> {
+    let Some(denials) = e.get("permission_denials").and_then(Value::as_array) else { return Vec::new() };
+    denials
+        .iter()
+        .map(|d| {
+            let tool = str_at(d, "/tool_name").unwrap_or("a tool");
+            let what = str_at(d, "/tool_input/command")
+                .or_else(|| str_at(d, "/tool_input/file_path"))
+                .map(|c| first_line(c).chars().take(80).collect::<String>());
+            match what {
+                Some(what) => format!("{tool} {what}"),
+                None => tool.to_string(),
+            }
+        })
+        .collect()
 }
 
 /// What claude's failed result says: its `api_error_status`, else its usage-limit marker (the CLI's own error
@@ -661,6 +696,24 @@ mod tests {
         assert!(outcome.success);
         assert_eq!(outcome.turns, Some(2));
         assert!(lines.last().unwrap().starts_with("result: success (2 turns, $0.00"), "{lines:?}");
+    }
+
+    #[test]
+    fn claude_permission_denials_are_counted_named_and_shown() {
+        let line = r#"{"type":"result","subtype":"success","is_error":false,"num_turns":3,"result":"done",
+            "permission_denials":[{"tool_name":"Bash","tool_input":{"command":"git commit -m 'fix #7'\nmore"}},
+            {"tool_name":"Bash","tool_input":{"command":"npm --version"}},{"tool_name":"Write","tool_input":{"file_path":"/etc/x"}},
+            {"tool_name":"WebFetch","tool_input":{}}]}"#
+            .replace('\n', " ");
+        let parsed = parse_line(EventFormat::Claude, &line);
+        let outcome = parsed.outcome.unwrap();
+        assert!(outcome.success, "a denial does not make the run fail");
+        assert_eq!(
+            outcome.summary,
+            "success (3 turns) · 4 actions denied: Bash git commit -m 'fix #7'; Bash npm --version; Write /etc/x, and 1 more"
+        );
+        assert_eq!(parsed.lines[0], "denied: Bash git commit -m 'fix #7'");
+        assert_eq!(parsed.lines.iter().filter(|l| l.starts_with("denied: ")).count(), 3);
     }
 
     #[test]

@@ -437,3 +437,15 @@ fn a_process_that_left_the_group_but_holds_the_run_lock_is_stopped_too() {
     let log = d.daemon_log();
     assert!(log.contains("outside its process group") || log.contains("the run left behind"), "{log}");
 }
+
+#[test]
+fn actions_the_permission_mode_denied_show_in_the_preview_and_the_outcome() {
+    let d = Daemon::start(&fake_config(1));
+    d.assign(9, &[], "@say edited the file\n@denied git commit -m 'fix #9'\n@denied npm --version");
+    let row = d.wait_state("claude-1", "completed");
+    let reason = row["reason"].as_str().unwrap();
+    assert!(reason.contains("2 actions denied: Bash git commit -m 'fix #9'; Bash npm --version"), "{reason}");
+    let preview = row["console_preview"].to_string();
+    assert!(preview.contains("denied: Bash git commit -m 'fix #9'"), "{preview}");
+    assert!(d.ctl(&["status"]).contains("denied"), "the table shows the denials");
+}
