@@ -196,3 +196,30 @@ fn systemd_accepts_the_unit_files() {
         );
     }
 }
+
+#[test]
+fn doctor_flags_settings_that_fail_every_run_and_needs_no_token_without_github() {
+    let mut config = fake_config(1);
+    config["llms"]["claude"]["cliArgs"] = json!(["--permission-mode", "bypassPermissions"]);
+    config["llms"]["gemini"]["cliArgs"] = json!(["--approval-mode", "yolo"]);
+    config["llms"]["codex"]["cliArgs"] = json!(["-s", "workspace-write"]);
+    let d = Daemon::start(&config);
+    // No token, and nothing in the config asks for GitHub: that is not a fault.
+    let mut cmd = d.ctl_command(&["doctor", "--json", "--config", d.config_path.to_str().unwrap()]);
+    cmd.env_remove("GITHUB_TOKEN").env_remove("GH_TOKEN").env("HOME", d.dir.path());
+    let out = cmd.output().unwrap();
+    let checks: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let github = check(&checks, "github");
+    assert_eq!(github["ok"], true, "{github}");
+    assert!(github["detail"].as_str().unwrap().contains("off"), "{github}");
+    let flags = |name: &str| checks.iter().find(|c| c["check"] == format!("llm {name} flags")).cloned();
+    let gemini = flags("gemini").expect("gemini without --skip-trust is flagged");
+    assert!(gemini["detail"].as_str().unwrap().contains("exits 55"), "{gemini}");
+    let codex = flags("codex").expect("codex outside git without --skip-git-repo-check is flagged");
+    assert!(codex["fix"].as_str().unwrap().contains("--skip-git-repo-check"), "{codex}");
+    if nix::unistd::geteuid().is_root() {
+        let claude = flags("claude").expect("bypassPermissions as root without IS_SANDBOX is flagged");
+        assert!(claude["fix"].as_str().unwrap().contains("IS_SANDBOX"), "{claude}");
+    }
+    assert_eq!(out.status.code(), Some(1));
+}

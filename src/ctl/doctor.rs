@@ -70,6 +70,7 @@ pub fn run(config_flag: Option<&Path>, paths: &Paths) -> Vec<Check> {
     checks.extend(containment(paths, &config));
     for provider in config.providers().iter().filter(|p| p.enabled).map(Provider::from_entry) {
         checks.push(cli(&provider));
+        checks.extend(launch_pitfalls(&provider, &config.workspace_dir(&cwd)));
     }
     let workspace = config.workspace_dir(&cwd);
     crate::github::install_redactor(&config, None);
@@ -150,6 +151,43 @@ fn containment(paths: &Paths, config: &Config) -> Vec<Check> {
     checks
 }
 
+/// Settings that make every run of a CLI fail, known from trying them: claude refuses `bypassPermissions` as root
+/// without `IS_SANDBOX=1`; gemini exits 55 in a folder it does not trust unless `--skip-trust`; codex refuses to run
+/// outside a git repository unless `--skip-git-repo-check`.
+fn launch_pitfalls(provider: &Provider, workspace: &Path) -> Vec<Check> {
+    let name = &provider.name;
+    let ctx = crate::provider::LaunchContext { prompt: "", prompt_file: Path::new("prompt"), issue: 1, slot: "x" };
+    let args = provider.launch_new(&ctx).args;
+    let has = |flag: &str| args.iter().any(|a| a == flag || a.starts_with(&format!("{flag}=")));
+    let env_is = |key: &str, value: &str| {
+        provider.config_env.get(key).map(String::as_str) == Some(value)
+            || (provider.passthrough_env.contains(&key) && std::env::var(key).as_deref() == Ok(value))
+    };
+    let check = format!("llm {name} flags");
+    let problem = match name.as_str() {
+        "claude"
+            if (args.iter().any(|a| a == "bypassPermissions") || has("--dangerously-skip-permissions"))
+                && nix::unistd::geteuid().is_root()
+                && !env_is("IS_SANDBOX", "1") =>
+        {
+            Some((
+                "bypassPermissions as root: claude exits 1 on every run unless IS_SANDBOX=1".to_string(),
+                format!("set llms.{name}.env.IS_SANDBOX to \"1\" (in a sandbox), or run autodevd as a normal user"),
+            ))
+        }
+        "gemini" if !has("--skip-trust") && !env_is("GEMINI_CLI_TRUST_WORKSPACE", "true") => Some((
+            "without --skip-trust, gemini exits 55 in every folder it has not been told to trust".to_string(),
+            format!("add --skip-trust to llms.{name}.cliArgs (autodev's default has it)"),
+        )),
+        "codex" if !has("--skip-git-repo-check") && crate::workspace::repo_root(workspace).is_none() => Some((
+            format!("{} is not a git repository and codex refuses to run outside one", workspace.display()),
+            format!("add --skip-git-repo-check to llms.{name}.cliArgs, or use a git workspace"),
+        )),
+        _ => None,
+    };
+    problem.map(|(detail, fix)| fail(&check, detail, fix)).into_iter().collect()
+}
+
 /// Where `program` would be found the way autodevd starts it (a path, or a name on PATH).
 fn locate(program: &str) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
@@ -210,11 +248,23 @@ fn github(config: &Config, workspace: &Path) -> Vec<Check> {
     let mut checks = Vec::new();
     let gh_config = &config.raw.github;
     let Some((token, source)) = client::find_token(gh_config, config.path.as_deref().and_then(Path::parent)) else {
-        checks.push(fail(
-            "github token",
-            "no GitHub token".into(),
-            "set GITHUB_TOKEN, a systemd credential github-token, or github.tokenFile (scopes: repo, project)",
-        ));
+        // Without a token GitHub is simply off; that is a fault only where the config asks for a GitHub feature.
+        let wanted = config.raw.project.enabled
+            || gh_config.owner.is_some()
+            || gh_config.repo.is_some()
+            || gh_config.token_file.is_some();
+        checks.push(if wanted {
+            fail(
+                "github token",
+                "no GitHub token, but the config uses GitHub (project, github.owner/repo or github.tokenFile)".into(),
+                "set GITHUB_TOKEN, a systemd credential github-token, or github.tokenFile (scopes: repo, project)",
+            )
+        } else {
+            pass(
+                "github",
+                "off: no token found, and the config asks for no GitHub feature (assign with --prompt)".into(),
+            )
+        });
         return checks;
     };
     checks.push(pass("github token", format!("from {source}")));
