@@ -45,7 +45,7 @@ pub struct RawConfig {
     pub worktree: WorktreeConfig,
     pub project: ProjectConfig,
     pub requirements: Value,
-    pub push: Value,
+    pub push: PushConfig,
     pub notifications: Value,
     pub merge_worker: Value,
     pub review_worker: Value,
@@ -75,6 +75,22 @@ pub struct LlmConfig {
     pub hooks_enabled: Value,
     pub user: Value,
     pub custom_config: Value,
+}
+
+/// `push`: what happens to a run's work at its end. The seed tool's other keys are accepted as they are.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct PushConfig {
+    /// After a completed run, commit what the agent left uncommitted on the task's branch.
+    pub commit_leftovers: bool,
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, Value>,
+}
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        PushConfig { commit_leftovers: true, other: serde_json::Map::new() }
+    }
 }
 
 /// `llms.<name>.limits`: cgroup limits of each run of that LLM (`memory.max`, `cpu.max`, `pids.max`).

@@ -71,6 +71,8 @@ const STRUCTURAL_KEYS: &[&str] = &[
 pub struct Redactor {
     /// One pass over the text: the literal secrets (longest first) and every pattern, as one alternation.
     all: Regex,
+    /// The secret values themselves (never shown; for checks such as "does this file hold one").
+    literals: Vec<String>,
 }
 
 impl Redactor {
@@ -80,6 +82,7 @@ impl Redactor {
         literals.sort_by_key(|s| std::cmp::Reverse(s.len()));
         literals.dedup();
         let mut parts: Vec<String> = literals.iter().map(|s| regex::escape(s)).collect();
+        let literals_kept = literals.clone();
         parts.extend(BUILTIN_PATTERNS.iter().map(|p| p.to_string()));
         for p in extra {
             match Regex::new(p) {
@@ -91,7 +94,12 @@ impl Redactor {
         let all = Regex::new(&alternation)
             .or_else(|_| Regex::new(&BUILTIN_PATTERNS.iter().map(|p| format!("(?:{p})")).collect::<Vec<_>>().join("|")))
             .expect("the built-in patterns compile (tested)");
-        Redactor { all }
+        Redactor { all, literals: literals_kept }
+    }
+
+    /// The secret values this redactor knows.
+    pub fn secrets(&self) -> &[String] {
+        &self.literals
     }
 
     /// `text` without secrets; borrowed (no copy) when there was nothing to remove.

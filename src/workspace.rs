@@ -170,6 +170,68 @@ pub fn unsaved_work(path: &Path) -> Result<Option<&'static str>, String> {
     Ok(if elsewhere { None } else { Some("unpushed") })
 }
 
+/// Files larger than this are never committed by autodev (they belong in LFS or nowhere).
+pub const MAX_LEFTOVER_BYTES: u64 = 50 << 20;
+
+/// What committing a run's leftovers did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leftovers {
+    /// The commit made, if there was anything to commit.
+    pub commit: Option<String>,
+    /// Files left out, with why (over 50 MB).
+    pub left_out: Vec<String>,
+}
+
+/// Commits what a run left uncommitted in its worktree, on the branch checked out there: every change git does not
+/// ignore, except files over [`MAX_LEFTOVER_BYTES`]. The user's git identity and hooks apply (a failing hook is the
+/// error). Refused whole, naming the file, when a file to commit holds one of `secrets`.
+pub fn commit_leftovers(worktree: &Path, message: &str, secrets: &[String]) -> Result<Leftovers, String> {
+    let status = git(worktree, &["status", "--porcelain=v1", "-z", "--untracked-files=all"])?;
+    let mut paths = Vec::new();
+    let mut entries = status.split('\0').filter(|e| !e.is_empty());
+    while let Some(entry) = entries.next() {
+        let (code, path) = entry.split_at(entry.len().min(3));
+        // A rename lists its old path next; `add -A` of the new one records the move.
+        if code.starts_with('R') || code.starts_with('C') {
+            entries.next();
+        }
+        paths.push(path.to_string());
+    }
+    let mut left_out = Vec::new();
+    let mut to_add = Vec::new();
+    for path in paths {
+        let full = worktree.join(&path);
+        match std::fs::symlink_metadata(&full) {
+            Ok(meta) if meta.is_file() && meta.len() > MAX_LEFTOVER_BYTES => {
+                left_out.push(format!("{path} ({} MB, over {} MB)", meta.len() >> 20, MAX_LEFTOVER_BYTES >> 20));
+                continue;
+            }
+            Ok(meta) if meta.is_file() && !secrets.is_empty() => {
+                let content = std::fs::read(&full).map_err(|e| format!("cannot read {path}: {e}"))?;
+                if secrets.iter().any(|s| memchr::memmem::find(&content, s.as_bytes()).is_some()) {
+                    return Err(format!(
+                        "not committed: {path} holds a secret value autodev knows (a token or key); remove it, \
+                         then commit by hand"
+                    ));
+                }
+            }
+            _ => {}
+        }
+        to_add.push(path);
+    }
+    if to_add.is_empty() {
+        return Ok(Leftovers { commit: None, left_out });
+    }
+    for chunk in to_add.chunks(256) {
+        let mut args = vec!["add", "-A", "--"];
+        args.extend(chunk.iter().map(String::as_str));
+        git(worktree, &args)?;
+    }
+    git(worktree, &["commit", "--quiet", "-m", message]).map_err(|e| format!("git commit failed: {e}"))?;
+    let commit = git(worktree, &["rev-parse", "--short", "HEAD"])?;
+    Ok(Leftovers { commit: Some(commit.trim().to_string()), left_out })
+}
+
 /// Gets the worktree for a task of `issue` in `slot`: the slot's worktree reused when that loses nothing, else a
 /// fresh one; on the issue's existing branch, else on a new branch from the newest default branch.
 pub fn prepare(

@@ -100,12 +100,15 @@ fn a_follower_that_hangs_up_gives_its_place_back_even_while_the_run_is_silent() 
     let d = Daemon::start(&c);
     d.assign(1, &[], "@say up\n@sleep 60");
     d.wait_state("claude-1", "in_progress");
-    let mut follower = d.ctl_command(&["logs", "-f", "claude-1"]).stdout(std::process::Stdio::null()).spawn().unwrap();
+    let mut follower = d.ctl_command(&["logs", "-f", "claude-1"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    // It follows once its first line arrived.
+    let mut line = String::new();
+    let mut out = std::io::BufReader::new(follower.stdout.take().unwrap());
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert!(!line.is_empty());
     // While it follows, a second follower is refused: one stream at most.
-    wait_until("the second follower to be refused", || {
-        let out = d.try_ctl(&["logs", "-f", "claude-1"]);
-        String::from_utf8_lossy(&out.stderr).contains("follow logs already").then_some(())
-    });
+    let refused = d.ctl_command(&["logs", "-f", "claude-1"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("follow logs already"), "{refused:?}");
     follower.kill().unwrap();
     follower.wait().unwrap();
     // The run prints nothing more, yet the place comes back.

@@ -89,9 +89,10 @@ fn a_clean_worktree_is_reused_and_one_with_unsaved_work_never_is() {
     assert_eq!(row["worktree"], json!(base.join("claude-1").display().to_string()), "{row}");
     assert_eq!(row["branch"], "autodev/issue-2-next-task");
     assert_eq!(run_record(&d, &row)["files"], json!(["README.md"]), "the new branch starts from main");
-    // Uncommitted work: never reset; the next task gets a fresh worktree.
-    d.assign(3, &["--slot", "claude-1"], "Dirty\n@write wip.txt unsaved");
-    d.wait_state("claude-1", "completed");
+    // Uncommitted work (a failed run: autodev commits leftovers of completed runs only): never reset; the next task
+    // gets a fresh worktree.
+    d.assign(3, &["--slot", "claude-1"], "Dirty\n@write wip.txt unsaved\n@fail");
+    d.wait_state("claude-1", "failed");
     d.assign(4, &["--slot", "claude-1"], "After dirty\n@say hi");
     let row = d.wait_state("claude-1", "completed");
     assert_eq!(row["worktree"], json!(base.join("claude-1-2").display().to_string()), "{row}");
@@ -201,4 +202,54 @@ fn a_directory_that_is_not_a_git_repository_runs_without_worktrees() {
     assert_eq!((row["worktree"].clone(), row["branch"].clone()), (Value::Null, Value::Null));
     assert_eq!(run_record(&d, &row)["cwd"], json!(d.workspace.display().to_string()));
     assert!(d.ctl(&["workspaces"]).contains("not a git repository"));
+}
+
+#[test]
+fn what_a_completed_run_left_uncommitted_is_committed_on_its_branch_except_big_files_and_secrets() {
+    let (_top, repo) = repo_with_origin(true);
+    let mut c = config();
+    c["llms"]["claude"]["apiKey"] = json!("sk-ant-test-key-0123456789");
+    let d = Daemon::start_in(&c, Some(&repo));
+    // The agent edits and adds files but cannot commit (as claude under acceptEdits): autodev commits them.
+    d.assign(
+        1,
+        &["--slot", "claude-1"],
+        "Fix the parser\n@write fix.txt fixed\n@write README.md changed\n@sparse big.bin 60000000",
+    );
+    let row = d.wait_state("claude-1", "completed");
+    let reason = row["reason"].as_str().unwrap();
+    assert!(reason.contains("autodev committed what the agent left uncommitted"), "{reason}");
+    assert!(reason.contains("not committed: big.bin (57 MB, over 50 MB)"), "{reason}");
+    let branch = row["branch"].as_str().unwrap();
+    let subject = git(&repo, &["log", "-1", "--format=%s", branch]);
+    let run_id = row["run_id"].as_str().unwrap();
+    assert_eq!(subject, format!("autodev: #1 Fix the parser (claude-1, run {run_id})"));
+    assert_eq!(git(&repo, &["show", "--name-only", "--format=", branch]), "README.md\nfix.txt");
+    assert_eq!(git(&repo, &["log", "-1", "--format=%an", branch]), "Dev", "the user's own git identity");
+
+    // A file that holds a known secret: nothing is committed, and the file is named.
+    d.assign(2, &["--slot", "claude-2"], "Leak\n@write leak.txt key=sk-ant-test-key-0123456789\n@write ok.txt fine");
+    let row = d.wait_state("claude-2", "completed");
+    let reason = row["reason"].as_str().unwrap();
+    assert!(reason.contains("not committed: leak.txt holds a secret value"), "{reason}");
+    let branch = row["branch"].as_str().unwrap();
+    assert_eq!(git(&repo, &["log", "-1", "--format=%s", branch]), "first", "nothing was committed");
+    assert!(Path::new(row["worktree"].as_str().unwrap()).join("ok.txt").exists(), "the work stays in the worktree");
+}
+
+#[test]
+fn a_failing_commit_hook_is_the_reason_shown_and_the_work_stays() {
+    let (_top, repo) = repo_with_origin(true);
+    let hook = repo.join(".git/hooks/pre-commit");
+    std::fs::write(&hook, "#!/bin/sh\necho 'lint: trailing whitespace in fix.txt' >&2\nexit 1\n").unwrap();
+    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let d = Daemon::start_in(&config(), Some(&repo));
+    d.assign(1, &[], "Hooked\n@write fix.txt fixed ");
+    let row = d.wait_state("claude-1", "completed");
+    let reason = row["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("git commit failed") && reason.contains("lint: trailing whitespace in fix.txt"),
+        "{reason}"
+    );
+    assert!(Path::new(row["worktree"].as_str().unwrap()).join("fix.txt").exists());
 }

@@ -509,6 +509,9 @@ async fn follow_run(
             format!("killed by the kernel's OOM killer: the run reached its memory limit (memory.max {max})"),
         );
     }
+    if verdict.cause == EndCause::Succeeded && shared.config.raw.push.commit_leftovers {
+        commit_leftovers(&shared, &run_id, &mut verdict).await;
+    }
     let slot = {
         let mut table = shared.lock_table();
         let slot = table.slots.iter().find(|s| s.task.as_ref().is_some_and(|t| t.record.run_id == run_id));
@@ -531,6 +534,42 @@ async fn follow_run(
         && let Err(e) = drive(&shared, &slot, Event::RunEnded(verdict))
     {
         tracing::error!(slot, run = %run_id, "{e}");
+    }
+}
+
+/// After a completed run in a worktree: commits what the agent left uncommitted on the task's branch (the agent may
+/// not have been allowed to commit), and says so, or why not, in the run's outcome. The work is never lost either
+/// way: what is not committed stays in the worktree.
+async fn commit_leftovers(shared: &Shared, run_id: &str, verdict: &mut Verdict) {
+    let job = shared.lock_table().task_of_run(run_id).and_then(|t| {
+        let r = &t.record;
+        let title = r.title.clone().unwrap_or_default();
+        let message = format!("autodev: #{} {} ({}, run {})", r.issue, title.trim(), r.slot, r.run_id);
+        Some((r.worktree.clone()?, message))
+    });
+    let Some((worktree, message)) = job else { return };
+    let secrets = crate::redact::current().secrets().to_vec();
+    let done =
+        tokio::task::spawn_blocking(move || crate::workspace::commit_leftovers(&worktree, &message, &secrets)).await;
+    let said = match done {
+        Ok(Ok(leftovers)) => {
+            let mut said: Vec<String> = leftovers
+                .commit
+                .iter()
+                .map(|c| format!("autodev committed what the agent left uncommitted ({c})"))
+                .collect();
+            if !leftovers.left_out.is_empty() {
+                said.push(format!("not committed: {}", leftovers.left_out.join(", ")));
+            }
+            said
+        }
+        Ok(Err(why)) => vec![why],
+        Err(e) => vec![format!("committing the leftovers failed: {e}")],
+    };
+    if !said.is_empty() {
+        tracing::info!(run = %run_id, "{}", said.join("; "));
+        let reason = verdict.reason.take().unwrap_or_default();
+        verdict.reason = Some(format!("{reason} · {}", said.join(" · ")).trim_start_matches(" · ").to_string());
     }
 }
 
