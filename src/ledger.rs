@@ -187,6 +187,7 @@ impl SlotLockV1 {
             branch: self.branch,
             title: self.title,
             comment_id: self.comment_id,
+            base: None,
             cgroup: None,
         }
     }

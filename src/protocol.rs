@@ -297,6 +297,12 @@ pub struct SlotStatus {
     /// The task's git worktree and branch, when it has one.
     pub worktree: Option<String>,
     pub branch: Option<String>,
+    /// Once a run ended: commits on the branch beyond its base, and whether there is work to review (commits, or
+    /// a worktree with changes). `null` before, and for tasks without a worktree.
+    #[serde(default)]
+    pub commits: Option<u64>,
+    #[serde(default)]
+    pub changes: Option<bool>,
     pub pid: Option<u32>,
     /// The run was adopted after a restart of autodevd: its exit code cannot be known.
     pub adopted: bool,
@@ -346,6 +352,8 @@ impl SlotStatus {
             runs: Vec::new(),
             worktree: None,
             branch: None,
+            commits: None,
+            changes: None,
             pid: None,
             adopted: false,
             started_at: None,

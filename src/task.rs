@@ -68,6 +68,8 @@ pub enum EndCause {
     DiskFull,
     /// `autodevctl release` gave the task up.
     Released,
+    /// The run completed, but its branch has nothing beyond its base and its worktree is clean: nothing to review.
+    NoChanges,
 }
 
 impl EndCause {
@@ -86,6 +88,7 @@ impl EndCause {
             EndCause::NoResult => "no_result",
             EndCause::DiskFull => "disk_full",
             EndCause::Released => "released",
+            EndCause::NoChanges => "no_changes",
         }
     }
 
@@ -555,6 +558,9 @@ pub struct SlotLock {
     /// The task's status comment on its issue, once made.
     #[serde(default)]
     pub comment_id: Option<u64>,
+    /// What the task's branch started from (`origin/main`, `main`): "changes" are commits beyond it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
     /// The current run's cgroup, when it has one (`containment: cgroup`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<PathBuf>,
@@ -592,6 +598,7 @@ impl SlotLock {
             branch: None,
             title: None,
             comment_id: None,
+            base: None,
             cgroup: None,
         }
     }

@@ -27,6 +27,9 @@ pub struct Prepared {
     pub branch: String,
     /// What a new branch was started from (`origin/main`, `main`), or `None` for an existing branch.
     pub base: Option<String>,
+    /// What the branch's work is measured against: `base`, or for an existing branch the default branch as known
+    /// locally (no fetch).
+    pub compare_to: String,
     /// Things to tell the user (offline, a worktree left aside because it holds unsaved work).
     pub notes: Vec<String>,
 }
@@ -125,6 +128,27 @@ fn start_point(root: &Path, notes: &mut Vec<String>) -> String {
         }
     }
     default.filter(|b| local_branch_exists(root, b)).unwrap_or_else(|| "HEAD".into())
+}
+
+/// The default branch as this clone knows it, without asking `origin`: `origin/<default>` when there is one, else
+/// the local default branch, else `HEAD`.
+fn local_default(root: &Path) -> String {
+    if let Ok(remote) = git(root, &["symbolic-ref", "--short", "refs/remotes/origin/HEAD"]) {
+        return remote;
+    }
+    git(root, &["config", "init.defaultBranch"])
+        .ok()
+        .filter(|b| local_branch_exists(root, b))
+        .or_else(|| ["main", "master"].iter().find(|b| local_branch_exists(root, b)).map(|b| b.to_string()))
+        .unwrap_or_else(|| "HEAD".into())
+}
+
+/// What a task's branch holds: commits beyond `base`, and whether the worktree has changes git does not ignore.
+pub fn changes(worktree: &Path, base: &str) -> Result<(u64, bool), String> {
+    let count = git(worktree, &["rev-list", "--count", &format!("{base}..HEAD")])?;
+    let commits = count.trim().parse().map_err(|_| format!("git rev-list gave {count:?}"))?;
+    let dirty = !git(worktree, &["status", "--porcelain", "--untracked-files=normal"])?.is_empty();
+    Ok((commits, dirty))
 }
 
 fn local_branch_exists(root: &Path, branch: &str) -> bool {
@@ -275,12 +299,14 @@ pub fn prepare(
             let current = git(&path, &["symbolic-ref", "--quiet", "--short", "HEAD"]).ok();
             if current.as_deref() == Some(branch.as_str()) {
                 // The issue's own earlier work, in the slot's own worktree: carry on there.
-                return Ok(Prepared { path, branch, base: None, notes });
+                let compare_to = local_default(root);
+                return Ok(Prepared { path, branch, base: None, compare_to, notes });
             }
             match unsaved_work(&path)? {
                 None => {
                     check_out(root, &path, true, &mut branch, start.as_deref(), &mut notes)?;
-                    return Ok(Prepared { path, branch, base: start, notes });
+                    let compare_to = start.clone().unwrap_or_else(|| local_default(root));
+                    return Ok(Prepared { path, branch, base: start, compare_to, notes });
                 }
                 Some(what) => notes.push(format!(
                     "worktree {} has {what} work on {}: left as it is (needs attention); using a new worktree",
@@ -293,7 +319,8 @@ pub fn prepare(
         n += 1;
     }
     check_out(root, &path, false, &mut branch, start.as_deref(), &mut notes)?;
-    Ok(Prepared { path, branch, base: start, notes })
+    let compare_to = start.clone().unwrap_or_else(|| local_default(root));
+    Ok(Prepared { path, branch, base: start, compare_to, notes })
 }
 
 fn same_path(a: &Path, b: &Path) -> bool {

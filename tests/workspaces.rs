@@ -85,7 +85,7 @@ fn a_clean_worktree_is_reused_and_one_with_unsaved_work_never_is() {
     d.assign(1, &["--slot", "claude-1"], "Pushed work\n@write p.txt x\n@commit p\n@push");
     d.wait_state("claude-1", "completed");
     d.assign(2, &["--slot", "claude-1"], "Next task\n@say hi");
-    let row = d.wait_state("claude-1", "completed");
+    let row = d.wait_state("claude-1", "failed");
     assert_eq!(row["worktree"], json!(base.join("claude-1").display().to_string()), "{row}");
     assert_eq!(row["branch"], "autodev/issue-2-next-task");
     assert_eq!(run_record(&d, &row)["files"], json!(["README.md"]), "the new branch starts from main");
@@ -94,14 +94,14 @@ fn a_clean_worktree_is_reused_and_one_with_unsaved_work_never_is() {
     d.assign(3, &["--slot", "claude-1"], "Dirty\n@write wip.txt unsaved\n@fail");
     d.wait_state("claude-1", "failed");
     d.assign(4, &["--slot", "claude-1"], "After dirty\n@say hi");
-    let row = d.wait_state("claude-1", "completed");
+    let row = d.wait_state("claude-1", "failed");
     assert_eq!(row["worktree"], json!(base.join("claude-1-2").display().to_string()), "{row}");
     assert_eq!(std::fs::read_to_string(base.join("claude-1/wip.txt")).unwrap(), "unsaved\n", "the work is kept");
     // Unpushed commits: never reset either.
     d.assign(5, &["--slot", "claude-1"], "Unpushed\n@write u.txt y\n@commit u");
     d.wait_state("claude-1", "completed");
     d.assign(6, &["--slot", "claude-1"], "After unpushed\n@say hi");
-    let row = d.wait_state("claude-1", "completed");
+    let row = d.wait_state("claude-1", "failed");
     assert_eq!(row["worktree"], json!(base.join("claude-1-3").display().to_string()), "{row}");
 
     // Prune removes only what is safe: the clean claude-1-3 goes; dirty claude-1 and unpushed claude-1-2 stay.
@@ -145,7 +145,9 @@ fn offline_and_without_origin_branches_start_from_local_main() {
     let (_top, repo) = repo_with_origin(false);
     let d = Daemon::start_in(&config(), Some(&repo));
     d.assign(1, &[], "No remote\n@say hi");
-    let row = d.wait_state("claude-1", "completed");
+    // It did nothing: nothing to review, so it is not "completed".
+    let row = d.wait_state("claude-1", "failed");
+    assert_eq!(row["end_cause"], "no_changes", "{row}");
     assert_eq!(row["branch"], "autodev/issue-1-no-remote");
 
     let (_top2, repo2) = repo_with_origin(true);
@@ -153,7 +155,7 @@ fn offline_and_without_origin_branches_start_from_local_main() {
     git(&repo2, &["remote", "set-url", "origin", "/nonexistent/origin.git"]);
     let d2 = Daemon::start_in(&config(), Some(&repo2));
     d2.assign(2, &[], "Offline\n@say hi");
-    let row = d2.wait_state("claude-1", "completed");
+    let row = d2.wait_state("claude-1", "failed");
     let worktree = PathBuf::from(row["worktree"].as_str().unwrap());
     assert_eq!(git(&worktree, &["log", "-1", "--format=%s"]), "local only", "started from the local main");
     assert!(d2.daemon_log().contains("origin did not answer"), "{}", d2.daemon_log());
@@ -169,7 +171,7 @@ fn a_branch_checked_out_elsewhere_is_continued_on_a_new_name() {
     std::fs::write(theirs.join("mine.txt"), "do not touch\n").unwrap();
     let d = Daemon::start_in(&config(), Some(&repo));
     d.assign(5, &[], "Clash\n@say hi");
-    let row = d.wait_state("claude-1", "completed");
+    let row = d.wait_state("claude-1", "failed");
     assert_eq!(row["branch"], "autodev/issue-5-by-hand-2", "{row}");
     assert_eq!(std::fs::read_to_string(theirs.join("mine.txt")).unwrap(), "do not touch\n");
     assert_eq!(git(&theirs, &["branch", "--show-current"]), "autodev/issue-5-by-hand");
@@ -182,7 +184,7 @@ fn cleanup_on_complete_removes_only_what_is_safe() {
     config["worktree"] = json!({ "cleanup": { "onComplete": true, "onError": "keep" } });
     let d = Daemon::start_in(&config, Some(&repo));
     let base = top.path().join("repo.autodev");
-    d.assign(1, &["--slot", "claude-1"], "Nothing to keep\n@say done");
+    d.assign(1, &["--slot", "claude-1"], "Nothing to keep\n@write a.txt x\n@commit a\n@push");
     d.wait_state("claude-1", "completed");
     common::wait_until("the clean worktree to be removed", || (!base.join("claude-1").exists()).then_some(()));
     d.assign(2, &["--slot", "claude-2"], "Keep me\n@write w.txt wip");
@@ -252,4 +254,20 @@ fn a_failing_commit_hook_is_the_reason_shown_and_the_work_stays() {
         "{reason}"
     );
     assert!(Path::new(row["worktree"].as_str().unwrap()).join("fix.txt").exists());
+}
+
+#[test]
+fn a_run_that_changes_nothing_ends_no_changes_and_one_that_commits_counts_its_commits() {
+    let (_top, repo) = repo_with_origin(true);
+    let d = Daemon::start_in(&config(), Some(&repo));
+    d.assign(1, &["--slot", "claude-1"], "Look around\n@say I read the code and found nothing to change");
+    let row = d.wait_state("claude-1", "failed");
+    assert_eq!(row["end_cause"], "no_changes", "{row}");
+    assert_eq!((row["commits"].clone(), row["changes"].clone()), (json!(0), json!(false)), "{row}");
+    let reason = row["reason"].as_str().unwrap();
+    assert!(reason.contains("no changes were produced") && reason.contains("the agent said: success"), "{reason}");
+
+    d.assign(2, &["--slot", "claude-2"], "Two commits\n@write a.txt 1\n@commit one\n@write b.txt 2\n@commit two");
+    let row = d.wait_state("claude-2", "completed");
+    assert_eq!((row["commits"].clone(), row["changes"].clone()), (json!(2), json!(true)), "{row}");
 }

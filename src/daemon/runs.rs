@@ -512,6 +512,9 @@ async fn follow_run(
     if verdict.cause == EndCause::Succeeded && shared.config.raw.push.commit_leftovers {
         commit_leftovers(&shared, &run_id, &mut verdict).await;
     }
+    if verdict.cause == EndCause::Succeeded {
+        judge_changes(&shared, &run_id, &mut verdict).await;
+    }
     let slot = {
         let mut table = shared.lock_table();
         let slot = table.slots.iter().find(|s| s.task.as_ref().is_some_and(|t| t.record.run_id == run_id));
@@ -570,6 +573,35 @@ async fn commit_leftovers(shared: &Shared, run_id: &str, verdict: &mut Verdict) 
         tracing::info!(run = %run_id, "{}", said.join("; "));
         let reason = verdict.reason.take().unwrap_or_default();
         verdict.reason = Some(format!("{reason} · {}", said.join(" · ")).trim_start_matches(" · ").to_string());
+    }
+}
+
+/// A completed run in a worktree whose branch has nothing beyond its base and whose worktree is clean produced
+/// nothing to review: it ends `no_changes` (Status → blocked), never silently "done". Notes the counts for `status`.
+async fn judge_changes(shared: &Shared, run_id: &str, verdict: &mut Verdict) {
+    let job = shared.lock_table().task_of_run(run_id).and_then(|t| {
+        let r = &t.record;
+        Some((r.worktree.clone()?, r.base.clone()?))
+    });
+    let Some((worktree, base)) = job else { return };
+    let counted = {
+        let base = base.clone();
+        tokio::task::spawn_blocking(move || crate::workspace::changes(&worktree, &base)).await
+    };
+    let (commits, dirty) = match counted {
+        Ok(Ok(found)) => found,
+        Ok(Err(e)) => return tracing::warn!(run = %run_id, "cannot count the task's changes: {e}"),
+        Err(e) => return tracing::warn!(run = %run_id, "cannot count the task's changes: {e}"),
+    };
+    if let Some(task) = shared.lock_table().task_of_run(run_id) {
+        (task.commits, task.changes) = (Some(commits), Some(commits > 0 || dirty));
+    }
+    if commits == 0 && !dirty {
+        let said = verdict.reason.take().unwrap_or_default();
+        *verdict = Verdict::new(
+            EndCause::NoChanges,
+            format!("no changes were produced: nothing beyond {base} and a clean worktree · the agent said: {said}"),
+        );
     }
 }
 

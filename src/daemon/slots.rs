@@ -44,6 +44,10 @@ pub struct Task {
     /// Set (under the table lock) once the run's process group id may belong to a stranger: after our leader
     /// is reaped, or once an adopted leader has exited. From then on the group is never signalled.
     pub group_released: bool,
+    /// After the last run ended: commits on the task's branch beyond its base, and whether that or a dirty worktree
+    /// means there is work to review.
+    pub commits: Option<u64>,
+    pub changes: Option<bool>,
     /// Adopted after a restart: not our child, so its exit code cannot be known.
     pub adopted: bool,
     pub signal: Arc<watch::Sender<RunSignal>>,
@@ -97,6 +101,8 @@ impl Task {
             turns: None,
             preview: Vec::new(),
             group_released: false,
+            commits: None,
+            changes: None,
             adopted: false,
             signal: Arc::new(watch::channel(RunSignal::default()).0),
             health: Health::default(),
@@ -424,6 +430,8 @@ impl SlotTable {
             runs: t.record.runs.clone(),
             worktree: t.record.worktree.as_ref().map(|p| p.display().to_string()),
             branch: t.record.branch.clone(),
+            commits: t.commits,
+            changes: t.changes,
             pid: t.record.pid.filter(|_| running),
             adopted: t.adopted,
             started_at: Some(rfc3339(t.run_started_at)),

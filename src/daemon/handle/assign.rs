@@ -146,6 +146,7 @@ async fn prepare_worktree(
         task.record.cwd = prepared.path.clone();
         task.record.worktree = Some(prepared.path.clone());
         task.record.branch = Some(prepared.branch.clone());
+        task.record.base = Some(prepared.compare_to.clone());
     }
     Ok(Some(prepared))
 }
