@@ -59,7 +59,14 @@ const BUILTINS: [Builtin; 3] = [
         name: "claude",
         display: "Claude",
         mode_args: &["-p", "--output-format", "stream-json", "--verbose"],
-        default_args: &["--permission-mode", "acceptEdits"],
+        // acceptEdits denies `git commit` ("requires approval"); these git commands in its own worktree are what
+        // it needs to commit its work, and nothing more.
+        default_args: &[
+            "--permission-mode",
+            "acceptEdits",
+            "--allowedTools",
+            "Bash(git add:*),Bash(git commit:*),Bash(git status:*),Bash(git diff:*),Bash(git log:*)",
+        ],
         model_flag: "--model",
         api_key_var: "ANTHROPIC_API_KEY",
         env_keys: &[
@@ -760,7 +767,12 @@ mod tests {
             claude.args,
             ["-p", "--output-format", "stream-json", "--verbose", "--session-id", &sid, "--model", "opus"]
                 .iter()
-                .chain(&["--permission-mode", "acceptEdits"])
+                .chain(&[
+                    "--permission-mode",
+                    "acceptEdits",
+                    "--allowedTools",
+                    "Bash(git add:*),Bash(git commit:*),Bash(git status:*),Bash(git diff:*),Bash(git log:*)"
+                ])
                 .map(|s| s.to_string())
                 .collect::<Vec<_>>()
         );

@@ -143,6 +143,25 @@ fn local_default(root: &Path) -> String {
         .unwrap_or_else(|| "HEAD".into())
 }
 
+/// The user's git identity as seen from `dir` (`user.name`, `user.email`), as the environment variables git reads
+/// first: `GIT_AUTHOR_*` and `GIT_COMMITTER_*`. Empty where git or an identity is missing.
+pub fn git_identity(dir: &Path) -> std::collections::BTreeMap<String, String> {
+    let mut env = std::collections::BTreeMap::new();
+    for (key, vars) in [
+        ("user.name", ["GIT_AUTHOR_NAME", "GIT_COMMITTER_NAME"]),
+        ("user.email", ["GIT_AUTHOR_EMAIL", "GIT_COMMITTER_EMAIL"]),
+    ] {
+        if let Ok(value) = git(dir, &["config", "--get", key]).map(|v| v.trim().to_string())
+            && !value.is_empty()
+        {
+            for var in vars {
+                env.insert(var.to_string(), value.clone());
+            }
+        }
+    }
+    env
+}
+
 /// What a task's branch holds: commits beyond `base`, and whether the worktree has changes git does not ignore.
 pub fn changes(worktree: &Path, base: &str) -> Result<(u64, bool), String> {
     let count = git(worktree, &["rev-list", "--count", &format!("{base}..HEAD")])?;

@@ -271,3 +271,16 @@ fn a_run_that_changes_nothing_ends_no_changes_and_one_that_commits_counts_its_co
     let row = d.wait_state("claude-2", "completed");
     assert_eq!((row["commits"].clone(), row["changes"].clone()), (json!(2), json!(true)), "{row}");
 }
+
+#[test]
+fn agents_get_the_users_git_identity_even_where_their_shell_hides_git_config() {
+    let (_top, repo) = repo_with_origin(true);
+    let d = Daemon::start_in(&config(), Some(&repo));
+    d.assign(1, &[], "Who am I\n@write a.txt 1\n@commit mine");
+    let row = d.wait_state("claude-1", "completed");
+    let env = &run_record(&d, &row)["env"];
+    assert_eq!(
+        (env["GIT_AUTHOR_NAME"].clone(), env["GIT_COMMITTER_EMAIL"].clone()),
+        (json!("Dev"), json!("dev@example.invalid"))
+    );
+}

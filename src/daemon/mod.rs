@@ -76,6 +76,10 @@ pub struct Shared {
     disk_full: Mutex<Option<String>>,
     /// The loop that writes records waiting for room runs.
     flushing: std::sync::atomic::AtomicBool,
+    /// The user's git identity as `GIT_AUTHOR_*`/`GIT_COMMITTER_*`, for children: some CLIs' shells hide the
+    /// user's git config (gemini sets `GIT_CONFIG_GLOBAL=/dev/null`), and commits must still be the user's.
+    /// Read at the first launch, not at start-up (it runs git twice).
+    git_identity: std::sync::OnceLock<std::collections::BTreeMap<String, String>>,
     /// The control socket's connections (caps, idle rules, the budget of unfinished requests).
     clients: Arc<clients::Clients>,
     /// Where runs' cgroups live, or why runs are contained by process groups only.
@@ -153,6 +157,10 @@ impl Shared {
         let cgroups = self.cgroups.as_ref().ok()?;
         let run = cgroups.run(&lock.run_id);
         (lock.cgroup.as_deref() == Some(run.path.as_path()) && !lock.run_id.is_empty()).then_some(run)
+    }
+
+    fn git_identity(&self) -> &std::collections::BTreeMap<String, String> {
+        self.git_identity.get_or_init(|| crate::workspace::git_identity(&self.workspace))
     }
 
     /// `cgroup` or `process-group`, for `status`.
@@ -280,6 +288,7 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         start_next,
         cgroups,
         clients: Arc::new(clients::Clients::new(sup.max_clients, sup.max_streams)),
+        git_identity: std::sync::OnceLock::new(),
         paths: paths.clone(),
         config,
     });

@@ -243,9 +243,12 @@ fn launch(
     }
     record.program = launch.program.clone();
     record.args = launch.args.clone();
+    // The user's git identity first, so `llms.<name>.env` may override it.
+    let mut config_env = shared.git_identity().clone();
+    config_env.extend(provider.config_env.iter().map(|(k, v)| (k.clone(), v.clone())));
     let env = supervisor::child_env(
         &provider.passthrough_env,
-        &provider.config_env,
+        &config_env,
         &[
             ("AUTODEV_SLOT", record.slot.clone()),
             ("AUTODEV_ISSUE", record.issue.to_string()),
