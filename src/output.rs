@@ -229,6 +229,16 @@ pub struct Findings {
 }
 
 /// Turns one output line into preview lines and findings.
+/// [`digest_line`], or for a marked file (stderr) its plain lines with the mark before them and no findings.
+fn digest_marked(format: EventFormat, mark: &str, line: Line<'_>, preview: &mut Preview, findings: &mut Findings) {
+    if mark.is_empty() {
+        return digest_line(format, line, preview, findings);
+    }
+    for rendered in parse_line(EventFormat::Text, &String::from_utf8_lossy(line.bytes)).lines {
+        preview.push(&format!("{mark}{rendered}"), false);
+    }
+}
+
 pub fn digest_line(format: EventFormat, line: Line<'_>, preview: &mut Preview, findings: &mut Findings) {
     let text = String::from_utf8_lossy(line.bytes);
     if line.dropped > 0 && format != EventFormat::Text && text.starts_with('{') {
@@ -271,11 +281,26 @@ pub struct FileFollower {
     format: EventFormat,
     /// Lines of each batch that are digested; the rest of a large batch is passed over.
     keep_lines: usize,
+    /// Put before each preview line of this file (`stderr: `): what a CLI prints beside its events is shown as
+    /// such, never taken for the agent's activity.
+    mark: &'static str,
 }
 
 impl FileFollower {
     pub fn open(path: &Path, format: EventFormat, keep_lines: usize) -> io::Result<FileFollower> {
-        Ok(FileFollower { file: File::open(path)?, offset: 0, assembler: LineAssembler::default(), format, keep_lines })
+        Ok(FileFollower {
+            file: File::open(path)?,
+            offset: 0,
+            assembler: LineAssembler::default(),
+            format,
+            keep_lines,
+            mark: "",
+        })
+    }
+
+    /// Follows a file of plain lines (stderr) whose preview lines start with `mark`.
+    pub fn open_marked(path: &Path, keep_lines: usize, mark: &'static str) -> io::Result<FileFollower> {
+        Ok(FileFollower { mark, ..FileFollower::open(path, EventFormat::Text, keep_lines)? })
     }
 
     /// Reads what was added since the last call. Cost is bounded by the windows above, not by the bytes added.
@@ -287,8 +312,8 @@ impl FileFollower {
             self.assembler = LineAssembler::default();
         }
         findings.new_bytes += size - self.offset;
-        let (format, keep) = (self.format, self.keep_lines);
-        let mut digest = |line: Line<'_>| digest_line(format, line, preview, findings);
+        let (format, keep, mark) = (self.format, self.keep_lines, self.mark);
+        let mut digest = |line: Line<'_>| digest_marked(format, mark, line, preview, findings);
         if self.offset == 0 && size > 0 {
             // The head of the file holds the init event; read its first lines even if a flood follows.
             let head = read_at(&self.file, 0, size.min(HEAD_WINDOW))?;
@@ -315,8 +340,8 @@ impl FileFollower {
 
     /// Flushes a last line that had no newline; called once the run has ended and everything is read.
     pub fn finish(&mut self, preview: &mut Preview, findings: &mut Findings) {
-        let format = self.format;
-        self.assembler.finish(&mut |line| digest_line(format, line, preview, findings));
+        let (format, mark) = (self.format, self.mark);
+        self.assembler.finish(&mut |line| digest_marked(format, mark, line, preview, findings));
     }
 }
 

@@ -125,6 +125,9 @@ pub struct ErrorReply {
     pub hint: Option<String>,
 }
 
+/// Before each console-preview line that came from the run's stderr (not the agent's events).
+pub const STDERR_MARK: &str = "stderr: ";
+
 /// A refusal or failure for the client, with what to do about it.
 pub fn refuse(kind: ErrorKind, message: String, hint: Option<String>) -> ErrorReply {
     ErrorReply { kind, message, hint }

@@ -449,3 +449,18 @@ fn actions_the_permission_mode_denied_show_in_the_preview_and_the_outcome() {
     assert!(preview.contains("denied: Bash git commit -m 'fix #9'"), "{preview}");
     assert!(d.ctl(&["status"]).contains("denied"), "the table shows the denials");
 }
+
+#[test]
+fn stderr_shows_marked_in_the_preview_and_never_as_the_activity() {
+    let d = Daemon::start(&fake_config(1));
+    d.assign(1, &[], "@say reading the code\n@stderr Warning: 256-color support not detected\n@stderr }\n@sleep 30");
+    let row = wait_until("the stderr lines in the preview", || {
+        let row = d.slot("claude-1");
+        row["console_preview"].to_string().contains("stderr: }").then_some(row)
+    });
+    assert!(row["console_preview"].to_string().contains("stderr: Warning: 256-color"), "{row}");
+    let table = d.ctl(&["status"]);
+    let line = table.lines().find(|l| l.starts_with("claude-1")).unwrap();
+    assert!(line.trim_end().ends_with("reading the code"), "ACTIVITY is the agent's last line: {line}");
+    d.ctl(&["stop", "claude-1"]);
+}

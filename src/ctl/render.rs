@@ -37,7 +37,11 @@ fn activity(row: &SlotStatus) -> String {
         }
         _ => match &row.rate_limited_until {
             Some(until) => Some(format!("rate limited until {until}")),
-            None => row.progress_message.clone().or_else(|| row.console_preview.last().cloned()),
+            // The agent's last line, not what its CLI printed to stderr (gemini's warnings, stack traces).
+            None => row.progress_message.clone().or_else(|| {
+                let agent = row.console_preview.iter().rev().find(|l| !l.starts_with(crate::protocol::STDERR_MARK));
+                agent.or(row.console_preview.last()).cloned()
+            }),
         },
     };
     cut(&text.unwrap_or_default(), ACTIVITY_CHARS)

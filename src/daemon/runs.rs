@@ -405,14 +405,15 @@ async fn follow_run(
     let keep = shared.preview_lines * 2 + 8;
     let mut preview = Preview::new(shared.preview_lines, shared.preview_chars);
     let mut findings = Findings::default();
-    let mut followers: Vec<FileFollower> = [(files.stdout(), format), (files.stderr(), EventFormat::Text)]
-        .iter()
-        .filter_map(|(path, format)| {
-            FileFollower::open(path, *format, keep)
-                .inspect_err(|e| tracing::warn!(run = %run_id, "cannot follow {}: {e}", path.display()))
-                .ok()
-        })
-        .collect();
+    let mut followers: Vec<FileFollower> = [
+        (files.stdout(), FileFollower::open(&files.stdout(), format, keep)),
+        (files.stderr(), FileFollower::open_marked(&files.stderr(), keep, crate::protocol::STDERR_MARK)),
+    ]
+    .into_iter()
+    .filter_map(|(path, opened)| {
+        opened.inspect_err(|e| tracing::warn!(run = %run_id, "cannot follow {}: {e}", path.display())).ok()
+    })
+    .collect();
     let mut read_all = |preview: &mut Preview, findings: &mut Findings| {
         for f in followers.iter_mut() {
             if let Err(e) = f.read_new(preview, findings) {
