@@ -59,14 +59,9 @@ const BUILTINS: [Builtin; 3] = [
         name: "claude",
         display: "Claude",
         mode_args: &["-p", "--output-format", "stream-json", "--verbose"],
-        // acceptEdits denies `git commit` ("requires approval"); these git commands in its own worktree are what
-        // it needs to commit its work, and nothing more.
-        default_args: &[
-            "--permission-mode",
-            "acceptEdits",
-            "--allowedTools",
-            "Bash(git add:*),Bash(git commit:*),Bash(git status:*),Bash(git diff:*),Bash(git log:*)",
-        ],
+        // acceptEdits denies `git commit`; autodev commits what the agent leaves (with its checks for secrets and
+        // size, and the hooks) rather than allowing git commands whose options reach beyond the worktree.
+        default_args: &["--permission-mode", "acceptEdits"],
         model_flag: "--model",
         api_key_var: "ANTHROPIC_API_KEY",
         env_keys: &[
@@ -767,12 +762,7 @@ mod tests {
             claude.args,
             ["-p", "--output-format", "stream-json", "--verbose", "--session-id", &sid, "--model", "opus"]
                 .iter()
-                .chain(&[
-                    "--permission-mode",
-                    "acceptEdits",
-                    "--allowedTools",
-                    "Bash(git add:*),Bash(git commit:*),Bash(git status:*),Bash(git diff:*),Bash(git log:*)"
-                ])
+                .chain(&["--permission-mode", "acceptEdits"])
                 .map(|s| s.to_string())
                 .collect::<Vec<_>>()
         );

@@ -218,7 +218,8 @@ pub fn known_secrets(config: &crate::config::Config, github_token: Option<&str>)
         out.extend(entry.llm.api_key.clone());
         out.extend(entry.llm.env.iter().filter(|(k, _)| secret_name(k)).map(|(_, v)| v.clone()));
         let provider = crate::provider::Provider::from_entry(&entry);
-        out.extend(provider.passthrough_env.iter().filter_map(|k| std::env::var(k).ok()));
+        // Key variables only: a base URL or a model name is not a secret (and would block commits that mention it).
+        out.extend(provider.passthrough_env.iter().filter(|k| secret_name(k)).filter_map(|k| std::env::var(k).ok()));
     }
     out.extend(std::env::vars().filter(|(k, _)| secret_name(k)).map(|(_, v)| v));
     collect_urls(&config.raw.notifications, &mut out);

@@ -53,6 +53,11 @@ fn git(dir: &Path, args: &[&str]) -> Result<String, String> {
 fn git_with_timeout(dir: &Path, args: &[&str], timeout: Duration) -> Result<String, String> {
     let mut command = Command::new("git");
     command.arg("-C").arg(dir).args(args).env("GIT_TERMINAL_PROMPT", "0");
+    run_git(command, args, dir, timeout)
+}
+
+/// Runs a prepared git command; its stdout, or an error with the first line git wrote to stderr.
+fn run_git(mut command: Command, args: &[&str], dir: &Path, timeout: Duration) -> Result<String, String> {
     let output = run_command(&mut command, timeout).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => {
             "git is not installed (needed for worktrees; or set worktree.enabled to false)".into()
@@ -162,6 +167,13 @@ pub fn git_identity(dir: &Path) -> std::collections::BTreeMap<String, String> {
     env
 }
 
+/// The commit `reference` names now (so `HEAD`, or a default branch that moves on, still means the task's start).
+fn pinned(root: &Path, reference: String) -> String {
+    git(root, &["rev-parse", "--verify", "--quiet", &format!("{reference}^{{commit}}")])
+        .map(|sha| sha.trim().to_string())
+        .unwrap_or(reference)
+}
+
 /// What a task's branch holds: commits beyond `base`, and whether the worktree has changes git does not ignore.
 pub fn changes(worktree: &Path, base: &str) -> Result<(u64, bool), String> {
     let count = git(worktree, &["rev-list", "--count", &format!("{base}..HEAD")])?;
@@ -228,22 +240,47 @@ pub struct Leftovers {
 /// Commits what a run left uncommitted in its worktree, on the branch checked out there: every change git does not
 /// ignore, except files over [`MAX_LEFTOVER_BYTES`]. The user's git identity and hooks apply (a failing hook is the
 /// error). Refused whole, naming the file, when a file to commit holds one of `secrets`.
-pub fn commit_leftovers(worktree: &Path, message: &str, secrets: &[String]) -> Result<Leftovers, String> {
-    let status = git(worktree, &["status", "--porcelain=v1", "-z", "--untracked-files=all"])?;
+pub fn commit_leftovers(
+    worktree: &Path,
+    message: &str,
+    secrets: &[String],
+    env: &[(String, String)],
+) -> Result<Leftovers, String> {
+    // The same clean environment as the agent's (its hooks may be files the agent edited): never the daemon's.
+    let git = |args: &[&str]| {
+        let mut command = Command::new("git");
+        command
+            .arg("-C")
+            .arg(worktree)
+            .arg("--literal-pathspecs")
+            .args(args)
+            .env_clear()
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .env("GIT_TERMINAL_PROMPT", "0");
+        run_git(command, args, worktree, GIT_TIMEOUT)
+    };
+    let status = git(&["status", "--porcelain=v1", "-z", "--untracked-files=all"])?;
     let mut paths = Vec::new();
     let mut entries = status.split('\0').filter(|e| !e.is_empty());
     while let Some(entry) = entries.next() {
-        let (code, path) = entry.split_at(entry.len().min(3));
-        // A rename lists its old path next; `add -A` of the new one records the move.
-        if code.starts_with('R') || code.starts_with('C') {
+        let (code, path) = (entry.get(..2).unwrap_or_default(), entry.get(3..).unwrap_or_default());
+        // A rename or copy (in either column) lists its old path next; `add -A` of the new one records the move.
+        if code.contains('R') || code.contains('C') {
             entries.next();
         }
-        paths.push(path.to_string());
+        if !path.is_empty() {
+            paths.push(path.to_string());
+        }
     }
     let mut left_out = Vec::new();
     let mut to_add = Vec::new();
     for path in paths {
         let full = worktree.join(&path);
+        if path.ends_with('/') {
+            // An untracked directory git lists whole: a nested repository, which would become a dangling gitlink.
+            left_out.push(format!("{path} (a nested git repository)"));
+            continue;
+        }
         match std::fs::symlink_metadata(&full) {
             Ok(meta) if meta.is_file() && meta.len() > MAX_LEFTOVER_BYTES => {
                 left_out.push(format!("{path} ({} MB, over {} MB)", meta.len() >> 20, MAX_LEFTOVER_BYTES >> 20));
@@ -268,10 +305,18 @@ pub fn commit_leftovers(worktree: &Path, message: &str, secrets: &[String]) -> R
     for chunk in to_add.chunks(256) {
         let mut args = vec!["add", "-A", "--"];
         args.extend(chunk.iter().map(String::as_str));
-        git(worktree, &args)?;
+        git(&args)?;
     }
-    git(worktree, &["commit", "--quiet", "-m", message]).map_err(|e| format!("git commit failed: {e}"))?;
-    let commit = git(worktree, &["rev-parse", "--short", "HEAD"])?;
+    // What was left out stays out even if the agent had staged it.
+    let skipped: Vec<&str> =
+        left_out.iter().filter_map(|l| l.split(" (").next()).map(|p| p.trim_end_matches('/')).collect();
+    for chunk in skipped.chunks(256) {
+        let mut args = vec!["reset", "--quiet", "--"];
+        args.extend(chunk.iter().copied());
+        let _ = git(&args);
+    }
+    git(&["commit", "--quiet", "-m", message]).map_err(|e| format!("git commit failed: {e}"))?;
+    let commit = git(&["rev-parse", "--short", "HEAD"])?;
     Ok(Leftovers { commit: Some(commit.trim().to_string()), left_out })
 }
 
@@ -318,13 +363,13 @@ pub fn prepare(
             let current = git(&path, &["symbolic-ref", "--quiet", "--short", "HEAD"]).ok();
             if current.as_deref() == Some(branch.as_str()) {
                 // The issue's own earlier work, in the slot's own worktree: carry on there.
-                let compare_to = local_default(root);
+                let compare_to = pinned(root, local_default(root));
                 return Ok(Prepared { path, branch, base: None, compare_to, notes });
             }
             match unsaved_work(&path)? {
                 None => {
                     check_out(root, &path, true, &mut branch, start.as_deref(), &mut notes)?;
-                    let compare_to = start.clone().unwrap_or_else(|| local_default(root));
+                    let compare_to = pinned(root, start.clone().unwrap_or_else(|| local_default(root)));
                     return Ok(Prepared { path, branch, base: start, compare_to, notes });
                 }
                 Some(what) => notes.push(format!(
@@ -338,7 +383,7 @@ pub fn prepare(
         n += 1;
     }
     check_out(root, &path, false, &mut branch, start.as_deref(), &mut notes)?;
-    let compare_to = start.clone().unwrap_or_else(|| local_default(root));
+    let compare_to = pinned(root, start.clone().unwrap_or_else(|| local_default(root)));
     Ok(Prepared { path, branch, base: start, compare_to, notes })
 }
 

@@ -284,3 +284,36 @@ fn agents_get_the_users_git_identity_even_where_their_shell_hides_git_config() {
         (json!("Dev"), json!("dev@example.invalid"))
     );
 }
+
+#[test]
+fn a_repository_without_a_default_branch_name_still_counts_the_work() {
+    // On `develop`, no origin, no main or master: the base is the commit the task started from.
+    let top = tempfile::tempdir().unwrap();
+    let repo = top.path().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    git(&repo, &["init", "--quiet", "-b", "develop"]);
+    git(&repo, &["config", "user.email", "dev@example.invalid"]);
+    git(&repo, &["config", "user.name", "Dev"]);
+    std::fs::write(repo.join("README.md"), "hello\n").unwrap();
+    git(&repo, &["add", "-A"]);
+    git(&repo, &["commit", "--quiet", "-m", "first"]);
+    let d = Daemon::start_in(&config(), Some(&repo));
+    d.assign(1, &[], "Work\n@write a.txt done");
+    let row = d.wait_state("claude-1", "completed");
+    assert_eq!((row["commits"].clone(), row["changes"].clone()), (json!(1), json!(true)), "{row}");
+}
+
+#[test]
+fn the_leftover_commit_runs_hooks_without_the_daemons_secrets() {
+    let (top, repo) = repo_with_origin(true);
+    let seen = top.path().join("hook-env.txt");
+    let hook = repo.join(".git/hooks/pre-commit");
+    std::fs::write(&hook, format!("#!/bin/sh\nenv > {}\n", seen.display())).unwrap();
+    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let d = Daemon::start_in(&config(), Some(&repo));
+    d.assign(1, &[], "Hooked\n@write a.txt 1");
+    d.wait_state("claude-1", "completed");
+    let env = std::fs::read_to_string(&seen).expect("the hook ran");
+    assert!(!env.contains("ghp_daemon_secret"), "the daemon's GitHub token reached a hook: {env}");
+    assert!(env.contains("GIT_AUTHOR_NAME=Dev"), "{env}");
+}

@@ -548,16 +548,25 @@ async fn follow_run(
 /// not have been allowed to commit), and says so, or why not, in the run's outcome. The work is never lost either
 /// way: what is not committed stays in the worktree.
 async fn commit_leftovers(shared: &Shared, run_id: &str, verdict: &mut Verdict) {
-    let job = shared.lock_table().task_of_run(run_id).and_then(|t| {
-        let r = &t.record;
-        let title = r.title.clone().unwrap_or_default();
-        let message = format!("autodev: #{} {} ({}, run {})", r.issue, title.trim(), r.slot, r.run_id);
-        Some((r.worktree.clone()?, message))
-    });
-    let Some((worktree, message)) = job else { return };
+    let job = {
+        let table = shared.lock_table();
+        table.slots.iter().find_map(|s| {
+            let r = &s.task.as_ref().filter(|t| t.record.run_id == run_id)?.record;
+            let title = r.title.clone().unwrap_or_default();
+            let message = format!("autodev: #{} {} ({}, run {})", r.issue, title.trim(), r.slot, r.run_id);
+            // The agent's own environment for git and the hooks it runs: never the daemon's secrets.
+            let provider = &table.providers[s.provider];
+            let mut config_env = shared.git_identity().clone();
+            config_env.extend(provider.config_env.iter().map(|(k, v)| (k.clone(), v.clone())));
+            let env = supervisor::child_env(&provider.passthrough_env, &config_env, &[]);
+            Some((r.worktree.clone()?, message, env))
+        })
+    };
+    let Some((worktree, message, env)) = job else { return };
     let secrets = crate::redact::current().secrets().to_vec();
     let done =
-        tokio::task::spawn_blocking(move || crate::workspace::commit_leftovers(&worktree, &message, &secrets)).await;
+        tokio::task::spawn_blocking(move || crate::workspace::commit_leftovers(&worktree, &message, &secrets, &env))
+            .await;
     let said = match done {
         Ok(Ok(leftovers)) => {
             let mut said: Vec<String> = leftovers
