@@ -7,7 +7,7 @@
 use std::io::{self, Read, Write};
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 /// Bumped when a request or reply changes incompatibly.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -561,20 +561,6 @@ pub fn read_frame_sync<R: Read>(r: &mut R, max: usize) -> Result<Frame, FrameErr
 pub fn write_json_sync<W: Write, T: Serialize>(w: &mut W, value: &T) -> io::Result<()> {
     w.write_all(&encode_json(value))?;
     w.flush()
-}
-
-/// Reads one frame from an async stream (the daemon side). The length is checked before any payload is read.
-pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<Frame, FrameError> {
-    let mut h = [0u8; 5];
-    match r.read_exact(&mut h).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
-        Err(e) => return Err(e.into()),
-    }
-    let (kind, len) = parse_header(h, max)?;
-    let mut payload = vec![0u8; len];
-    r.read_exact(&mut payload).await?;
-    Ok(frame_of(kind, payload))
 }
 
 /// Writes pre-encoded frame bytes to an async stream.
