@@ -14,17 +14,23 @@ fn git(dir: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// A repository at `<top>/repo` with one commit on `branch`, committed as Dev.
+fn init_repo(top: &Path, branch: &str) -> PathBuf {
+    let repo = top.join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    git(&repo, &["init", "--quiet", "-b", branch]);
+    git(&repo, &["config", "user.email", "dev@example.invalid"]);
+    git(&repo, &["config", "user.name", "Dev"]);
+    std::fs::write(repo.join("README.md"), "hello\n").unwrap();
+    git(&repo, &["add", "-A"]);
+    git(&repo, &["commit", "--quiet", "-m", "first"]);
+    repo
+}
+
 /// A bare `origin` and a clone of it with one commit on main; returns (root temp dir, clone path).
 fn repo_with_origin(origin: bool) -> (tempfile::TempDir, PathBuf) {
     let top = tempfile::tempdir().unwrap();
-    let clone = top.path().join("repo");
-    std::fs::create_dir_all(&clone).unwrap();
-    git(&clone, &["init", "--quiet", "-b", "main"]);
-    git(&clone, &["config", "user.email", "dev@example.invalid"]);
-    git(&clone, &["config", "user.name", "Dev"]);
-    std::fs::write(clone.join("README.md"), "hello\n").unwrap();
-    git(&clone, &["add", "-A"]);
-    git(&clone, &["commit", "--quiet", "-m", "first"]);
+    let clone = init_repo(top.path(), "main");
     if origin {
         let bare = top.path().join("origin.git");
         git(top.path(), &["init", "--quiet", "--bare", "-b", "main", bare.to_str().unwrap()]);
@@ -289,14 +295,7 @@ fn agents_get_the_users_git_identity_even_where_their_shell_hides_git_config() {
 fn a_repository_without_a_default_branch_name_still_counts_the_work() {
     // On `develop`, no origin, no main or master: the base is the commit the task started from.
     let top = tempfile::tempdir().unwrap();
-    let repo = top.path().join("repo");
-    std::fs::create_dir_all(&repo).unwrap();
-    git(&repo, &["init", "--quiet", "-b", "develop"]);
-    git(&repo, &["config", "user.email", "dev@example.invalid"]);
-    git(&repo, &["config", "user.name", "Dev"]);
-    std::fs::write(repo.join("README.md"), "hello\n").unwrap();
-    git(&repo, &["add", "-A"]);
-    git(&repo, &["commit", "--quiet", "-m", "first"]);
+    let repo = init_repo(top.path(), "develop");
     let d = Daemon::start_in(&config(), Some(&repo));
     d.assign(1, &[], "Work\n@write a.txt done");
     let row = d.wait_state("claude-1", "completed");
