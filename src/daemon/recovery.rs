@@ -89,18 +89,13 @@ pub(super) async fn recover(shared: &Arc<Shared>) -> Result<Vec<String>, String>
     Ok(warnings)
 }
 
-/// Cgroups under our base whose run no lockfile names and no task holds (left by runs whose end was recorded just
-/// before a crash, say): whatever is in them is stopped, and they are removed. In the background: start-up does
-/// not wait.
+/// Cgroups under our base whose run no lockfile names (including those rebuilt from live runs): left by runs whose
+/// end was recorded just before a crash, say, since a run's cgroup is emptied and removed before its end is
+/// recorded. Whatever is in them is stopped, and they are removed. In the background: start-up does not wait.
 fn sweep_cgroups(shared: &Arc<Shared>, named: &std::collections::HashSet<String>) {
     let Ok(cgroups) = &shared.cgroups else { return };
-    let held: std::collections::HashSet<String> =
-        shared.lock_table().slots.iter().filter_map(|s| s.task.as_ref()).map(|t| t.record.run_id.clone()).collect();
-    let strays: Vec<RunCgroup> = cgroups
-        .runs()
-        .into_iter()
-        .filter(|c| c.run_id().is_none_or(|id| !named.contains(id) && !held.contains(id)))
-        .collect();
+    let strays: Vec<RunCgroup> =
+        cgroups.runs().into_iter().filter(|c| c.run_id().is_none_or(|id| !named.contains(id))).collect();
     if strays.is_empty() {
         return;
     }
