@@ -243,12 +243,9 @@ fn launch(
     }
     record.program = launch.program.clone();
     record.args = launch.args.clone();
-    // The user's git identity first, so `llms.<name>.env` may override it.
-    let mut config_env = shared.git_identity().clone();
-    config_env.extend(provider.config_env.iter().map(|(k, v)| (k.clone(), v.clone())));
-    let env = supervisor::child_env(
-        &provider.passthrough_env,
-        &config_env,
+    let env = agent_env(
+        shared,
+        provider,
         &[
             ("AUTODEV_SLOT", record.slot.clone()),
             ("AUTODEV_ISSUE", record.issue.to_string()),
@@ -366,6 +363,14 @@ fn launch(
         tracing::warn!(run = %record.run_id, "cannot record the pid of the run: {e}");
     }
     Ok(Started { child, wake, run_lock })
+}
+
+/// The environment an agent of `provider` gets (and the git its work is committed with): the clean base, the user's
+/// git identity (first, so `llms.<name>.env` may override it), the provider's variables, then `autodev_vars`.
+fn agent_env(shared: &Shared, provider: &Provider, autodev_vars: &[(&str, String)]) -> Vec<(String, String)> {
+    let mut config_env = shared.git_identity().clone();
+    config_env.extend(provider.config_env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    supervisor::child_env(&provider.passthrough_env, &config_env, autodev_vars)
 }
 
 /// Makes the run's cgroup and opens its `cgroup.procs` for the child to join; records it in the task. Without one
@@ -555,11 +560,7 @@ async fn commit_leftovers(shared: &Shared, run_id: &str, verdict: &mut Verdict) 
             let title = r.title.clone().unwrap_or_default();
             let message = format!("autodev: #{} {} ({}, run {})", r.issue, title.trim(), r.slot, r.run_id);
             // The agent's own environment for git and the hooks it runs: never the daemon's secrets.
-            let provider = &table.providers[s.provider];
-            let mut config_env = shared.git_identity().clone();
-            config_env.extend(provider.config_env.iter().map(|(k, v)| (k.clone(), v.clone())));
-            let env = supervisor::child_env(&provider.passthrough_env, &config_env, &[]);
-            Some((r.worktree.clone()?, message, env))
+            Some((r.worktree.clone()?, message, agent_env(shared, &table.providers[s.provider], &[])))
         })
     };
     let Some((worktree, message, env)) = job else { return };
