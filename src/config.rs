@@ -83,13 +83,26 @@ pub struct LlmConfig {
 pub struct PushConfig {
     /// After a completed run, commit what the agent left uncommitted on the task's branch.
     pub commit_leftovers: bool,
+    /// After a completed run with changes, push the task's branch and open (or update) its pull request. Unset:
+    /// on when GitHub is on.
+    pub enabled: Option<bool>,
+    /// The remote the branch goes to.
+    pub remote: String,
+    /// Open pull requests as drafts (where GitHub refuses drafts, a normal one is opened and the task says so).
+    pub draft: bool,
     #[serde(flatten)]
     pub other: serde_json::Map<String, Value>,
 }
 
 impl Default for PushConfig {
     fn default() -> Self {
-        PushConfig { commit_leftovers: true, other: serde_json::Map::new() }
+        PushConfig {
+            commit_leftovers: true,
+            enabled: None,
+            remote: "origin".into(),
+            draft: true,
+            other: serde_json::Map::new(),
+        }
     }
 }
 
@@ -280,6 +293,8 @@ pub struct GithubConfig {
     pub timeout_secs: f64,
     /// The longest wait between attempts of a board update that failed (GitHub's own hints still win).
     pub retry_max_secs: f64,
+    /// How often the issue of a task waiting for an answer is checked for a new comment.
+    pub reply_poll_secs: f64,
     /// The prompt built from an issue: `{number}`, `{title}`, `{body}`, `{url}`, `{slot}`, `{branch}`, `{labels}`.
     pub prompt_template: Option<String>,
     // Keys of the original tool that autodev accepts and does not act on.
@@ -298,6 +313,7 @@ impl Default for GithubConfig {
             exclude_labels: Vec::new(),
             api_url: "https://api.github.com".into(),
             timeout_secs: 20.0,
+            reply_poll_secs: 60.0,
             retry_max_secs: 300.0,
             prompt_template: None,
             assign_to_self: Value::Null,
@@ -557,8 +573,18 @@ impl Config {
                 "is needed for completedStatus \"review\"".into(),
             ));
         }
+        let remote = &self.raw.push.remote;
+        if remote.is_empty() || remote.starts_with('-') || remote.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(invalid(
+                "push.remote".into(),
+                format!("{remote:?} is not a remote name (for example \"origin\")"),
+            ));
+        }
         if !(1.0..=86_400.0).contains(&self.raw.github.retry_max_secs) {
             return Err(invalid("github.retryMaxSecs".into(), "must be between 1 and 86400".into()));
+        }
+        if !(1.0..=86_400.0).contains(&self.raw.github.reply_poll_secs) {
+            return Err(invalid("github.replyPollSecs".into(), "must be between 1 and 86400".into()));
         }
         if !(1.0..=600.0).contains(&self.raw.github.timeout_secs) {
             return Err(invalid("github.timeoutSecs".into(), "must be between 1 and 600".into()));

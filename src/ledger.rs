@@ -110,6 +110,14 @@ pub fn read_run_record(path: &Path) -> Option<RunRecord> {
     (record.version <= RECORD_VERSION).then_some(record)
 }
 
+/// Reads a run's `exit.json` (bounded); `None` when it is missing or unreadable.
+pub fn read_exit_record(path: &Path) -> Option<ExitRecord> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    File::open(path).ok()?.take(1 << 20).read_to_end(&mut bytes).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
 pub use crate::task::SlotLock;
 use crate::task::{EndCause, LOCK_VERSION, Phase};
 
@@ -189,6 +197,12 @@ impl SlotLockV1 {
             comment_id: self.comment_id,
             base: None,
             cgroup: None,
+            // Version 1 did not say; a pull request that closes the wrong issue would be worse than one that
+            // closes none.
+            from_issue: false,
+            pr: None,
+            signal: None,
+            asked_at: None,
         }
     }
 }
@@ -344,6 +358,11 @@ pub struct ExitRecord {
     pub worktree: Option<PathBuf>,
     #[serde(default)]
     pub branch: Option<String>,
+    /// Commits on the branch beyond its base, and whether there was work to review, as the run's end found them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commits: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changes: Option<bool>,
 }
 
 /// The last lines of the history (its tail is enough to know each slot's last task and whether a run is recorded).

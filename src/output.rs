@@ -226,6 +226,53 @@ pub struct Findings {
     pub progress: Option<(u8, String)>,
     /// The CLI said it hit a usage or rate limit: until when, if it said.
     pub rate_limit: Option<Option<std::time::SystemTime>>,
+    /// The agent's last message so far (bounded), and whether it changed since it was last taken.
+    pub said: String,
+    pub said_changed: bool,
+    /// Signals the agent gave in marker lines of its own messages, not yet taken.
+    pub signals: Vec<crate::task::AgentSignal>,
+    /// Marker lines already turned into signals: a message read again (or streamed on) never repeats one.
+    seen_markers: std::collections::HashSet<String>,
+    /// The last event was a piece of the message in `said`: a streamed piece after it continues that message.
+    said_open: bool,
+}
+
+/// The longest last message kept for the pull request and the issue.
+const SAID_MAX: usize = 16 * 1024;
+
+impl Findings {
+    /// Takes in an assistant message (or a streamed piece of one) and the signals in its complete lines.
+    fn note_said(&mut self, text: &str, continues: bool) {
+        if !continues || !self.said_open {
+            self.scan_markers(true);
+            self.said.clear();
+        }
+        self.said_open = true;
+        let room = SAID_MAX.saturating_sub(self.said.len());
+        let mut cut = text.len().min(room);
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        self.said.push_str(&text[..cut]);
+        self.said_changed = true;
+        self.scan_markers(false);
+    }
+
+    /// Signals in the message's lines; its last line only once it is complete (`whole`, or followed by a newline).
+    fn scan_markers(&mut self, whole: bool) {
+        let complete = if whole || self.said.ends_with('\n') {
+            self.said.as_str()
+        } else {
+            self.said.rsplit_once('\n').map_or("", |(done, _)| done)
+        };
+        for line in complete.lines() {
+            if let Some(signal) = crate::task::AgentSignal::from_marker_line(line)
+                && self.seen_markers.insert(line.trim().to_string())
+            {
+                self.signals.push(signal);
+            }
+        }
+    }
 }
 
 /// Turns one output line into preview lines and findings.
@@ -270,6 +317,15 @@ pub fn digest_line(format: EventFormat, line: Line<'_>, preview: &mut Preview, f
     }
     if parsed.progress.is_some() {
         findings.progress = parsed.progress;
+    }
+    match &parsed.said {
+        Some(text) => findings.note_said(text, parsed.continues),
+        // Another event (a tool call, the result) ends the message being streamed.
+        None if findings.said_open => {
+            findings.said_open = false;
+            findings.scan_markers(true);
+        }
+        None => {}
     }
 }
 
@@ -342,6 +398,7 @@ impl FileFollower {
     pub fn finish(&mut self, preview: &mut Preview, findings: &mut Findings) {
         let (format, mark) = (self.format, self.mark);
         self.assembler.finish(&mut |line| digest_marked(format, mark, line, preview, findings));
+        findings.scan_markers(true);
     }
 }
 

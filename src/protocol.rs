@@ -45,9 +45,12 @@ pub enum Request {
     Stop {
         slot: String,
     },
-    /// Continue a slot's abandoned, failed or stopped task in the same conversation.
+    /// Continue a slot's abandoned, failed, stopped or waiting task in the same conversation; `prompt` is what the
+    /// conversation continues with (a person's answer to the agent's question).
     Resume {
         slot: String,
+        #[serde(default)]
+        prompt: Option<String>,
     },
     /// End a slot's abandoned task (as failed, or completed with `done`) and free the slot.
     Release {
@@ -62,6 +65,12 @@ pub enum Request {
         percent: u8,
         #[serde(default)]
         message: String,
+    },
+    /// What the agent says of its task, from inside its run (`autodevctl signal`); refused from anything else.
+    Signal {
+        slot: String,
+        run_id: String,
+        signal: crate::task::AgentSignal,
     },
     /// Finished runs, newest last.
     History {
@@ -111,6 +120,7 @@ pub enum Reply {
     Workspaces(WorkspacesReport),
     ProjectStatus(ProjectReport),
     ProgressNoted { slot: String, percent: u8 },
+    SignalNoted { slot: String },
     History { runs: Vec<HistoryRun> },
     LogEnd { slot: String, run_id: String, state: SlotState },
     Error(ErrorReply),
@@ -127,6 +137,10 @@ pub struct ErrorReply {
 
 /// Before each console-preview line that came from the run's stderr (not the agent's events).
 pub const STDERR_MARK: &str = "stderr: ";
+
+/// The variable through which autodevd hands the GitHub token to `autodevctl` acting as git's `GIT_ASKPASS` (set
+/// only in the environment of the one `git push` that may need it).
+pub const ASKPASS_TOKEN_VAR: &str = "AUTODEV_ASKPASS_TOKEN";
 
 /// A refusal or failure for the client, with what to do about it.
 pub fn refuse(kind: ErrorKind, message: String, hint: Option<String>) -> ErrorReply {
@@ -306,6 +320,9 @@ pub struct SlotStatus {
     pub commits: Option<u64>,
     #[serde(default)]
     pub changes: Option<bool>,
+    /// The task's pull request, once one is opened or owed; `note` says what is pending or went wrong.
+    #[serde(default)]
+    pub pr: Option<PullRequestRef>,
     pub pid: Option<u32>,
     /// The run was adopted after a restart of autodevd: its exit code cannot be known.
     pub adopted: bool,
@@ -342,6 +359,20 @@ pub struct SlotStatus {
     pub rate_limited_until: Option<String>,
 }
 
+/// A task's pull request as `status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PullRequestRef {
+    pub number: Option<u64>,
+    pub url: Option<String>,
+    pub note: Option<String>,
+}
+
+impl From<crate::github::posts::Opened> for PullRequestRef {
+    fn from(o: crate::github::posts::Opened) -> Self {
+        PullRequestRef { number: o.number, url: o.url, note: o.note }
+    }
+}
+
 impl SlotStatus {
     /// The row of a free slot.
     pub fn ready(slot: String, provider: String) -> SlotStatus {
@@ -357,6 +388,7 @@ impl SlotStatus {
             branch: None,
             commits: None,
             changes: None,
+            pr: None,
             pid: None,
             adopted: false,
             started_at: None,

@@ -349,6 +349,9 @@ pub struct Parsed {
     /// The CLI is waiting out a rate limit it reported as a typed fact (claude `api_retry` with status 429): until
     /// when, if it said.
     pub rate_limited: Option<Option<std::time::SystemTime>>,
+    /// The agent's own words: the text of an assistant message (never tool output or stderr). With `continues`, a
+    /// streamed piece of the message before.
+    pub said: Option<String>,
 }
 
 /// Reads one complete output line. Lines that are not JSON events are shown as they are.
@@ -419,7 +422,17 @@ fn claude_event(e: &Value, parsed: &mut Parsed) {
         Some("assistant") => {
             for block in e.pointer("/message/content").and_then(Value::as_array).into_iter().flatten() {
                 match str_at(block, "/type") {
-                    Some("text") => push_text(parsed, str_at(block, "/text").unwrap_or_default()),
+                    Some("text") => {
+                        let text = str_at(block, "/text").unwrap_or_default();
+                        push_text(parsed, text);
+                        match &mut parsed.said {
+                            Some(said) => {
+                                said.push('\n');
+                                said.push_str(text);
+                            }
+                            None => parsed.said = Some(text.to_string()),
+                        }
+                    }
                     Some("tool_use") => parsed.lines.push(tool_line(
                         str_at(block, "/name").unwrap_or("?"),
                         block.get("input").unwrap_or(&Value::Null),
@@ -538,6 +551,7 @@ fn gemini_event(e: &Value, parsed: &mut Parsed) {
         Some("message") if str_at(e, "/role") == Some("assistant") => {
             let text = str_at(e, "/content").unwrap_or_default();
             parsed.continues = e.get("delta").and_then(Value::as_bool) == Some(true);
+            parsed.said = Some(text.to_string());
             if parsed.continues {
                 // A streamed chunk: keep its line breaks so the preview can join chunks into lines.
                 parsed.lines.extend(text.split('\n').map(str::to_string));
@@ -599,7 +613,11 @@ fn codex_event(e: &Value, parsed: &mut Parsed) {
         Some("item.completed") => {
             let item = e.get("item").unwrap_or(&Value::Null);
             match str_at(item, "/type") {
-                Some("agent_message") => push_text(parsed, str_at(item, "/text").unwrap_or_default()),
+                Some("agent_message") => {
+                    let text = str_at(item, "/text").unwrap_or_default();
+                    push_text(parsed, text);
+                    parsed.said = Some(text.to_string());
+                }
                 Some("command_execution") => {
                     if let Some(code) = item.get("exit_code").and_then(Value::as_i64).filter(|c| *c != 0) {
                         parsed.lines.push(format!("command exited {code}"));

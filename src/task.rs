@@ -70,6 +70,14 @@ pub enum EndCause {
     Released,
     /// The run completed, but its branch has nothing beyond its base and its worktree is clean: nothing to review.
     NoChanges,
+    /// The run completed, but what it left could not be committed (a hook failed, a file holds a secret): the work
+    /// waits uncommitted in the worktree.
+    CommitFailed,
+    /// The run completed and its work is committed, but the branch could not be pushed (rejected, no access, a
+    /// secret in its diff): the work waits on the local branch.
+    PushFailed,
+    /// The agent said it cannot go on (`signal blocked`, `AUTONOMOUS_SIGNAL:BLOCKED` or `FAILED`).
+    Blocked,
 }
 
 impl EndCause {
@@ -89,6 +97,9 @@ impl EndCause {
             EndCause::DiskFull => "disk_full",
             EndCause::Released => "released",
             EndCause::NoChanges => "no_changes",
+            EndCause::CommitFailed => "commit_failed",
+            EndCause::PushFailed => "push_failed",
+            EndCause::Blocked => "blocked",
         }
     }
 
@@ -126,6 +137,51 @@ impl WaitFor {
             WaitFor::UsageLimit => "usage_limit",
             WaitFor::Reply => "reply",
         }
+    }
+}
+
+/// What an agent says of its own task, from `autodevctl signal` or a marker line in its own assistant messages
+/// (`AUTONOMOUS_SIGNAL:<KIND>[:<text>]`, the seed tool's protocol).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum AgentSignal {
+    /// It needs a person's answer: the question goes to the issue and the task waits for the reply.
+    NeedsInfo { question: String },
+    /// It cannot go on: the task ends failed with the reason.
+    Blocked { why: String },
+    /// It gave up (`FAILED`): the same end as blocked.
+    Failed { why: String },
+    /// It opened this pull request itself: autodev updates it rather than opening another.
+    Pr { number: u64 },
+    /// It says it is done (the run's exit and final event still decide).
+    Complete,
+}
+
+/// The marker the seed tool's agents print, as a whole line.
+pub const SIGNAL_MARKER: &str = "AUTONOMOUS_SIGNAL:";
+/// The longest question or reason a signal carries.
+const SIGNAL_TEXT_MAX: usize = 2000;
+
+impl AgentSignal {
+    /// Reads one line of an assistant message: a signal only when the whole line is a marker.
+    pub fn from_marker_line(line: &str) -> Option<AgentSignal> {
+        let rest = line.trim().strip_prefix(SIGNAL_MARKER)?;
+        let (kind, text) = rest.split_once(':').map_or((rest, ""), |(k, t)| (k, t.trim()));
+        let text: String = text.chars().take(SIGNAL_TEXT_MAX).collect();
+        let said = |fallback: &str| if text.is_empty() { fallback.to_string() } else { text.clone() };
+        Some(match kind.trim() {
+            "NEEDS_INFO" => AgentSignal::NeedsInfo { question: said("(no question given)") },
+            "BLOCKED" => AgentSignal::Blocked { why: said("(no reason given)") },
+            "FAILED" => AgentSignal::Failed { why: said("(no reason given)") },
+            "PR" => AgentSignal::Pr { number: text.trim_start_matches('#').parse().ok().filter(|n| *n > 0)? },
+            "COMPLETE" => AgentSignal::Complete,
+            _ => return None,
+        })
+    }
+
+    /// Whether it decides how the run ends (over its exit and over "no changes").
+    pub fn decides_end(&self) -> bool {
+        matches!(self, AgentSignal::NeedsInfo { .. } | AgentSignal::Blocked { .. } | AgentSignal::Failed { .. })
     }
 }
 
@@ -406,6 +462,9 @@ pub struct Policy {
     pub has_fallback: bool,
     pub allowance: Allowance,
     pub on_stale: OnStale,
+    /// A completed task's branch is pushed and up for review: its end asks for a pull request, and the board
+    /// moves on once that exists (not before).
+    pub pull_requests: bool,
 }
 
 impl Policy {
@@ -417,6 +476,7 @@ impl Policy {
             has_fallback: !config.retry.fallback.is_empty(),
             allowance: Allowance { count: allowance.count, per: Duration::from_secs_f64(allowance.per_secs) },
             on_stale: config.health.on_stale,
+            pull_requests: false,
         }
     }
 
@@ -452,6 +512,8 @@ pub enum Event {
     Release { done: bool },
     /// A policy gives the task up (`onAbandoned: fail`, an automatic restart that cannot happen).
     GiveUp { reason: String },
+    /// The agent says something of its task from inside the run.
+    Signal(AgentSignal),
 }
 
 impl Event {
@@ -468,6 +530,7 @@ impl Event {
             Event::WaitOver => "wait over",
             Event::Release { .. } => "release",
             Event::GiveUp { .. } => "give up",
+            Event::Signal(_) => "signal",
         }
     }
 }
@@ -478,6 +541,8 @@ pub enum BoardWish {
     InProgress,
     Completed,
     Failed,
+    /// The task waits for a person's answer (`needsMoreInfoValue`, else blocked); the slot keeps the issue.
+    NeedsInfo,
 }
 
 /// What the daemon must do after a transition, in this order.
@@ -502,6 +567,10 @@ pub enum Effect {
     },
     /// Apply `worktree.cleanup` to the ended task's worktree.
     CleanupWorktree,
+    /// Open or update the completed task's pull request (through the outbox); the board follows once it exists.
+    PullRequest,
+    /// Post what the agent said (its question, why it is blocked) as a comment on the issue (through the outbox).
+    PostSignal(AgentSignal),
 }
 
 /// A transition the task's phase does not allow.
@@ -564,6 +633,19 @@ pub struct SlotLock {
     /// The current run's cgroup, when it has one (`containment: cgroup`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<PathBuf>,
+    /// The task was taken from a GitHub issue (not `assign --prompt`): its pull request may close the issue.
+    #[serde(default)]
+    pub from_issue: bool,
+    /// The pull request the agent said it opened (`AUTONOMOUS_SIGNAL:PR:<n>`): updated rather than a new one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pr: Option<u64>,
+    /// What the current run said of its own end (needs info, blocked), kept so a crash before the end still ends
+    /// the run as the agent said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<AgentSignal>,
+    /// When the task asked its question: only answers after it count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub asked_at: Option<String>,
 }
 
 impl SlotLock {
@@ -600,6 +682,10 @@ impl SlotLock {
             comment_id: None,
             base: None,
             cgroup: None,
+            from_issue: false,
+            pr: None,
+            signal: None,
+            asked_at: None,
         }
     }
 
@@ -610,6 +696,7 @@ impl SlotLock {
         self.run_id = run_id.clone();
         self.runs.push(run_id);
         (self.pid, self.pgid, self.start_time, self.cgroup) = (None, None, None, None);
+        self.signal = None;
         self.boot_id = boot_id.to_string();
         self.stdout = run_dir.join("stdout");
         self.stderr = run_dir.join("stderr");
@@ -676,6 +763,25 @@ impl SlotLock {
                 vec![WriteLock, SignalStop]
             }
             (Phase::Running { .. } | Phase::Starting, Event::RunEnded(v)) => self.after_run(v, policy, now),
+            (Phase::Running { .. }, Event::Signal(signal)) => match signal {
+                AgentSignal::Pr { number } if self.pr == Some(number) => vec![],
+                AgentSignal::Pr { number } => {
+                    self.pr = Some(number);
+                    vec![WriteLock]
+                }
+                AgentSignal::Complete => vec![],
+                // The same words twice (a marker, then the command) are said once.
+                same if self.signal.as_ref() == Some(&same) => vec![],
+                AgentSignal::NeedsInfo { question } => {
+                    self.asked_at = Some(rfc3339(now));
+                    self.signal = Some(AgentSignal::NeedsInfo { question: question.clone() });
+                    vec![WriteLock, Board(BoardWish::NeedsInfo), PostSignal(AgentSignal::NeedsInfo { question })]
+                }
+                other => {
+                    self.signal = Some(other.clone());
+                    vec![WriteLock, PostSignal(other)]
+                }
+            },
             (Phase::Running { stop: Some(StopBy::User), .. }, Event::FoundDead { .. }) => {
                 self.end(Verdict::new(EndCause::Stopped, "stopped by autodevctl stop (autodevd restarted meanwhile)"))
             }
@@ -725,9 +831,36 @@ impl SlotLock {
     fn after_run(&mut self, v: Verdict, policy: &Policy, now: SystemTime) -> Vec<Effect> {
         use Effect::*;
         let stop = self.phase.stop().cloned();
+        // What the agent said of its end wins over how the run ended, unless a person or a shutdown stopped it.
+        let said = self.signal.take().filter(|_| !matches!(stop, Some(StopBy::User | StopBy::Shutdown { .. })));
+        match said {
+            Some(AgentSignal::NeedsInfo { question }) => {
+                self.phase = Phase::Waiting {
+                    until: None,
+                    waiting_for: WaitFor::Reply,
+                    after: v.cause,
+                    reason: format!("needs info: {question}"),
+                    fallback: false,
+                };
+                return vec![RecordRun, WriteLock, Comment];
+            }
+            Some(AgentSignal::Blocked { why }) => {
+                return self.end(Verdict { cause: EndCause::Blocked, reason: Some(format!("blocked: {why}")), ..v });
+            }
+            Some(AgentSignal::Failed { why }) => {
+                let reason = Some(format!("the agent gave up: {why}"));
+                return self.end(Verdict { cause: EndCause::Blocked, reason, ..v });
+            }
+            _ => {}
+        }
         if v.cause == EndCause::Succeeded {
             // A run that finished its work just as a stop arrived is done: running it again would cost twice.
-            return self.end(v);
+            let mut effects = self.end(v);
+            if policy.pull_requests && self.branch.is_some() {
+                // The board shows review once the pull request exists, which the outbox sees to.
+                effects.iter_mut().filter(|e| **e == Board(BoardWish::Completed)).for_each(|e| *e = PullRequest);
+            }
+            return effects;
         }
         let wait = |waiting_for, until: SystemTime, after, reason: String, fallback| Phase::Waiting {
             until: Some(until),
@@ -807,6 +940,7 @@ mod tests {
             has_fallback: true,
             allowance: Allowance { count: 3, per: Duration::from_secs(3600) },
             on_stale: OnStale::Mark,
+            pull_requests: false,
         }
     }
 
@@ -915,6 +1049,123 @@ mod tests {
             let got = t.on(event.clone(), &p, now).unwrap_or_else(|e| panic!("row {i}: {from:?} + {event:?}: {e}"));
             assert_eq!((t.state(), got), (state, effects), "row {i}: {from:?} + {event:?}");
         }
+    }
+
+    #[test]
+    fn a_completed_branch_asks_for_a_pull_request_and_the_board_waits_for_it() {
+        let mut p = policy();
+        p.pull_requests = true;
+        let end = |cause| Event::RunEnded(Verdict::new(cause, "x"));
+        let on_branch = |branch: Option<&str>| {
+            let mut t = task(running(None), 1);
+            t.branch = branch.map(str::to_string);
+            t
+        };
+        // (branch, cause, expected effects)
+        let table = [
+            (Some("b"), EndCause::Succeeded, vec![RecordRun, PullRequest, FreeSlot, Comment, CleanupWorktree]),
+            // No branch of its own (the workspace is no git repository): nothing to review.
+            (
+                None,
+                EndCause::Succeeded,
+                vec![RecordRun, Board(BoardWish::Completed), FreeSlot, Comment, CleanupWorktree],
+            ),
+            (
+                Some("b"),
+                EndCause::PushFailed,
+                vec![RecordRun, Board(BoardWish::Failed), FreeSlot, Comment, CleanupWorktree],
+            ),
+            (
+                Some("b"),
+                EndCause::CommitFailed,
+                vec![RecordRun, Board(BoardWish::Failed), FreeSlot, Comment, CleanupWorktree],
+            ),
+            (
+                Some("b"),
+                EndCause::NoChanges,
+                vec![RecordRun, Board(BoardWish::Failed), FreeSlot, Comment, CleanupWorktree],
+            ),
+        ];
+        for (i, (branch, cause, effects)) in table.into_iter().enumerate() {
+            let mut t = on_branch(branch);
+            assert_eq!(t.on(end(cause), &p, at(0)).unwrap(), effects, "row {i}: {cause:?} on {branch:?}");
+            assert!(!cause.retryable(), "{cause:?} would end the same way again");
+        }
+    }
+
+    #[test]
+    fn markers_are_whole_lines_of_a_known_kind() {
+        let table = [
+            (
+                "AUTONOMOUS_SIGNAL:NEEDS_INFO: Which API version?",
+                Some(AgentSignal::NeedsInfo { question: "Which API version?".into() }),
+            ),
+            (
+                "  AUTONOMOUS_SIGNAL:BLOCKED:no access to the staging DB  ",
+                Some(AgentSignal::Blocked { why: "no access to the staging DB".into() }),
+            ),
+            ("AUTONOMOUS_SIGNAL:FAILED", Some(AgentSignal::Failed { why: "(no reason given)".into() })),
+            ("AUTONOMOUS_SIGNAL:PR:#42", Some(AgentSignal::Pr { number: 42 })),
+            ("AUTONOMOUS_SIGNAL:COMPLETE", Some(AgentSignal::Complete)),
+            ("AUTONOMOUS_SIGNAL:PR:soon", None),
+            ("AUTONOMOUS_SIGNAL:PR:0", None),
+            ("AUTONOMOUS_SIGNAL:SHRUG:x", None),
+            // Only a whole line: prose that mentions the marker is not one.
+            ("I will print AUTONOMOUS_SIGNAL:BLOCKED:x when stuck", None),
+            ("", None),
+        ];
+        for (line, expected) in table {
+            assert_eq!(AgentSignal::from_marker_line(line), expected, "{line:?}");
+        }
+    }
+
+    #[test]
+    fn what_the_agent_says_decides_its_end_unless_a_person_stopped_it() {
+        let p = policy();
+        let now = at(0);
+        let ask = AgentSignal::NeedsInfo { question: "Which API?".into() };
+        let done = || Event::RunEnded(Verdict::new(EndCause::Succeeded, "success"));
+        let mut t = task(running(None), 1);
+        assert_eq!(
+            t.on(Event::Signal(ask.clone()), &p, now).unwrap(),
+            vec![WriteLock, Board(BoardWish::NeedsInfo), PostSignal(ask.clone())]
+        );
+        assert_eq!(t.on(Event::Signal(ask.clone()), &p, now).unwrap(), vec![], "said twice, posted once");
+        assert_eq!(t.on(done(), &p, now).unwrap(), vec![RecordRun, WriteLock, Comment]);
+        assert!(
+            matches!(&t.phase, Phase::Waiting { until: None, waiting_for: WaitFor::Reply, reason, .. } if reason == "needs info: Which API?"),
+            "{:?}",
+            t.phase
+        );
+        // A reply continues it (the resume), which the allowance does not count.
+        assert_eq!(t.on(Event::Continue { counted: false }, &p, now).unwrap(), vec![Board(BoardWish::InProgress)]);
+
+        // (signal, stop, run's cause, expected state, expected cause)
+        let blocked = AgentSignal::Blocked { why: "no access".into() };
+        let gave_up = AgentSignal::Failed { why: "tests cannot run".into() };
+        let table = [
+            (blocked.clone(), None, EndCause::Succeeded, State::Failed, Some(EndCause::Blocked)),
+            (gave_up, None, EndCause::AgentError, State::Failed, Some(EndCause::Blocked)),
+            (ask.clone(), None, EndCause::ProviderError, State::Waiting, None),
+            (blocked, Some(StopBy::User), EndCause::Killed, State::Failed, Some(EndCause::Stopped)),
+            (ask, Some(StopBy::Shutdown { why: "w".into() }), EndCause::Killed, State::Abandoned, None),
+        ];
+        for (i, (signal, stop, cause, state, end)) in table.into_iter().enumerate() {
+            let mut t = task(running(None), 1);
+            t.on(Event::Signal(signal), &p, now).unwrap();
+            if let Some(by) = stop {
+                t.on(Event::StopAsked(by), &p, now).unwrap();
+            }
+            t.on(Event::RunEnded(Verdict::new(cause, "x")), &p, now).unwrap();
+            assert_eq!((t.state(), t.phase.end_cause()), (state, end), "row {i}: {:?}", t.phase);
+            assert_eq!(t.signal, None, "row {i}: a signal belongs to its run");
+        }
+
+        let mut t = task(running(None), 1);
+        assert_eq!(t.on(Event::Signal(AgentSignal::Pr { number: 7 }), &p, now).unwrap(), vec![WriteLock]);
+        assert_eq!(t.pr, Some(7));
+        let mut idle = task(Phase::Abandoned { reason: "r".into() }, 1);
+        assert!(idle.on(Event::Signal(AgentSignal::Complete), &p, now).is_err(), "only a running task signals");
     }
 
     #[test]

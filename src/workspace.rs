@@ -320,6 +320,83 @@ pub fn commit_leftovers(
     Ok(Leftovers { commit: Some(commit.trim().to_string()), left_out })
 }
 
+/// A push reaches the network and may run hooks: slower than local git, but never without end.
+const PUSH_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// How a task's branch goes to its remote.
+pub struct PushJob<'a> {
+    pub worktree: &'a Path,
+    pub remote: &'a str,
+    pub branch: &'a str,
+    /// What the branch started from: only the commits beyond it are checked for secrets.
+    pub base: &'a str,
+    pub secrets: &'a [String],
+    /// The agent's clean environment (the user's git identity among it).
+    pub env: &'a [(String, String)],
+    /// `GIT_ASKPASS` program and the token it hands to git when the user's own credentials do not answer.
+    pub askpass: Option<(&'a Path, &'a str)>,
+}
+
+/// Pushes the task's branch to its remote, never forced. Refused, naming the file, when a commit beyond the base
+/// adds a known secret value. The error is what people read: git's own words on a rejected push.
+pub fn push(job: &PushJob) -> Result<(), String> {
+    if !job.secrets.is_empty() {
+        let range = format!("{}..HEAD", job.base);
+        let args = ["log", "-p", "--no-color", "--no-ext-diff", "--format=", &range];
+        let mut command = Command::new("git");
+        command.arg("-C").arg(job.worktree).args(args).env_clear().envs(job.env.iter().map(|(k, v)| (k, v)));
+        let log = run_git(command, &args, job.worktree, GIT_TIMEOUT)?;
+        if let Some(file) = file_adding_secret(&log, job.secrets) {
+            return Err(format!(
+                "not pushed: a commit on {} adds a secret value autodev knows (a token or key) to {file}; remove it \
+                 from the branch's history, then push by hand",
+                job.branch
+            ));
+        }
+    }
+    let refspec = format!("refs/heads/{0}:refs/heads/{0}", job.branch);
+    let failed = |why: String| {
+        format!("pushing {} to {} failed (the work is committed on the local branch): {why}", job.branch, job.remote)
+    };
+    let mut command = Command::new("git");
+    command.arg("-C").arg(job.worktree).args(["push", "--porcelain", "--", job.remote, &refspec]);
+    command.env_clear().envs(job.env.iter().map(|(k, v)| (k, v))).env("GIT_TERMINAL_PROMPT", "0");
+    if let Some((program, token)) = job.askpass {
+        // git asks its credential helpers first: the user's own credentials win; the token is the fallback, given
+        // through the environment of this one command (never argv, never the remote's URL).
+        command.env("GIT_ASKPASS", program).env(crate::protocol::ASKPASS_TOKEN_VAR, token);
+    }
+    let output = run_command(&mut command, PUSH_TIMEOUT).map_err(|e| failed(format!("cannot run git: {e}")))?;
+    if output.status.success() {
+        return Ok(());
+    }
+    // The porcelain line of a refused ref says why ("[rejected] (fetch first)"); else git's error line.
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let refused = stdout.lines().find_map(|l| l.strip_prefix('!')).and_then(|l| l.split('\t').nth(2));
+    let said = stderr.lines().map(str::trim).find(|l| l.starts_with("fatal:") || l.starts_with("error:"));
+    let why = match (refused, said) {
+        (Some(r), _) => format!("the remote refused it: {r}; it is never forced (merge or rebase, then push by hand)"),
+        (None, Some(s)) => s.to_string(),
+        (None, None) if output.status.code().is_none() => format!("no answer within {}s", PUSH_TIMEOUT.as_secs()),
+        (None, None) => stderr.lines().find(|l| !l.trim().is_empty()).unwrap_or("no message").trim().to_string(),
+    };
+    Err(failed(why))
+}
+
+/// The file whose added lines (in `git log -p` output) hold one of `secrets`.
+fn file_adding_secret(log: &str, secrets: &[String]) -> Option<String> {
+    let mut file = "?";
+    for line in log.lines() {
+        if let Some(rest) = line.strip_prefix("+++ ") {
+            file = rest.strip_prefix("b/").unwrap_or(rest);
+        } else if line.starts_with('+') && secrets.iter().any(|s| line.contains(s.as_str())) {
+            return Some(file.to_string());
+        }
+    }
+    None
+}
+
 /// Gets the worktree for a task of `issue` in `slot`: the slot's worktree reused when that loses nothing, else a
 /// fresh one; on the issue's existing branch, else on a new branch from the newest default branch.
 pub fn prepare(

@@ -3,43 +3,10 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
+use common::git::{git, init_repo, repo_with_origin};
 use common::{Daemon, fake_config};
 use serde_json::{Value, json};
-
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git").arg("-C").arg(dir).args(args).output().unwrap();
-    assert!(out.status.success(), "git {args:?} in {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// A repository at `<top>/repo` with one commit on `branch`, committed as Dev.
-fn init_repo(top: &Path, branch: &str) -> PathBuf {
-    let repo = top.join("repo");
-    std::fs::create_dir_all(&repo).unwrap();
-    git(&repo, &["init", "--quiet", "-b", branch]);
-    git(&repo, &["config", "user.email", "dev@example.invalid"]);
-    git(&repo, &["config", "user.name", "Dev"]);
-    std::fs::write(repo.join("README.md"), "hello\n").unwrap();
-    git(&repo, &["add", "-A"]);
-    git(&repo, &["commit", "--quiet", "-m", "first"]);
-    repo
-}
-
-/// A bare `origin` and a clone of it with one commit on main; returns (root temp dir, clone path).
-fn repo_with_origin(origin: bool) -> (tempfile::TempDir, PathBuf) {
-    let top = tempfile::tempdir().unwrap();
-    let clone = init_repo(top.path(), "main");
-    if origin {
-        let bare = top.path().join("origin.git");
-        git(top.path(), &["init", "--quiet", "--bare", "-b", "main", bare.to_str().unwrap()]);
-        git(&clone, &["remote", "add", "origin", bare.to_str().unwrap()]);
-        git(&clone, &["push", "--quiet", "-u", "origin", "main"]);
-        git(&clone, &["remote", "set-head", "origin", "main"]);
-    }
-    (top, clone)
-}
 
 fn config() -> Value {
     fake_config(2)
@@ -237,7 +204,8 @@ fn what_a_completed_run_left_uncommitted_is_committed_on_its_branch_except_big_f
 
     // A file that holds a known secret: nothing is committed, and the file is named.
     d.assign(2, &["--slot", "claude-2"], "Leak\n@write leak.txt key=sk-ant-test-key-0123456789\n@write ok.txt fine");
-    let row = d.wait_state("claude-2", "completed");
+    let row = d.wait_state("claude-2", "failed");
+    assert_eq!(row["end_cause"], "commit_failed", "{row}");
     let reason = row["reason"].as_str().unwrap();
     assert!(reason.contains("not committed: leak.txt holds a secret value"), "{reason}");
     let branch = row["branch"].as_str().unwrap();
@@ -253,7 +221,8 @@ fn a_failing_commit_hook_is_the_reason_shown_and_the_work_stays() {
     std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let d = Daemon::start_in(&config(), Some(&repo));
     d.assign(1, &[], "Hooked\n@write fix.txt fixed ");
-    let row = d.wait_state("claude-1", "completed");
+    let row = d.wait_state("claude-1", "failed");
+    assert_eq!(row["end_cause"], "commit_failed", "{row}");
     let reason = row["reason"].as_str().unwrap();
     assert!(
         reason.contains("git commit failed") && reason.contains("lint: trailing whitespace in fix.txt"),
@@ -271,7 +240,11 @@ fn a_run_that_changes_nothing_ends_no_changes_and_one_that_commits_counts_its_co
     assert_eq!(row["end_cause"], "no_changes", "{row}");
     assert_eq!((row["commits"].clone(), row["changes"].clone()), (json!(0), json!(false)), "{row}");
     let reason = row["reason"].as_str().unwrap();
-    assert!(reason.contains("no changes were produced") && reason.contains("the agent said: success"), "{reason}");
+    assert!(
+        reason.contains("no changes were produced")
+            && reason.contains("the agent said: \"I read the code and found nothing to change\""),
+        "{reason}"
+    );
 
     d.assign(2, &["--slot", "claude-2"], "Two commits\n@write a.txt 1\n@commit one\n@write b.txt 2\n@commit two");
     let row = d.wait_state("claude-2", "completed");

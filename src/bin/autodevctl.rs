@@ -6,5 +6,9 @@ use autodev::ctl::{self, Cli};
 use clap::Parser;
 
 fn main() -> ExitCode {
+    if let Some(answer) = ctl::askpass_answer() {
+        println!("{answer}");
+        return ExitCode::SUCCESS;
+    }
     ctl::finish(ctl::run(Cli::parse()))
 }

@@ -15,6 +15,7 @@ use crate::paths::Paths;
 use crate::protocol::{
     self, Envelope, ErrorReply, Frame, FrameError, MAX_REPLY_FRAME, PROTOCOL_VERSION, Reply, Request,
 };
+use crate::task::AgentSignal;
 
 /// Exit codes scripts can rely on.
 pub mod exit {
@@ -38,6 +39,21 @@ pub struct Cli {
     pub runtime_dir: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// What `autodevctl signal` says.
+#[derive(Debug, Subcommand)]
+pub enum SignalWhat {
+    /// The agent needs a person's answer: the question is posted on the issue, and the task waits for a reply
+    NeedsInfo {
+        #[arg(required = true, allow_hyphen_values = true)]
+        question: Vec<String>,
+    },
+    /// The agent cannot go on: the task ends blocked with this reason
+    Blocked {
+        #[arg(required = true, allow_hyphen_values = true)]
+        why: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -86,6 +102,9 @@ pub enum Command {
     /// Continue a slot's abandoned, failed or stopped task in the same conversation
     Resume {
         slot: String,
+        /// What the conversation continues with: the answer to the agent's question (may start with '-')
+        #[arg(long, allow_hyphen_values = true)]
+        prompt: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -112,6 +131,11 @@ pub enum Command {
         percent: u8,
         /// What is being done now
         message: Vec<String>,
+    },
+    /// From inside a slot: say the agent needs a person's answer, or is blocked (the agent runs this)
+    Signal {
+        #[command(subcommand)]
+        what: SignalWhat,
     },
     /// Finished runs: outcome, duration, attempts, cost
     History {
@@ -311,6 +335,40 @@ fn unexpected(reply: Reply) -> CtlError {
 }
 
 /// What a binary's `main` returns for a command's result: the exit code, after the error (if any) on stderr.
+/// autodevctl as git's `GIT_ASKPASS` during autodevd's push: git runs it with its prompt as the one argument, and
+/// the answer is the token autodevd put in the environment (or the user name GitHub takes with a token). `None`
+/// for every ordinary command line.
+pub fn askpass_answer() -> Option<String> {
+    let token = std::env::var(protocol::ASKPASS_TOKEN_VAR).ok()?;
+    let mut args = std::env::args_os().skip(1);
+    let prompt = args.next()?.into_string().ok()?;
+    if args.next().is_some() {
+        return None;
+    }
+    if prompt.starts_with("Username") {
+        Some("x-access-token".into())
+    } else if prompt.starts_with("Password") {
+        Some(token)
+    } else {
+        None
+    }
+}
+
+/// The connection of a command the agent runs inside its slot, with the slot and run its environment names.
+fn inside_slot(command: &str) -> Result<(Client, String, String), CtlError> {
+    let var = |name: &str| {
+        std::env::var(name).map_err(|_| {
+            CtlError::Failed(format!(
+                "autodevctl {command} runs inside an agent's slot: {name} is not set (autodevd sets it for the agent)"
+            ))
+        })
+    };
+    let (slot, run_id, socket) = (var("AUTODEV_SLOT")?, var("AUTODEV_RUN")?, var("AUTODEV_SOCKET")?);
+    let client = Client::connect_socket(Path::new(&socket))?;
+    client.set_timeout(Some(Duration::from_secs(10)));
+    Ok((client, slot, run_id))
+}
+
 pub fn finish(result: Result<(), CtlError>) -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::from(exit::OK),
@@ -406,19 +464,23 @@ pub fn run(cli: Cli) -> Result<(), CtlError> {
         // command's start.
         Command::Doctor { .. } => return Err(exec_doctor()),
         Command::Progress { percent, message } => {
-            let var = |name: &str| {
-                std::env::var(name).map_err(|_| {
-                    CtlError::Failed(format!(
-                        "autodevctl progress runs inside an agent's slot: {name} is not set (autodevd sets it for the agent)"
-                    ))
-                })
-            };
-            let (slot, run_id, socket) = (var("AUTODEV_SLOT")?, var("AUTODEV_RUN")?, var("AUTODEV_SOCKET")?);
-            let mut client = Client::connect_socket(Path::new(&socket))?;
-            client.set_timeout(Some(Duration::from_secs(10)));
+            let (mut client, slot, run_id) = inside_slot("progress")?;
             let message = message.join(" ");
             return match client.call(Request::Progress { slot, run_id, percent: *percent, message })? {
                 Reply::ProgressNoted { slot, percent } => emit(&format!("✓ {slot}: {percent}%\n")),
+                other => Err(unexpected(other)),
+            };
+        }
+        Command::Signal { what } => {
+            let (mut client, slot, run_id) = inside_slot("signal")?;
+            let (signal, said) = match what {
+                SignalWhat::NeedsInfo { question } => {
+                    (AgentSignal::NeedsInfo { question: question.join(" ") }, "the question goes to the issue")
+                }
+                SignalWhat::Blocked { why } => (AgentSignal::Blocked { why: why.join(" ") }, "the task ends blocked"),
+            };
+            return match client.call(Request::Signal { slot, run_id, signal })? {
+                Reply::SignalNoted { slot } => emit(&format!("✓ {slot}: noted; {said} when this run ends\n")),
                 other => Err(unexpected(other)),
             };
         }
@@ -479,7 +541,7 @@ pub fn run(cli: Cli) -> Result<(), CtlError> {
                 other => Err(unexpected(other)),
             }
         }
-        Command::Resume { slot, json } => match client.call(Request::Resume { slot })? {
+        Command::Resume { slot, prompt, json } => match client.call(Request::Resume { slot, prompt })? {
             Reply::Resumed(a) if json => print_json(&a),
             Reply::Resumed(a) => {
                 let how = match &a.note {
@@ -514,7 +576,7 @@ pub fn run(cli: Cli) -> Result<(), CtlError> {
                 other => Err(unexpected(other)),
             }
         }
-        Command::Doctor { .. } | Command::Completions { .. } | Command::Progress { .. } => {
+        Command::Doctor { .. } | Command::Completions { .. } | Command::Progress { .. } | Command::Signal { .. } => {
             unreachable!("handled before connecting")
         }
         Command::History { issue, lines, json } => match client.call(Request::History { issue, limit: Some(lines) })? {

@@ -18,7 +18,7 @@ use crate::github::sync::Target;
 use crate::ledger::{self, ExitRecord, RECORD_VERSION, RunFiles};
 use crate::protocol::SlotState;
 use crate::supervisor::{self, ExitInfo};
-use crate::task::{BoardWish, Effect, Event, Illegal, Phase};
+use crate::task::{AgentSignal, BoardWish, Effect, Event, Illegal, Phase};
 use crate::timefmt::rfc3339;
 use crate::workspace;
 
@@ -60,6 +60,7 @@ pub(super) fn drive(shared: &Arc<Shared>, slot: &str, event: Event) -> Result<()
                     BoardWish::InProgress => Target::InProgress,
                     BoardWish::Completed => Target::Completed,
                     BoardWish::Failed => Target::Failed,
+                    BoardWish::NeedsInfo => Target::NeedsInfo,
                 };
                 board_wants(shared, issue, slot, target, false);
             }
@@ -70,6 +71,8 @@ pub(super) fn drive(shared: &Arc<Shared>, slot: &str, event: Event) -> Result<()
             Effect::StartNext { fallback } => {
                 let _ = shared.start_next.send(StartNext { slot: slot.to_string(), fallback });
             }
+            Effect::PullRequest => pull_request(shared, slot),
+            Effect::PostSignal(signal) => post_signal(shared, slot, signal),
             Effect::CleanupWorktree => {
                 let (shared, slot) = (shared.clone(), slot.to_string());
                 tokio::spawn(async move { cleanup_worktree(&shared, &slot).await });
@@ -77,6 +80,82 @@ pub(super) fn drive(shared: &Arc<Shared>, slot: &str, event: Event) -> Result<()
         }
     }
     Ok(())
+}
+
+/// Owes the completed task's pull request to the outbox (which moves the board to review once it exists). Without
+/// GitHub the board is told the task is done, as it would be without pull requests.
+fn pull_request(shared: &Arc<Shared>, slot: &str) {
+    let Some(posts) = shared.github.as_ref().ok().filter(|g| g.pull_requests).map(|g| g.posts.clone()) else {
+        let issue = shared.lock_table().get(slot).and_then(|s| s.task.as_ref()).map(Task::issue);
+        if let Some(issue) = issue {
+            board_wants(shared, issue, slot, Target::Completed, false);
+        }
+        return;
+    };
+    let wish = {
+        let table = shared.lock_table();
+        let Some(task) = table.get(slot).and_then(|s| s.task.as_ref()) else { return };
+        let r = &task.record;
+        let Some(branch) = r.branch.clone() else { return };
+        let started = crate::timefmt::parse_rfc3339(&r.started_at).unwrap_or(task.run_started_at);
+        let costs: Vec<f64> = r
+            .runs
+            .iter()
+            .filter_map(|run| ledger::read_exit_record(&RunFiles::at(shared.paths.run_dir(run)).exit_record()))
+            .filter_map(|exit| exit.cost_usd)
+            .collect();
+        crate::github::posts::Wish {
+            task_id: r.task_id.clone(),
+            issue: r.issue,
+            from_issue: r.from_issue,
+            slot: slot.to_string(),
+            branch,
+            title: r.title.clone().filter(|t| !t.trim().is_empty()).unwrap_or_else(|| format!("autodev: #{}", r.issue)),
+            number: r.pr,
+            said: task.said.clone().unwrap_or_else(|| r.phase.reason().unwrap_or_default().to_string()),
+            runs: r.runs.len(),
+            duration_secs: SystemTime::now().duration_since(started).unwrap_or_default().as_secs(),
+            cost_usd: (!costs.is_empty()).then(|| costs.iter().sum()),
+            since: rfc3339(SystemTime::now()),
+            attempts: 0,
+            last_error: None,
+        }
+    };
+    posts.want(wish);
+}
+
+/// Posts what the agent said (its question, why it is blocked) on the task's issue, through the outbox. Tasks given
+/// with `--prompt` have no issue to post on: the status shows it.
+fn post_signal(shared: &Arc<Shared>, slot: &str, signal: AgentSignal) {
+    let Ok(github) = &shared.github else { return };
+    let note = {
+        let table = shared.lock_table();
+        let Some(task) = table.get(slot).and_then(|s| s.task.as_ref()).filter(|t| t.record.from_issue) else { return };
+        let r = &task.record;
+        let body = match &signal {
+            AgentSignal::NeedsInfo { question } => format!(
+                "**{slot} needs more information** to go on with this issue:\n\n{}\n\nAnswer in a comment here: the \
+                 agent continues the same conversation with your answer.",
+                quote(question)
+            ),
+            AgentSignal::Blocked { why } => format!("**{slot} is blocked** on this issue:\n\n{}", quote(why)),
+            AgentSignal::Failed { why } => format!("**{slot} gave up** on this issue:\n\n{}", quote(why)),
+            AgentSignal::Pr { .. } | AgentSignal::Complete => return,
+        };
+        crate::github::posts::Note {
+            key: format!("{}-{}", r.run_id, r.asked_at.as_deref().unwrap_or("end")),
+            issue: r.issue,
+            body,
+            since: rfc3339(SystemTime::now()),
+            attempts: 0,
+            last_error: None,
+        }
+    };
+    github.posts.note(note);
+}
+
+fn quote(text: &str) -> String {
+    crate::redact::current().clean(text).lines().map(|l| format!("> {l}")).collect::<Vec<_>>().join("\n")
 }
 
 /// The exit record of the task's current run, as its phase now says.
@@ -119,6 +198,8 @@ fn exit_record(task: &Task) -> ExitRecord {
         prompt_file: record.prompt_file.clone(),
         worktree: record.worktree.clone(),
         branch: record.branch.clone(),
+        commits: task.commits,
+        changes: task.changes,
     }
 }
 

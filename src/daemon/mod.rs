@@ -7,6 +7,7 @@ mod health;
 mod issue_sync;
 mod life;
 mod recovery;
+mod replies;
 mod retry;
 mod runs;
 mod server;
@@ -159,6 +160,11 @@ impl Shared {
         (lock.cgroup.as_deref() == Some(run.path.as_path()) && !lock.run_id.is_empty()).then_some(run)
     }
 
+    /// `push.enabled`, which by default follows GitHub: a completed task's branch is pushed for review.
+    fn push_enabled(&self) -> bool {
+        self.config.raw.push.enabled.unwrap_or(self.github.is_ok())
+    }
+
     fn git_identity(&self) -> &std::collections::BTreeMap<String, String> {
         self.git_identity.get_or_init(|| crate::workspace::git_identity(&self.workspace))
     }
@@ -269,6 +275,8 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         Err(why) => tracing::warn!("containment: process groups only ({why})"),
     }
     let (start_next, due) = tokio::sync::mpsc::unbounded_channel();
+    let push_on = config.raw.push.enabled.unwrap_or(github.is_ok());
+    let pulls_on = github.as_ref().is_ok_and(|g| g.pull_requests);
     let shared = Arc::new(Shared {
         github,
         workspace,
@@ -282,7 +290,7 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         warnings: Mutex::new(Vec::new()),
         shutting_down: std::sync::atomic::AtomicBool::new(false),
         recent: Mutex::new(std::collections::VecDeque::new()),
-        policy: Policy::from_config(&config.raw),
+        policy: Policy { pull_requests: push_on && pulls_on, ..Policy::from_config(&config.raw) },
         disk_full: Mutex::new(None),
         flushing: std::sync::atomic::AtomicBool::new(false),
         start_next,
@@ -323,6 +331,9 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         "autodevd ready"
     );
     tokio::spawn(health::run(shared.clone()));
+    if shared.github.is_ok() {
+        tokio::spawn(replies::run(shared.clone()));
+    }
     // Recovery is done and the socket answers: now, and not before, systemd may call us ready.
     notifier.ready(&summary(&shared));
     let mut watchdog = notifier.watchdog_interval().map(tokio::time::interval);

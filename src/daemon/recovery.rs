@@ -156,6 +156,7 @@ fn show_last_finished(shared: &Shared, history: &[ExitRecord], locks: &[SlotLock
         task.exit = exit.exit_code.map(ExitInfo::Code);
         task.cost_usd = exit.cost_usd;
         task.turns = exit.turns;
+        (task.commits, task.changes) = (exit.commits, exit.changes);
         task.ended_at = parse_rfc3339(&exit.ended_at);
         task.run_started_at = parse_rfc3339(&exit.started_at).unwrap_or(SystemTime::UNIX_EPOCH);
         task.recorded_as = Some((exit.state.clone(), exit.end_cause));
@@ -464,7 +465,7 @@ async fn apply_policy(shared: &Arc<Shared>, abandoned: Vec<String>) {
                 // Said in status only: the same facts give the same verdict at the next start.
                 let _ = drive(shared, &slot, Event::FoundDead { reason: why });
             }
-            OnAbandoned::Resume => match super::handle::resume(shared, &slot, true).await {
+            OnAbandoned::Resume => match super::handle::resume(shared, &slot, true, None).await {
                 Ok(_) => tracing::info!(slot, "resumed automatically (onAbandoned=resume)"),
                 Err(e) => tracing::warn!(slot, "automatic resume failed: {}", e.message),
             },

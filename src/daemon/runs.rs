@@ -518,11 +518,21 @@ async fn follow_run(
             format!("killed by the kernel's OOM killer: the run reached its memory limit (memory.max {max})"),
         );
     }
-    if verdict.cause == EndCause::Succeeded && shared.config.raw.push.commit_leftovers {
-        commit_leftovers(&shared, &run_id, &mut verdict).await;
-    }
-    if verdict.cause == EndCause::Succeeded {
-        judge_changes(&shared, &run_id, &mut verdict).await;
+    // What the agent said of its end (a question, blocked) decides it: its work is not up for review yet.
+    let said_end = shared
+        .lock_table()
+        .task_of_run(&run_id)
+        .is_some_and(|t| t.record.signal.as_ref().is_some_and(|s| s.decides_end()));
+    if verdict.cause == EndCause::Succeeded && !said_end {
+        if shared.config.raw.push.commit_leftovers {
+            commit_leftovers(&shared, &run_id, &mut verdict).await;
+        }
+        if verdict.cause == EndCause::Succeeded {
+            judge_changes(&shared, &run_id, &mut verdict).await;
+        }
+        if verdict.cause == EndCause::Succeeded && shared.push_enabled() {
+            push_branch(&shared, &run_id, &mut verdict).await;
+        }
     }
     let slot = {
         let mut table = shared.lock_table();
@@ -580,13 +590,59 @@ async fn commit_leftovers(shared: &Shared, run_id: &str, verdict: &mut Verdict) 
             }
             said
         }
-        Ok(Err(why)) => vec![why],
-        Err(e) => vec![format!("committing the leftovers failed: {e}")],
+        Ok(Err(why)) => return fail_verdict(verdict, EndCause::CommitFailed, why),
+        Err(e) => {
+            return fail_verdict(verdict, EndCause::CommitFailed, format!("committing the leftovers failed: {e}"));
+        }
     };
     if !said.is_empty() {
         tracing::info!(run = %run_id, "{}", said.join("; "));
         let reason = verdict.reason.take().unwrap_or_default();
         verdict.reason = Some(format!("{reason} · {}", said.join(" · ")).trim_start_matches(" · ").to_string());
+    }
+}
+
+/// The completed run's work is not where it should be: the run ends `cause`, saying why and what the agent said.
+fn fail_verdict(verdict: &mut Verdict, cause: EndCause, why: String) {
+    tracing::warn!("{why}");
+    let said = verdict.reason.take().unwrap_or_default();
+    *verdict = Verdict { cause, reason: Some(format!("{why} · the agent said: {said}")), ..verdict.clone() };
+}
+
+/// After a completed run with changes: pushes the task's branch (never forced). A refusal ends the run
+/// `push_failed` with git's reason; the work stays committed on the local branch.
+async fn push_branch(shared: &Shared, run_id: &str, verdict: &mut Verdict) {
+    let job = {
+        let table = shared.lock_table();
+        table.slots.iter().find_map(|s| {
+            let r = &s.task.as_ref().filter(|t| t.record.run_id == run_id)?.record;
+            let env = agent_env(shared, &table.providers[s.provider], &[]);
+            Some((r.worktree.clone()?, r.branch.clone()?, r.base.clone()?, env))
+        })
+    };
+    let Some((worktree, branch, base, env)) = job else { return };
+    let remote = shared.config.raw.push.remote.clone();
+    let secrets = crate::redact::current().secrets().to_vec();
+    let token = shared.github.as_ref().ok().map(|g| g.token.expose().to_string());
+    let askpass =
+        std::env::current_exe().ok().and_then(|e| Some(e.parent()?.join("autodevctl"))).filter(|p| p.exists());
+    let pushed = tokio::task::spawn_blocking(move || {
+        crate::workspace::push(&crate::workspace::PushJob {
+            worktree: &worktree,
+            remote: &remote,
+            branch: &branch,
+            base: &base,
+            secrets: &secrets,
+            env: &env,
+            askpass: askpass.as_deref().zip(token.as_deref()),
+        })
+        .map(|()| format!("pushed {branch} to {remote}"))
+    })
+    .await;
+    match pushed {
+        Ok(Ok(note)) => tracing::info!(run = %run_id, "{note}"),
+        Ok(Err(why)) => fail_verdict(verdict, EndCause::PushFailed, why),
+        Err(e) => fail_verdict(verdict, EndCause::PushFailed, format!("the push failed: {e}")),
     }
 }
 
@@ -607,15 +663,32 @@ async fn judge_changes(shared: &Shared, run_id: &str, verdict: &mut Verdict) {
         Ok(Err(e)) => return tracing::warn!(run = %run_id, "cannot count the task's changes: {e}"),
         Err(e) => return tracing::warn!(run = %run_id, "cannot count the task's changes: {e}"),
     };
-    if let Some(task) = shared.lock_table().task_of_run(run_id) {
+    let words = shared.lock_table().task_of_run(run_id).and_then(|task| {
         (task.commits, task.changes) = (Some(commits), Some(commits > 0 || dirty));
-    }
+        task.said.as_deref().map(last_words)
+    });
     if commits == 0 && !dirty {
-        let said = verdict.reason.take().unwrap_or_default();
+        let summary = verdict.reason.take().unwrap_or_default();
+        let said = match words {
+            Some(words) => format!("\"{words}\" ({summary})"),
+            None => summary,
+        };
         *verdict = Verdict::new(
             EndCause::NoChanges,
-            format!("no changes were produced: nothing beyond {base} and a clean worktree · the agent said: {said}"),
+            format!(
+                "no changes were produced: nothing beyond {} and a clean worktree · the agent said: {said}",
+                base.get(..12).filter(|_| base.len() == 40).unwrap_or(&base)
+            ),
         );
+    }
+}
+
+/// The agent's last message in one short line, for a reason people read.
+fn last_words(said: &str) -> String {
+    let line = said.split_whitespace().collect::<Vec<_>>().join(" ");
+    match line.char_indices().nth(300) {
+        Some((cut, _)) => format!("{}…", &line[..cut]),
+        None => line,
     }
 }
 
@@ -648,15 +721,19 @@ async fn fail_run_if_follower_dies(shared: Arc<Shared>, run_id: String, follower
 /// Copies the follower's view into the slot, under the lock, and wakes `logs -f` readers. A newly seen session id
 /// goes into the lockfile at once: it is what a resume needs.
 fn publish(shared: &Arc<Shared>, run_id: &str, preview: &Preview, findings: &mut Findings) {
-    let (new_session, revived) = {
+    let (new_session, revived, signals, slot) = {
         let mut table = shared.lock_table();
         let Some(task) = table.task_of_run(run_id) else { return };
         if findings.new_bytes == 0
             && findings.session_id.is_none()
             && findings.progress.is_none()
             && findings.rate_limit.is_none()
+            && findings.signals.is_empty()
         {
             return;
+        }
+        if std::mem::take(&mut findings.said_changed) {
+            task.said = Some(findings.said.clone());
         }
         let mut revived = false;
         if findings.new_bytes > 0 {
@@ -682,10 +759,17 @@ fn publish(shared: &Arc<Shared>, run_id: &str, preview: &Preview, findings: &mut
             }
             _ => None,
         };
-        (new_session, revived.then(|| task.record.slot.clone()))
+        let signals = std::mem::take(&mut findings.signals);
+        (new_session, revived.then(|| task.record.slot.clone()), signals, task.record.slot.clone())
     };
     if let Some(slot) = revived {
         let _ = drive(shared, &slot, Event::Alive);
+    }
+    for signal in signals {
+        tracing::info!(slot = %slot, "the agent signalled {signal:?}");
+        if let Err(e) = drive(shared, &slot, Event::Signal(signal)) {
+            tracing::warn!(slot = %slot, "signal: {e}");
+        }
     }
     if let Some(record) = new_session
         && let Err(e) = shared.write_lock(&record)

@@ -176,7 +176,12 @@ async fn handle(
         Request::Ping => Reply::Pong { version: PROTOCOL_VERSION, daemon_pid: shared.daemon_pid },
         Request::Status => {
             // Its own statement: the table lock must be released before summary() takes it again.
-            let slots = shared.lock_table().status_rows(&shared.policy.allowance);
+            let mut slots = shared.lock_table().status_rows(&shared.policy.allowance);
+            if let Ok(github) = &shared.github {
+                for row in &mut slots {
+                    row.pr = row.task_id.as_deref().and_then(|id| github.posts.of_task(id)).map(Into::into);
+                }
+            }
             Reply::Status(StatusReport {
                 daemon_pid: shared.daemon_pid,
                 state_dir: shared.paths.state_dir.display().to_string(),
@@ -207,7 +212,13 @@ async fn handle(
         Request::Stop { slot } => {
             handle::stop(shared, &slot, crate::task::StopBy::User).await.unwrap_or_else(Reply::Error)
         }
-        Request::Resume { slot } => handle::resume(shared, &slot, false).await.unwrap_or_else(Reply::Error),
+        Request::Resume { slot, prompt } => {
+            handle::resume(shared, &slot, false, prompt.as_deref()).await.unwrap_or_else(Reply::Error)
+        }
+        Request::Signal { slot, run_id, signal } => {
+            let peer = stream.peer_cred().ok().and_then(|c| c.pid());
+            handle::signal(shared, &slot, &run_id, signal, peer).unwrap_or_else(Reply::Error)
+        }
         Request::Release { slot, done } => handle::release(shared, &slot, done).unwrap_or_else(Reply::Error),
         Request::Workspaces { prune } => handle::workspaces(shared, prune).await.unwrap_or_else(Reply::Error),
         Request::Logs { slot, lines, follow, raw, stderr } => {

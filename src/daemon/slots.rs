@@ -48,6 +48,8 @@ pub struct Task {
     /// means there is work to review.
     pub commits: Option<u64>,
     pub changes: Option<bool>,
+    /// The agent's last message in its current run (bounded): for its pull request and its issue.
+    pub said: Option<String>,
     /// Adopted after a restart: not our child, so its exit code cannot be known.
     pub adopted: bool,
     pub signal: Arc<watch::Sender<RunSignal>>,
@@ -103,6 +105,7 @@ impl Task {
             group_released: false,
             commits: None,
             changes: None,
+            said: None,
             adopted: false,
             signal: Arc::new(watch::channel(RunSignal::default()).0),
             health: Health::default(),
@@ -432,6 +435,7 @@ impl SlotTable {
             branch: t.record.branch.clone(),
             commits: t.commits,
             changes: t.changes,
+            pr: None,
             pid: t.record.pid.filter(|_| running),
             adopted: t.adopted,
             started_at: Some(rfc3339(t.run_started_at)),

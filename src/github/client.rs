@@ -98,6 +98,8 @@ pub enum GhError {
     RateLimited { reset: Option<SystemTime> },
     /// A secondary rate limit: wait `retry_after`.
     Secondary { retry_after: Option<Duration> },
+    /// GitHub found the request itself wrong (422): sending it again would not help.
+    Invalid(String),
     /// GitHub answered 5xx, or the connection failed or timed out.
     Unavailable(String),
     /// Any other error GitHub returned.
@@ -115,6 +117,7 @@ impl fmt::Display for GhError {
                 None => write!(f, "GitHub rate limit reached"),
             },
             GhError::Secondary { .. } => write!(f, "GitHub secondary rate limit: slowing down"),
+            GhError::Invalid(m) => write!(f, "GitHub refused the request (422): {m}"),
             GhError::Unavailable(m) => write!(f, "GitHub is unavailable: {m}"),
             GhError::Other(m) => write!(f, "GitHub error: {m}"),
         }
@@ -283,6 +286,7 @@ fn status_error(status: u16, headers: &http::HeaderMap, body: &str) -> Result<()
         404 => Err(GhError::NotFound(message)),
         429 => Err(GhError::Secondary { retry_after }),
         500..=599 => Err(GhError::Unavailable(format!("HTTP {status}: {message}"))),
+        422 => Err(GhError::Invalid(message)),
         _ => Err(GhError::Other(format!("HTTP {status}: {message}"))),
     }
 }

@@ -4,6 +4,7 @@
 pub mod board;
 pub mod client;
 pub mod comments;
+pub mod posts;
 pub mod sync;
 
 use std::path::Path;
@@ -27,6 +28,10 @@ pub struct GitHubCtx {
     pub sync_enabled: bool,
     /// The INSTANCE_STATUS comments, unless `statusComments.enabled` is false.
     pub comments: Option<Arc<comments::Comments>>,
+    /// Pull requests of completed tasks and the notes of agents' signals, through their outbox.
+    pub posts: Arc<posts::Posts>,
+    /// `push.enabled` (by default on with GitHub): completed tasks' branches are pushed and get pull requests.
+    pub pull_requests: bool,
 }
 
 /// Why GitHub is off, when it is.
@@ -77,7 +82,17 @@ pub fn setup(config: &Config, workspace: &Path, state_dir: &Path) -> Result<GitH
         tokio::spawn(worker.clone().run());
         worker
     });
-    Ok(GitHubCtx { owner, repo, token_source, token, gh, reconciler, sync_enabled, comments })
+    let posts = posts::Posts::new(
+        gh.clone(),
+        (owner.clone(), repo.clone()),
+        config.raw.push.draft,
+        state_dir.join("github-posts.json"),
+        std::time::Duration::from_secs_f64(github.retry_max_secs),
+        sync_enabled.then(|| reconciler.clone()),
+    );
+    tokio::spawn(posts.clone().run());
+    let pull_requests = config.raw.push.enabled.unwrap_or(true);
+    Ok(GitHubCtx { owner, repo, token_source, token, gh, reconciler, sync_enabled, comments, posts, pull_requests })
 }
 
 /// Makes the one redactor know the secrets of `config` and the GitHub token (when there is one).

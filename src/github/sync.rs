@@ -35,6 +35,10 @@ pub enum Target {
     Completed,
     /// Status blocked (or the first ready value), Assigned Instance cleared if still ours.
     Failed,
+    /// Its pull request exists: Status review (else done), Assigned Instance cleared if still ours.
+    Review,
+    /// The task waits for a person's answer: Status needs-more-info (else blocked), Assigned Instance kept.
+    NeedsInfo,
 }
 
 impl Target {
@@ -44,6 +48,8 @@ impl Target {
             Target::InProgress => "in_progress",
             Target::Completed => "completed",
             Target::Failed => "failed",
+            Target::Review => "review",
+            Target::NeedsInfo => "needs_info",
         }
     }
 }
@@ -375,10 +381,20 @@ impl Reconciler {
         };
         let status_name = match owed.target {
             Target::InProgress => self.project.fields.status.in_progress_value.clone(),
+            Target::NeedsInfo => {
+                let status = &self.project.fields.status;
+                match (status.needs_more_info_value.as_str(), &status.blocked_value) {
+                    (Some(value), _) => value.to_string(),
+                    (None, Some(blocked)) => blocked.clone(),
+                    (None, None) => status.in_progress_value.clone(),
+                }
+            }
             Target::Completed if to_review(&self.project) => {
                 self.project.fields.status.review_value.clone().unwrap_or_default()
             }
             Target::Completed => self.project.fields.status.done_value.clone(),
+            Target::Review => (self.project.fields.status.review_value.clone())
+                .unwrap_or_else(|| self.project.fields.status.done_value.clone()),
             Target::Failed => match &self.project.fields.status.blocked_value {
                 Some(blocked) => blocked.clone(),
                 None => self.project.fields.status.ready_values.first().cloned().unwrap_or_default(),
@@ -389,7 +405,7 @@ impl Reconciler {
             json!({ "project": board.project_id, "item": item.id, "statusField": status_field.id, "status": status });
         let ours = item.assigned.as_deref() == Some(owed.slot.as_str());
         let (document, vars, note) = match owed.target {
-            Target::InProgress => {
+            Target::InProgress | Target::NeedsInfo => {
                 if let Some(other) = item.assigned.as_deref().filter(|a| *a != owed.slot && !owed.takeover) {
                     return Ok(Some(format!(
                         "issue #{}: Assigned Instance says {other:?}, set by someone else: not overwritten",

@@ -1,4 +1,5 @@
-//! A stateful fake of the parts of GitHub autodev uses, on 127.0.0.1: REST (repository, issue) and GraphQL by
+//! A stateful fake of the parts of GitHub autodev uses, on 127.0.0.1: REST (repository, issue, comments, pull
+//! requests) and GraphQL by
 //! operation name (ProjectFields, IssueItem, AddItem, SetFields, Finish, SetStatus). Tests change its state and
 //! inject failures directly; every request is logged so tests can count them.
 
@@ -71,6 +72,24 @@ pub struct State {
     pub seen: Vec<String>,
     /// Issue comments: id → (issue, body).
     pub comments: BTreeMap<u64, (u64, String)>,
+    /// Who wrote each comment, by id; absent means the token's user (autodev).
+    pub comment_authors: BTreeMap<u64, String>,
+    /// When each comment was made (RFC 3339), by id.
+    pub comment_times: BTreeMap<u64, String>,
+    /// Pull requests by number.
+    pub pulls: BTreeMap<u64, Pull>,
+    /// Answer a draft pull request with 422, as repositories without drafts do.
+    pub refuse_drafts: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Pull {
+    pub head: String,
+    pub base: String,
+    pub title: String,
+    pub body: String,
+    pub draft: bool,
+    pub open: bool,
 }
 
 pub struct FakeGitHub {
@@ -119,6 +138,10 @@ impl FakeGitHub {
             log: Vec::new(),
             seen: Vec::new(),
             comments: BTreeMap::new(),
+            comment_authors: BTreeMap::new(),
+            comment_times: BTreeMap::new(),
+            pulls: BTreeMap::new(),
+            refuse_drafts: false,
         }));
         let shared = state.clone();
         std::thread::spawn(move || {
@@ -165,6 +188,36 @@ impl FakeGitHub {
     /// The bodies of the comments on `issue`.
     pub fn comments_on(&self, issue: u64) -> Vec<(u64, String)> {
         self.lock().comments.iter().filter(|(_, (i, _))| *i == issue).map(|(id, (_, b))| (*id, b.clone())).collect()
+    }
+
+    /// A comment on `issue` by a person.
+    pub fn comment_as(&self, issue: u64, login: &str, body: &str) -> u64 {
+        let mut s = self.lock();
+        let id = 1000 + s.comments.len() as u64;
+        s.comments.insert(id, (issue, body.into()));
+        s.comment_authors.insert(id, login.into());
+        s.comment_times.insert(id, autodev::timefmt::rfc3339(SystemTime::now()));
+        id
+    }
+
+    /// A pull request opened by someone else (a person, an agent), returning its number.
+    pub fn open_pull(&self, head: &str, body: &str) -> u64 {
+        let mut s = self.lock();
+        let number = 500 + s.pulls.len() as u64;
+        let pull = Pull {
+            head: head.into(),
+            base: "main".into(),
+            title: "by hand".into(),
+            body: body.into(),
+            draft: false,
+            open: true,
+        };
+        s.pulls.insert(number, pull);
+        number
+    }
+
+    pub fn pulls(&self) -> Vec<(u64, Pull)> {
+        self.lock().pulls.iter().map(|(n, p)| (*n, p.clone())).collect()
     }
 
     pub fn operations(&self) -> Vec<String> {
@@ -297,13 +350,18 @@ fn handle(state: &Mutex<State>, method: &str, path: &str, headers: &str, body: &
                 .filter(|(_, (i, _))| *i == issue)
                 .skip((page - 1) * 100)
                 .take(100)
-                .map(|(id, (_, b))| json!({ "id": id, "body": b }))
+                .map(|(id, (_, b))| {
+                    let login = s.comment_authors.get(id).map_or("autodev-user", String::as_str);
+                    let at = s.comment_times.get(id).map_or("2026-01-01T00:00:00Z", String::as_str);
+                    json!({ "id": id, "body": b, "user": { "login": login }, "created_at": at })
+                })
                 .collect();
             return (200, scopes, json!(list));
         }
         let id = 1000 + s.comments.len() as u64;
         let text = body["body"].as_str().unwrap_or("").to_string();
         s.comments.insert(id, (issue, text.clone()));
+        s.comment_times.insert(id, autodev::timefmt::rfc3339(SystemTime::now()));
         return (201, scopes, json!({ "id": id, "body": text }));
     }
     if let Some(id) = route.strip_prefix("/repos/octo/widgets/issues/comments/").and_then(|n| n.parse::<u64>().ok()) {
@@ -315,9 +373,57 @@ fn handle(state: &Mutex<State>, method: &str, path: &str, headers: &str, body: &
             _ => (404, scopes, json!({ "message": "Not Found" })),
         };
     }
+    let pull_json = |n: u64, p: &Pull| {
+        json!({ "number": n, "html_url": format!("https://github.com/octo/widgets/pull/{n}"),
+                "state": if p.open { "open" } else { "closed" }, "title": p.title, "body": p.body, "draft": p.draft,
+                "head": { "ref": p.head }, "base": { "ref": p.base } })
+    };
+    if route == "/repos/octo/widgets/pulls" {
+        if method == "GET" {
+            let head = query.split('&').find_map(|kv| kv.strip_prefix("head=")).unwrap_or("").replace("%2F", "/");
+            let open = query.contains("state=open");
+            let list: Vec<Value> = s
+                .pulls
+                .iter()
+                .filter(|(_, p)| (!open || p.open) && (head.is_empty() || head == format!("octo:{}", p.head)))
+                .map(|(n, p)| pull_json(*n, p))
+                .collect();
+            return (200, scopes, json!(list));
+        }
+        let draft = body["draft"].as_bool().unwrap_or(false);
+        if draft && s.refuse_drafts {
+            return (422, scopes, json!({ "message": "Draft pull requests are not supported in this repository." }));
+        }
+        let head = body["head"].as_str().unwrap_or("").to_string();
+        if s.pulls.values().any(|p| p.open && p.head == head) {
+            return (422, scopes, json!({ "message": format!("A pull request already exists for octo:{head}.") }));
+        }
+        let number = 500 + s.pulls.len() as u64;
+        let pull = Pull {
+            head,
+            base: body["base"].as_str().unwrap_or("").into(),
+            title: body["title"].as_str().unwrap_or("").into(),
+            body: body["body"].as_str().unwrap_or("").into(),
+            draft,
+            open: true,
+        };
+        let reply = pull_json(number, &pull);
+        s.pulls.insert(number, pull);
+        return (201, scopes, reply);
+    }
+    if let Some(n) = route.strip_prefix("/repos/octo/widgets/pulls/").and_then(|n| n.parse::<u64>().ok()) {
+        let Some(pull) = s.pulls.get_mut(&n) else { return (404, scopes, json!({ "message": "Not Found" })) };
+        if method == "PATCH"
+            && let Some(text) = body["body"].as_str()
+        {
+            pull.body = text.into();
+        }
+        let reply = pull_json(n, pull);
+        return (200, scopes, reply);
+    }
     if method == "GET" {
         return match path {
-            "/repos/octo/widgets" => (200, scopes, json!({ "full_name": "octo/widgets" })),
+            "/repos/octo/widgets" => (200, scopes, json!({ "full_name": "octo/widgets", "default_branch": "main" })),
             _ => (404, scopes, json!({ "message": "Not Found" })),
         };
     }

@@ -19,6 +19,12 @@ use crate::workspace;
 /// The largest prompt a task takes (what `autodevctl` sends at most, and what a resume reads back).
 const MAX_PROMPT: usize = 1 << 20;
 
+/// What every task's prompt ends with: how the agent says it is stuck (the seed tool's markers work too).
+const SIGNALS_HELP: &str = "\n---\nIf you need a person's answer to go on, run `autodevctl signal needs-info \"<your \
+question>\"` (or write a line `AUTONOMOUS_SIGNAL:NEEDS_INFO:<your question>`) and end your turn: the answer comes \
+back in this conversation. If you cannot go on at all, run `autodevctl signal blocked \"<why>\"` (or write \
+`AUTONOMOUS_SIGNAL:BLOCKED:<why>`). If you opened a pull request yourself, write `AUTONOMOUS_SIGNAL:PR:<number>`.\n";
+
 /// Handles `assign`: reserves a slot and starts the first run of a new task in it.
 pub(in crate::daemon) async fn assign(
     shared: &Arc<Shared>,
@@ -51,6 +57,7 @@ pub(in crate::daemon) async fn assign(
         let slot = &mut table.slots[index];
         let files = RunFiles::at(shared.paths.run_dir(&run_id));
         let mut record = SlotLock::new(&slot.name, &provider, issue, shared.workspace.clone(), files.prompt());
+        record.from_issue = prompt.is_none();
         record.next_run(run_id.clone(), &files.dir, &shared.boot_id, shared.daemon_pid);
         // Queued → starting: nothing to carry out yet (the launch writes the lockfile, the board hears on start).
         record.on(Event::Continue { counted: false }, &shared.policy, SystemTime::now()).map_err(internal)?;
@@ -93,6 +100,10 @@ pub(in crate::daemon) async fn assign(
             w.path.display(),
             w.branch
         ));
+    }
+    if prompt.is_none() {
+        // The prompt autodev writes says how to signal; a prompt given by hand is the person's to write.
+        text.push_str(SIGNALS_HELP);
     }
     let assigned = match start_run(shared, &slot_name, RunKind::New, &text).await {
         Err(Refused::NotStarted(e)) => {

@@ -7,6 +7,7 @@ mod history;
 mod progress;
 mod release;
 mod resume;
+mod signal;
 mod stop;
 mod workspaces;
 
@@ -15,6 +16,7 @@ pub(super) use history::history;
 pub(super) use progress::progress;
 pub(super) use release::release;
 pub(super) use resume::resume;
+pub(super) use signal::signal;
 pub(super) use stop::{stop, stop_all};
 pub(super) use workspaces::workspaces;
 

@@ -5,11 +5,25 @@ use std::time::SystemTime;
 
 use crate::daemon::Shared;
 use crate::daemon::life::drive;
+use crate::daemon::slots::Task;
 use crate::ledger::RUN_LOCK;
 use crate::protocol::refuse;
 use crate::protocol::{ErrorKind, ErrorReply, Reply, SlotState};
 use crate::supervisor;
 use crate::task::Event;
+
+/// Whether `peer` is a process of the task's current run `run_id`, which is running: it holds the run lock, or
+/// is in the run's process group. What an agent says of its own run is taken only from there.
+pub(super) fn from_inside(shared: &Shared, task: &Task, run_id: &str, peer: Option<i32>) -> bool {
+    if task.record.run_id != run_id || !task.is_running() {
+        return false;
+    }
+    let lock = shared.paths.run_dir(run_id).join(RUN_LOCK);
+    peer.is_some_and(|pid| {
+        supervisor::holds_run_lock(pid, &lock)
+            || supervisor::proc_stat(pid).is_some_and(|s| Some(s.pgrp as u32) == task.record.pgid)
+    })
+}
 
 /// Handles `progress` from inside a run: only a process of that run (holding its run lock, or in its process
 /// group) may report for it.
@@ -30,15 +44,7 @@ pub(in crate::daemon) fn progress(
         )
     };
     let Some(task) = table.get_mut(slot).and_then(|s| s.task.as_mut()) else { return Err(refused()) };
-    if task.record.run_id != run_id || !task.is_running() {
-        return Err(refused());
-    }
-    let lock = shared.paths.run_dir(run_id).join(RUN_LOCK);
-    let inside = peer.is_some_and(|pid| {
-        supervisor::holds_run_lock(pid, &lock)
-            || supervisor::proc_stat(pid).is_some_and(|s| Some(s.pgrp as u32) == task.record.pgid)
-    });
-    if !inside {
+    if !from_inside(shared, task, run_id, peer) {
         return Err(refused());
     }
     task.health.progress = Some(percent.min(100));

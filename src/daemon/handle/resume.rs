@@ -16,9 +16,24 @@ use crate::protocol::{ErrorKind, ErrorReply, Reply, SlotState};
 use crate::supervisor;
 use crate::task::{EndCause, Event, Verdict};
 
+/// The longest answer a resume takes (what `assign` takes as a prompt).
+const MAX_ANSWER: usize = 1 << 20;
+
 /// Handles `resume`: a new run of the slot's abandoned, waiting, failed or stopped task, in the same conversation.
-/// `counted`: an automatic resume, which uses the task's restart allowance.
-pub(in crate::daemon) async fn resume(shared: &Arc<Shared>, slot: &str, counted: bool) -> Result<Reply, ErrorReply> {
+/// `counted`: an automatic resume, which uses the task's restart allowance. `answer`: a person's answer to the
+/// agent's question, which the conversation continues with.
+pub(in crate::daemon) async fn resume(
+    shared: &Arc<Shared>,
+    slot: &str,
+    counted: bool,
+    answer: Option<&str>,
+) -> Result<Reply, ErrorReply> {
+    if answer.is_some_and(|a| a.trim().is_empty()) {
+        return Err(refuse(ErrorKind::BadRequest, "the prompt is empty".into(), None));
+    }
+    if answer.is_some_and(|a| a.len() > MAX_ANSWER) {
+        return Err(refuse(ErrorKind::BadRequest, format!("the prompt is over {} KiB", MAX_ANSWER >> 10), None));
+    }
     let (kind, issue, previous_reason, prompt_file, branch, previous) = {
         let mut table = shared.lock_table();
         let Some(index) = table.slots.iter().position(|s| s.name == slot) else {
@@ -96,10 +111,15 @@ pub(in crate::daemon) async fn resume(shared: &Arc<Shared>, slot: &str, counted:
         task.record.comment_id = comment_id;
         (kind, issue, previous_reason, prompt_file, branch, previous)
     };
-    let prompt = match &kind {
-        RunKind::Resume(_) => continuation_prompt(issue, previous_reason.as_deref(), branch.as_deref()),
+    let prompt = match (&kind, answer) {
+        (RunKind::Resume(_), Some(answer)) => answer_prompt(issue, answer, branch.as_deref()),
+        (RunKind::Resume(_), None) => continuation_prompt(issue, previous_reason.as_deref(), branch.as_deref()),
         _ => match read_prompt(&prompt_file) {
-            Ok(original) => original,
+            // No conversation to continue: the task starts over, with the answer after it.
+            Ok(original) => match answer {
+                Some(answer) => format!("{original}\n\n---\nYou asked a question earlier; the answer:\n\n{answer}\n"),
+                None => original,
+            },
             Err(reason) => {
                 let _ = drive(shared, slot, Event::SpawnFailed(Verdict::new(EndCause::SpawnFailed, reason.clone())));
                 return Err(refuse(ErrorKind::Failed, reason, None));
@@ -120,6 +140,12 @@ pub(in crate::daemon) async fn resume(shared: &Arc<Shared>, slot: &str, counted:
         }
         Err(Refused::Ended(e)) => Err(e),
     }
+}
+
+/// The message a conversation continues with after a person answered the agent's question.
+fn answer_prompt(issue: u64, answer: &str, branch: Option<&str>) -> String {
+    let on = branch.map(|b| format!(" You are still on branch {b}.")).unwrap_or_default();
+    format!("A person answered your question on issue #{issue}:\n\n{answer}\n\nContinue the task with this answer.{on}")
 }
 
 /// The message a resumed conversation continues with.
