@@ -229,7 +229,7 @@ pub fn unsaved_work(path: &Path) -> Result<Option<&'static str>, String> {
 pub const MAX_LEFTOVER_BYTES: u64 = 50 << 20;
 
 /// What committing a run's leftovers did.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Leftovers {
     /// The commit made, if there was anything to commit.
     pub commit: Option<String>,

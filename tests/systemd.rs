@@ -223,3 +223,30 @@ fn doctor_flags_settings_that_fail_every_run_and_needs_no_token_without_github()
     }
     assert_eq!(out.status.code(), Some(1));
 }
+
+#[test]
+fn doctor_flags_a_git_workspace_without_an_identity_and_a_token_that_may_not_push() {
+    let fake = FakeGitHub::start("TEXT");
+    fake.lock().can_push = false;
+    let home = tempfile::tempdir().unwrap();
+    let repo = home.path().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    let init = std::process::Command::new("git").arg("-C").arg(&repo).args(["init", "-q"]).output().unwrap();
+    assert!(init.status.success());
+    let mut config = fake_config(1);
+    config["github"] = json!({ "owner": "octo", "repo": "widgets", "apiUrl": fake.url, "timeoutSecs": 2 });
+    let d = Daemon::start_in(&config, Some(&repo));
+    let mut cmd = d.ctl_command(&["doctor", "--json", "--config", d.config_path.to_str().unwrap()]);
+    // No global git config: the repository has no identity at all.
+    cmd.env("HOME", home.path()).env("XDG_CONFIG_HOME", home.path()).env("GIT_CONFIG_NOSYSTEM", "1");
+    cmd.env("GITHUB_TOKEN", common::fake_github::TOKEN).current_dir(&repo);
+    let out = cmd.output().unwrap();
+    let checks: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let identity = check(&checks, "git identity");
+    assert_eq!(identity["ok"], false, "{identity}");
+    assert!(identity["fix"].as_str().unwrap().contains("git config --global user.email"), "{identity}");
+    let pulls = check(&checks, "pull requests");
+    assert_eq!(pulls["ok"], false, "{pulls}");
+    assert!(pulls["fix"].as_str().unwrap().contains("pull requests write"), "{pulls}");
+    assert_eq!(out.status.code(), Some(1));
+}

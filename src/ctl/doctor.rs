@@ -73,6 +73,7 @@ pub fn run(config_flag: Option<&Path>, paths: &Paths) -> Vec<Check> {
         checks.extend(launch_pitfalls(&provider, &config.workspace_dir(&cwd)));
     }
     let workspace = config.workspace_dir(&cwd);
+    checks.extend(git_setup(&config, &workspace));
     crate::github::install_redactor(&config, None);
     checks.extend(github(&config, &workspace));
     let redact = crate::redact::current();
@@ -244,6 +245,45 @@ fn cli(provider: &Provider) -> Check {
     }
 }
 
+/// What autodev's own commits and pushes need in a git workspace: the user's identity, and the push remote.
+fn git_setup(config: &Config, workspace: &Path) -> Vec<Check> {
+    let git = |args: &[&str]| {
+        let mut git = std::process::Command::new("git");
+        git.arg("-C").arg(workspace).args(args);
+        run_command(&mut git, Duration::from_secs(10))
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    if git(&["rev-parse", "--show-toplevel"]).is_none() {
+        return Vec::new();
+    }
+    let mut checks = Vec::new();
+    let identity = crate::workspace::git_identity(workspace);
+    checks.push(if identity.contains_key("GIT_AUTHOR_NAME") && identity.contains_key("GIT_AUTHOR_EMAIL") {
+        pass("git identity", format!("commits are made as {}", identity["GIT_AUTHOR_NAME"]))
+    } else {
+        fail(
+            "git identity",
+            format!("no user.name / user.email for {}: every commit of the agents' work fails", workspace.display()),
+            "git config --global user.name \"Your Name\" && git config --global user.email you@example.com",
+        )
+    });
+    let remote = &config.raw.push.remote;
+    if config.raw.push.enabled == Some(true) || (config.raw.push.enabled.is_none() && git(&["remote"]).is_some()) {
+        checks.push(match git(&["remote", "get-url", remote]) {
+            Some(_) => pass("push remote", format!("{remote} exists")),
+            None if config.raw.push.enabled == Some(true) => fail(
+                "push remote",
+                format!("push.remote {remote:?} is not a remote of {}", workspace.display()),
+                format!("git remote add {remote} <url>, or set push.remote"),
+            ),
+            None => pass("push remote", format!("no remote {remote:?}: branches stay local")),
+        });
+    }
+    checks
+}
+
 fn github(config: &Config, workspace: &Path) -> Vec<Check> {
     let mut checks = Vec::new();
     let gh_config = &config.raw.github;
@@ -305,7 +345,19 @@ fn github(config: &Config, workspace: &Path) -> Vec<Check> {
             }
         };
         match gh.rest_get(&format!("/repos/{owner}/{repo}")).await {
-            Ok(_) => {
+            Ok(answer) => {
+                // What the token may do here, as GitHub says it for this repository (fine-grained tokens too).
+                if config.raw.push.enabled.unwrap_or(true) {
+                    checks.push(match answer.pointer("/permissions/push").and_then(serde_json::Value::as_bool) {
+                        Some(false) => fail(
+                            "pull requests",
+                            format!("the token may not push to {owner}/{repo}: branches and pull requests fail"),
+                            "give the token contents and pull requests write (classic: repo), or set push.enabled \
+                             to false",
+                        ),
+                        _ => pass("pull requests", format!("completed tasks are pushed to {owner}/{repo} for review")),
+                    });
+                }
                 let scopes = gh.scopes.lock().unwrap_or_else(|e| e.into_inner()).clone();
                 let detail = format!(
                     "{owner}/{repo} is reachable; token scopes: {}",

@@ -570,14 +570,25 @@ async fn commit_leftovers(shared: &Shared, run_id: &str, verdict: &mut Verdict) 
             let title = r.title.clone().unwrap_or_default();
             let message = format!("autodev: #{} {} ({}, run {})", r.issue, title.trim(), r.slot, r.run_id);
             // The agent's own environment for git and the hooks it runs: never the daemon's secrets.
-            Some((r.worktree.clone()?, message, agent_env(shared, &table.providers[s.provider], &[])))
+            let dir = r.worktree.clone().ok_or_else(|| r.cwd.clone());
+            Some((dir, message, agent_env(shared, &table.providers[s.provider], &[])))
         })
     };
-    let Some((worktree, message, env)) = job else { return };
+    let Some((dir, message, env)) = job else { return };
     let secrets = crate::redact::current().secrets().to_vec();
-    let done =
-        tokio::task::spawn_blocking(move || crate::workspace::commit_leftovers(&worktree, &message, &secrets, &env))
-            .await;
+    let done = tokio::task::spawn_blocking(move || {
+        // Without a worktree of its own (worktree.enabled false), the task worked in the workspace: what it left
+        // is committed there, on the branch checked out, when that is a git repository.
+        let repo = match dir {
+            Ok(worktree) => worktree,
+            Err(cwd) => match crate::workspace::repo_root(&cwd) {
+                Some(root) => root,
+                None => return Ok(crate::workspace::Leftovers::default()),
+            },
+        };
+        crate::workspace::commit_leftovers(&repo, &message, &secrets, &env)
+    })
+    .await;
     let said = match done {
         Ok(Ok(leftovers)) => {
             let mut said: Vec<String> = leftovers

@@ -80,6 +80,8 @@ pub struct State {
     pub pulls: BTreeMap<u64, Pull>,
     /// Answer a draft pull request with 422, as repositories without drafts do.
     pub refuse_drafts: bool,
+    /// What the repository says the token may do (`permissions.push`).
+    pub can_push: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -142,6 +144,7 @@ impl FakeGitHub {
             comment_times: BTreeMap::new(),
             pulls: BTreeMap::new(),
             refuse_drafts: false,
+            can_push: true,
         }));
         let shared = state.clone();
         std::thread::spawn(move || {
@@ -423,7 +426,12 @@ fn handle(state: &Mutex<State>, method: &str, path: &str, headers: &str, body: &
     }
     if method == "GET" {
         return match path {
-            "/repos/octo/widgets" => (200, scopes, json!({ "full_name": "octo/widgets", "default_branch": "main" })),
+            "/repos/octo/widgets" => (
+                200,
+                scopes,
+                json!({ "full_name": "octo/widgets", "default_branch": "main",
+                        "permissions": { "pull": true, "push": s.can_push } }),
+            ),
             _ => (404, scopes, json!({ "message": "Not Found" })),
         };
     }
