@@ -193,3 +193,29 @@ fn a_task_that_changes_nothing_is_blocked_and_says_so_on_its_issue() {
     });
     assert!(fake.pulls().is_empty());
 }
+
+#[test]
+fn the_pull_request_the_agent_reported_is_the_one_updated() {
+    let (_top, repo) = repo_with_origin(true);
+    let fake = FakeGitHub::start("TEXT");
+    fake.add_issue(70, "Agent PR", true);
+    let number = fake.open_pull("autodev/issue-70-agent-pr", "Opened by the agent itself.");
+    set_body(&fake, 70, &format!("@write a.txt a\n@say Opened it.\n@say AUTONOMOUS_SIGNAL:PR:{number}\n@say Done."));
+    let d = Daemon::start_in(&config(&fake), Some(&repo));
+    d.ctl(&["assign", "70", "--slot", "claude-1"]);
+    let row = wait_pr(&d, "claude-1");
+    assert_eq!(row["branch"], "autodev/issue-70-agent-pr");
+    assert_eq!(row["pr"]["number"], json!(number), "{row}");
+    let pulls = fake.pulls();
+    assert_eq!(pulls.len(), 1, "{pulls:?}");
+    let body = &pulls[0].1.body;
+    assert!(body.starts_with("Opened by the agent itself.") && body.contains("Closes #70"), "{body}");
+    let ops = fake.operations();
+    assert!(ops.contains(&format!("GET /repos/octo/widgets/pulls/{number}")), "{ops:?}");
+    assert!(!ops.iter().any(|o| o.contains("pulls?")), "the reported number needs no search: {ops:?}");
+    let preview = d.ctl(&["status", "--preview"]);
+    assert!(
+        preview.contains(&format!("⇄ pull request #{number} https://github.com/octo/widgets/pull/{number}")),
+        "{preview}"
+    );
+}

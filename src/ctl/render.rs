@@ -24,10 +24,14 @@ fn activity(row: &SlotStatus) -> String {
     let text = match row.state {
         SlotState::Completed | SlotState::Failed | SlotState::Abandoned => {
             let cause = row.end_cause.as_deref().filter(|c| *c != "succeeded");
-            match (cause, &row.reason) {
+            let said = match (cause, &row.reason) {
                 (Some(c), Some(r)) => Some(format!("{c}: {r}")),
                 (Some(c), None) => Some(c.to_string()),
                 (None, r) => r.clone(),
+            };
+            match row.pr.as_ref().and_then(|pr| pr.number) {
+                Some(number) => Some(format!("PR #{number} · {}", said.unwrap_or_default())),
+                None => said,
             }
         }
         SlotState::Waiting => {
@@ -130,6 +134,15 @@ pub fn status(report: &StatusReport, with_preview: bool) -> String {
         let _ = writeln!(out, "{}", line(row));
         if with_preview && let Some(worktree) = &slot.worktree {
             let _ = writeln!(out, "    ⎇ {} in {worktree}", slot.branch.as_deref().unwrap_or("?"));
+        }
+        if with_preview && let Some(pr) = &slot.pr {
+            let what = match (pr.number, &pr.url) {
+                (Some(n), Some(url)) => format!("pull request #{n} {url}"),
+                (Some(n), None) => format!("pull request #{n}"),
+                _ => "pull request".to_string(),
+            };
+            let note = pr.note.as_deref().map(|n| format!(" ({n})")).unwrap_or_default();
+            let _ = writeln!(out, "    ⇄ {what}{note}");
         }
         if with_preview && !slot.console_preview.is_empty() {
             for p in &slot.console_preview {
