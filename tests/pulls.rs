@@ -219,3 +219,35 @@ fn the_pull_request_the_agent_reported_is_the_one_updated() {
         "{preview}"
     );
 }
+
+#[test]
+fn git_gets_the_token_from_autodevctl_as_its_askpass_and_only_from_that_environment() {
+    let fill = |token: Option<&str>| {
+        let home = tempfile::tempdir().unwrap();
+        let mut git = std::process::Command::new("git");
+        git.args(["credential", "fill"])
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap())
+            .env("HOME", home.path())
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .env("GIT_ASKPASS", env!("CARGO_BIN_EXE_autodevctl"))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        if let Some(token) = token {
+            git.env("AUTODEV_ASKPASS_TOKEN", token);
+        }
+        let mut child = git.spawn().unwrap();
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(b"protocol=https\nhost=github.com\npath=octo/widgets.git\n\n").unwrap();
+        let out = child.wait_with_output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let (ok, out) = fill(Some("ghp_from_the_daemon"));
+    assert!(ok, "{out}");
+    assert!(out.contains("username=x-access-token\n") && out.contains("password=ghp_from_the_daemon\n"), "{out}");
+    // Without the variable autodevctl is no askpass: git gets no password.
+    let (ok, out) = fill(None);
+    assert!(!ok || !out.contains("password="), "{out}");
+}
