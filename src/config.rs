@@ -37,6 +37,7 @@ pub struct RawConfig {
     pub health: HealthConfig,
     pub status_comments: StatusCommentsConfig,
     pub retry: RetryConfig,
+    pub autopilot: AutopilotConfig,
     pub workspace: WorkspaceConfig,
     pub logging: LoggingConfig,
     // Sections that later issues act on, or that belong to the tool the format comes from. Kept opaque so
@@ -232,6 +233,24 @@ pub struct StatusCommentsConfig {
 impl Default for StatusCommentsConfig {
     fn default() -> Self {
         StatusCommentsConfig { enabled: true, interval_secs: 60.0, redact_patterns: Vec::new() }
+    }
+}
+
+/// `autopilot`: the board's Ready items feed free slots by themselves.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct AutopilotConfig {
+    /// `autodevctl autopilot on|off` overrides it until `autodevctl autopilot reset`.
+    pub enabled: bool,
+    /// How often the board is read while a slot is free.
+    pub poll_secs: f64,
+    /// Issue label → the LLM its task goes to (`{"llm:codex": "codex"}`).
+    pub llm_labels: BTreeMap<String, String>,
+}
+
+impl Default for AutopilotConfig {
+    fn default() -> Self {
+        AutopilotConfig { enabled: false, poll_secs: 60.0, llm_labels: BTreeMap::new() }
     }
 }
 
@@ -583,6 +602,18 @@ impl Config {
         if !(1.0..=86_400.0).contains(&self.raw.github.retry_max_secs) {
             return Err(invalid("github.retryMaxSecs".into(), "must be between 1 and 86400".into()));
         }
+        let autopilot = &self.raw.autopilot;
+        if !(0.1..=86_400.0).contains(&autopilot.poll_secs) {
+            return Err(invalid("autopilot.pollSecs".into(), "must be between 0.1 and 86400".into()));
+        }
+        for (label, llm) in &autopilot.llm_labels {
+            if !self.providers().iter().any(|p| &p.name == llm) {
+                return Err(invalid(
+                    format!("autopilot.llmLabels.{label}"),
+                    format!("{llm:?} is not one of the configured LLMs"),
+                ));
+            }
+        }
         if !(1.0..=86_400.0).contains(&self.raw.github.reply_poll_secs) {
             return Err(invalid("github.replyPollSecs".into(), "must be between 1 and 86400".into()));
         }
@@ -680,6 +711,13 @@ impl Config {
 }
 
 /// Whether a completed task goes to the review Status rather than done.
+impl ProjectFields {
+    /// `project.fields.priority.fieldName`: the SINGLE_SELECT field whose option order is the autopilot's order.
+    pub fn priority_name(&self) -> String {
+        self.priority.pointer("/fieldName").and_then(Value::as_str).unwrap_or("Priority").to_string()
+    }
+}
+
 pub fn to_review(project: &ProjectConfig) -> bool {
     project.completed_status.as_deref() == Some("review")
 }

@@ -39,6 +39,20 @@ pub enum Request {
         /// Take over an issue whose Assigned Instance names someone else, and ignore label rules.
         #[serde(default)]
         force: bool,
+        /// With no free slot, wait in the local queue instead of being refused.
+        #[serde(default)]
+        queue: bool,
+    },
+    /// What waits to run, in the order it will be taken: the local queue, then the board's Ready items.
+    Queue,
+    /// Takes an issue out of the local queue.
+    Unqueue {
+        issue: u64,
+    },
+    /// The autopilot: `set` switches it (`None`: only say how it stands).
+    Autopilot {
+        #[serde(default)]
+        set: Option<AutopilotSet>,
     },
     /// The GitHub side: project, fields, token, pending board updates.
     ProjectStatus,
@@ -120,6 +134,10 @@ pub enum Reply {
     Workspaces(WorkspacesReport),
     ProjectStatus(ProjectReport),
     ProgressNoted { slot: String, percent: u8 },
+    Queued { issue: u64, place: usize },
+    Queue { entries: Vec<QueueEntry> },
+    Unqueued { issue: u64 },
+    Autopilot(AutopilotReport),
     SignalNoted { slot: String },
     History { runs: Vec<HistoryRun> },
     LogEnd { slot: String, run_id: String, state: SlotState },
@@ -282,6 +300,52 @@ pub struct StatusReport {
     /// Cgroup controllers the runs' cgroups have (for `llms.<name>.limits`).
     #[serde(default)]
     pub cgroup_controllers: Vec<String>,
+    /// Tasks in the local queue (`assign --queue`), first to run first. They hold no slot.
+    #[serde(default)]
+    pub queued: Vec<QueueEntry>,
+    /// Whether the autopilot feeds free slots from the board.
+    #[serde(default)]
+    pub autopilot: bool,
+}
+
+/// `autopilot on|off|reset`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AutopilotSet {
+    On,
+    Off,
+    /// Back to what the config says.
+    Reset,
+}
+
+/// How the autopilot stands.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AutopilotReport {
+    pub on: bool,
+    /// `config` (`autopilot.enabled`) or `override` (`autodevctl autopilot on|off`, until `reset`).
+    pub source: String,
+    /// Why it cannot take anything even when on (GitHub off, no project), if so.
+    pub blocked: Option<String>,
+    pub poll_secs: f64,
+    pub last_read_at: Option<String>,
+    pub last_error: Option<String>,
+    /// Requests the autopilot's board reads took since autodevd started.
+    pub requests: u64,
+    /// Turns of the autopilot's loop since autodevd started (each decides what to take).
+    pub turns: u64,
+}
+
+/// One task waiting to run.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct QueueEntry {
+    pub issue: u64,
+    pub title: Option<String>,
+    pub priority: Option<String>,
+    pub llm: Option<String>,
+    /// `local` (`assign --queue`) or `board` (a Ready item).
+    pub source: String,
+    /// Why it waits, when it does (no free slot for its LLM, a usage limit until …, held elsewhere).
+    pub reason: Option<String>,
 }
 
 /// Instances and tasks at a glance (seed 000's aggregated view).
@@ -639,8 +703,14 @@ mod tests {
 
     #[test]
     fn request_round_trips() {
-        let req =
-            Request::Assign { issue: 7, llm: Some("codex".into()), slot: None, prompt: Some("x".into()), force: false };
+        let req = Request::Assign {
+            issue: 7,
+            llm: Some("codex".into()),
+            slot: None,
+            prompt: Some("x".into()),
+            force: false,
+            queue: false,
+        };
         let frame = encode_json(&Envelope { v: PROTOCOL_VERSION, request: req.clone() });
         let Frame::Json(payload) = read_frame_sync(&mut &frame[..], MAX_REQUEST_FRAME).unwrap() else { panic!() };
         assert_eq!(decode_request(&payload).unwrap(), req);

@@ -74,6 +74,24 @@ pub fn run(config_flag: Option<&Path>, paths: &Paths) -> Vec<Check> {
     }
     let workspace = config.workspace_dir(&cwd);
     checks.extend(git_setup(&config, &workspace));
+    if config.raw.autopilot.enabled {
+        let status = &config.raw.project.fields.status;
+        checks.push(match (&status.blocked_value, config.raw.project.enabled) {
+            (_, false) => fail(
+                "autopilot",
+                "autopilot.enabled, but project.enabled is false: there is no board to take Ready items from".into(),
+                "set project.enabled and project.projectNumber, or autopilot.enabled to false",
+            ),
+            (None, true) => fail(
+                "autopilot",
+                "no project.fields.status.blockedValue: a failed task would go back to a Ready value".into(),
+                "add a Blocked option to the Status field and set project.fields.status.blockedValue to it",
+            ),
+            (Some(blocked), true) => {
+                pass("autopilot", format!("takes {:?} items; failed ones go to {blocked:?}", status.ready_values))
+            }
+        });
+    }
     crate::github::install_redactor(&config, None);
     checks.extend(github(&config, &workspace));
     let redact = crate::redact::current();

@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 
 use crate::paths::Paths;
 use crate::protocol::{
-    self, Envelope, ErrorReply, Frame, FrameError, MAX_REPLY_FRAME, PROTOCOL_VERSION, Reply, Request,
+    self, AutopilotSet, Envelope, ErrorReply, Frame, FrameError, MAX_REPLY_FRAME, PROTOCOL_VERSION, Reply, Request,
 };
 use crate::task::AgentSignal;
 
@@ -78,8 +78,26 @@ pub enum Command {
         /// Take over an issue whose Assigned Instance names someone else, and ignore github.labels rules
         #[arg(long)]
         force: bool,
+        /// With no free slot, wait in the local queue (it holds no slot) instead of being refused
+        #[arg(long)]
+        queue: bool,
         #[arg(long)]
         json: bool,
+    },
+    /// What waits to run, in the order it will be taken: the local queue, then the board's Ready items
+    Queue {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take an issue out of the local queue
+    Unqueue {
+        #[arg(allow_negative_numbers = true, value_parser = issue_number)]
+        issue: u64,
+    },
+    /// The autopilot, which feeds free slots from the board's Ready column: on, off, reset (back to the config), status
+    Autopilot {
+        #[command(subcommand)]
+        action: AutopilotAction,
     },
     /// The GitHub Projects v2 side: project, fields, token scopes, pending board updates
     Project {
@@ -185,6 +203,21 @@ pub enum Command {
 /// The largest prompt `assign` sends: the request frame limit less room for the rest of the request.
 /// The largest prompt `assign` takes, from any source (the daemon reads no more of a task's prompt file either).
 const MAX_PROMPT_BYTES: usize = 1 << 20;
+
+#[derive(Debug, Subcommand)]
+pub enum AutopilotAction {
+    /// Take Ready items from now on (kept across restarts and reloads until `reset`)
+    On,
+    /// Start nothing new from the board (running tasks go on; kept until `reset`)
+    Off,
+    /// Back to what the config's autopilot.enabled says
+    Reset,
+    /// Which is in force, and why
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
 
 #[derive(Debug, Subcommand)]
 pub enum ProjectAction {
@@ -494,14 +527,40 @@ pub fn run(cli: Cli) -> Result<(), CtlError> {
     let mut client = Client::connect(&paths)?;
     client.set_timeout(Some(Duration::from_secs(30)));
     match cli.command {
-        Command::Assign { issue, llm, slot, force, json, .. } => {
+        Command::Assign { issue, llm, slot, force, queue, json, .. } => {
             // Taking the issue from GitHub can take a while on a slow network.
             client.set_timeout(Some(Duration::from_secs(120)));
-            match client.call(Request::Assign { issue, llm, slot, prompt, force })? {
+            match client.call(Request::Assign { issue, llm, slot, prompt, force, queue })? {
                 Reply::Assigned(a) if json => print_json(&a),
                 Reply::Assigned(a) => {
                     emit(&format!("✓ Issue #{} → {} (pid {}, run {})\n", a.issue, a.slot, a.pid, a.run_id))
                 }
+                reply @ Reply::Queued { .. } if json => print_json(&reply),
+                Reply::Queued { issue, place } => {
+                    emit(&format!("✓ Issue #{issue} queued (place {place}): it starts when a slot is free\n"))
+                }
+                other => Err(unexpected(other)),
+            }
+        }
+        Command::Queue { json } => match client.call(Request::Queue)? {
+            Reply::Queue { entries } if json => print_json(&entries),
+            Reply::Queue { entries } => emit(&render::queue(&entries)),
+            other => Err(unexpected(other)),
+        },
+        Command::Unqueue { issue } => match client.call(Request::Unqueue { issue })? {
+            Reply::Unqueued { issue } => emit(&format!("✓ Issue #{issue} is out of the queue\n")),
+            other => Err(unexpected(other)),
+        },
+        Command::Autopilot { action } => {
+            let (set, json) = match action {
+                AutopilotAction::On => (Some(AutopilotSet::On), false),
+                AutopilotAction::Off => (Some(AutopilotSet::Off), false),
+                AutopilotAction::Reset => (Some(AutopilotSet::Reset), false),
+                AutopilotAction::Status { json } => (None, json),
+            };
+            match client.call(Request::Autopilot { set })? {
+                Reply::Autopilot(report) if json => print_json(&report),
+                Reply::Autopilot(report) => emit(&render::autopilot(&report)),
                 other => Err(unexpected(other)),
             }
         }

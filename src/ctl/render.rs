@@ -69,6 +69,12 @@ pub fn status(report: &StatusReport, with_preview: bool) -> String {
             parts.push(format!("{n} {}", state.as_str().replace('_', " ")));
         }
     }
+    if !report.queued.is_empty() {
+        parts.push(format!("{} queued", report.queued.len()));
+    }
+    if report.autopilot {
+        parts.push("autopilot on".into());
+    }
     let mut out = String::new();
     let _ = writeln!(out, "{}   (autodevd pid {})", parts.join(" · "), report.daemon_pid);
     let s = &report.summary;
@@ -277,6 +283,49 @@ pub fn history(runs: &[crate::protocol::HistoryRun]) -> String {
             r.runs.len().max(1),
             cut(r.reason.as_deref().unwrap_or(""), 60)
         );
+    }
+    out
+}
+
+/// `autodevctl queue`: what waits, in the order it will be taken.
+pub fn queue(entries: &[crate::protocol::QueueEntry]) -> String {
+    if entries.is_empty() {
+        return "nothing waits: the local queue is empty and the board has no Ready item (or the autopilot is off)\n"
+            .into();
+    }
+    let mut out =
+        format!("{:<4} {:<7} {:<6} {:<9} {:<8} {}\n", "#", "ISSUE", "FROM", "PRIORITY", "LLM", "TITLE / WAITS FOR");
+    for (i, e) in entries.iter().enumerate() {
+        let title = cut(e.title.as_deref().unwrap_or(""), 50);
+        let waits = e.reason.as_deref().map(|r| format!("  ⏸ {r}")).unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "{:<4} {:<7} {:<6} {:<9} {:<8} {title}{waits}",
+            i + 1,
+            format!("#{}", e.issue),
+            e.source,
+            e.priority.as_deref().unwrap_or("-"),
+            e.llm.as_deref().unwrap_or("any"),
+        );
+    }
+    out
+}
+
+/// `autodevctl autopilot status`.
+pub fn autopilot(r: &crate::protocol::AutopilotReport) -> String {
+    let said = if r.source == "override" { "set by `autodevctl autopilot`" } else { "autopilot.enabled in the config" };
+    let mut out = format!("autopilot {} ({said})\n", if r.on { "on" } else { "off" });
+    if let Some(why) = &r.blocked {
+        let _ = writeln!(out, "  ✗ it takes nothing from the board: {why}");
+    }
+    let last = r.last_read_at.as_deref().map_or("never".to_string(), |t| t.to_string());
+    let _ = writeln!(
+        out,
+        "  board read every {}s while a slot is free; last read {last}; {} requests",
+        r.poll_secs, r.requests
+    );
+    if let Some(e) = &r.last_error {
+        let _ = writeln!(out, "  last error: {e}");
     }
     out
 }

@@ -63,6 +63,7 @@ pub(super) fn drive(shared: &Arc<Shared>, slot: &str, event: Event) -> Result<()
                     BoardWish::NeedsInfo => Target::NeedsInfo,
                 };
                 board_wants(shared, issue, slot, target, false);
+                note_end(shared, issue, Some(target));
             }
             Effect::Comment => comment(shared, slot, true),
             Effect::WakeAt(at) => wake_at(shared, slot, &run_id, at),
@@ -71,7 +72,10 @@ pub(super) fn drive(shared: &Arc<Shared>, slot: &str, event: Event) -> Result<()
             Effect::StartNext { fallback } => {
                 let _ = shared.start_next.send(StartNext { slot: slot.to_string(), fallback });
             }
-            Effect::PullRequest => pull_request(shared, slot),
+            Effect::PullRequest => {
+                note_end(shared, issue, Some(Target::Review));
+                pull_request(shared, slot);
+            }
             Effect::PostSignal(signal) => post_signal(shared, slot, signal),
             Effect::CleanupWorktree => {
                 let (shared, slot) = (shared.clone(), slot.to_string());
@@ -80,6 +84,16 @@ pub(super) fn drive(shared: &Arc<Shared>, slot: &str, event: Event) -> Result<()
         }
     }
     Ok(())
+}
+
+/// Remembers that the task of `issue` ended here (for the autopilot, which must not feed it back), with the
+/// Status its end writes.
+fn note_end(shared: &Shared, issue: u64, target: Option<Target>) {
+    let Some(target) = target.filter(|t| matches!(t, Target::Completed | Target::Failed | Target::Review)) else {
+        return;
+    };
+    let Ok(github) = &shared.github else { return };
+    shared.queue.note_ended(issue, github.reconciler.status_name(target));
 }
 
 /// Owes the completed task's pull request to the outbox (which moves the board to review once it exists). Without
@@ -279,6 +293,8 @@ fn free_slot(shared: &Shared, slot: &str) {
     if let Err(e) = ledger::remove_slot_lock(&shared.paths.slots_dir(), slot) {
         tracing::error!(slot, "cannot remove the slot's lockfile: {e}");
     }
+    // What waits for a slot may take this one.
+    shared.queue.wake.notify_one();
     if let Some(task) = shared.lock_table().get_mut(slot).and_then(|s| s.task.as_mut()) {
         task.unsaved = false;
     }

@@ -1,11 +1,13 @@
 //! autodevd: start-up (config, directories, the one-daemon lock, the socket), the main loop (connections and
 //! signals), and shutdown. Callable from tests and benchmarks through [`run`].
 
+mod autopilot;
 mod clients;
 mod handle;
 mod health;
 mod issue_sync;
 mod life;
+mod queue;
 mod recovery;
 mod replies;
 mod retry;
@@ -87,6 +89,10 @@ pub struct Shared {
     cgroups: Result<crate::cgroup::Cgroups, String>,
     /// Tasks whose next run is due, for [`start_next_runs`].
     start_next: tokio::sync::mpsc::UnboundedSender<life::StartNext>,
+    /// The local queue, the autopilot's switch and the issues that ended here (`queue.json`).
+    queue: queue::Queue,
+    /// What the autopilot knows between polls.
+    autopilot: Mutex<autopilot::Autopilot>,
 }
 
 /// How many finished runs the summary looks back on.
@@ -297,6 +303,8 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         cgroups,
         clients: Arc::new(clients::Clients::new(sup.max_clients, sup.max_streams)),
         git_identity: std::sync::OnceLock::new(),
+        queue: queue::Queue::load(paths.state_dir.join("queue.json")),
+        autopilot: autopilot::Autopilot::new(),
         paths: paths.clone(),
         config,
     });
@@ -334,6 +342,8 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
     if shared.github.is_ok() {
         tokio::spawn(replies::run(shared.clone()));
     }
+    // After recovery: every held issue is known before anything new is taken.
+    tokio::spawn(autopilot::run(shared.clone()));
     // Recovery is done and the socket answers: now, and not before, systemd may call us ready.
     notifier.ready(&summary(&shared));
     let mut watchdog = notifier.watchdog_interval().map(tokio::time::interval);

@@ -195,13 +195,39 @@ async fn handle(
                     Err(why) => why.clone(),
                 },
                 cgroup_controllers: shared.cgroups.as_ref().map(|c| c.controllers.clone()).unwrap_or_default(),
+                queued: super::autopilot::local_entries(shared),
+                autopilot: super::autopilot::in_force(shared).0,
             })
         }
         Request::Instances => Reply::Instances { providers: shared.lock_table().usage() },
-        Request::Assign { issue, llm, slot, prompt, force } => {
-            handle::assign(shared, issue, llm.as_deref(), slot.as_deref(), prompt.as_deref(), force)
+        Request::Assign { issue, llm, slot, prompt, force, queue } => {
+            handle::assign(shared, issue, llm.as_deref(), slot.as_deref(), prompt.as_deref(), force, queue)
                 .await
                 .unwrap_or_else(Reply::Error)
+        }
+        Request::Queue => Reply::Queue { entries: super::autopilot::entries(shared).await },
+        Request::Unqueue { issue } => {
+            if shared.queue.remove(issue) {
+                Reply::Unqueued { issue }
+            } else {
+                Reply::Error(crate::protocol::refuse(
+                    crate::protocol::ErrorKind::NotFound,
+                    format!("issue #{issue} is not in the local queue"),
+                    Some("`autodevctl queue` lists it".into()),
+                ))
+            }
+        }
+        Request::Autopilot { set } => {
+            let value = match set {
+                None => Ok(()),
+                Some(crate::protocol::AutopilotSet::On) => shared.queue.set_autopilot(Some(true)),
+                Some(crate::protocol::AutopilotSet::Off) => shared.queue.set_autopilot(Some(false)),
+                Some(crate::protocol::AutopilotSet::Reset) => shared.queue.set_autopilot(None),
+            };
+            match value {
+                Ok(()) => Reply::Autopilot(super::autopilot::report(shared)),
+                Err(e) => Reply::Error(crate::protocol::refuse(crate::protocol::ErrorKind::Failed, e, None)),
+            }
         }
         Request::ProjectStatus => Reply::ProjectStatus(project_status(shared).await),
         Request::Progress { slot, run_id, percent, message } => {

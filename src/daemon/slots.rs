@@ -3,6 +3,7 @@
 //! All slot choice happens in [`SlotTable::reserve`] under the daemon's one lock, so two `assign` requests at the
 //! same instant can never get the same slot, and an issue can never hold two slots.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -390,6 +391,67 @@ impl SlotTable {
                 ))
             }
         }
+    }
+
+    /// Whether `req` is refused only because every slot it could have is busy (what `assign --queue` waits out).
+    pub fn lacks_free_slot(&self, req: &SlotRequest) -> bool {
+        if self.holder_of(req.issue).is_some() || self.orphans.iter().any(|(_, issue)| *issue == req.issue) {
+            return false;
+        }
+        let usable = |p: &Provider| p.enabled && p.slots > 0;
+        if let Some(name) = req.slot {
+            return self.slots.iter().any(|s| {
+                s.name == name
+                    && s.is_held()
+                    && usable(&self.providers[s.provider])
+                    && req.llm.is_none_or(|l| l == self.providers[s.provider].name)
+            });
+        }
+        let free_of = |provider: usize| self.slots.iter().any(|s| s.provider == provider && !s.extra && !s.is_held());
+        match req.llm.or(self.default_llm.as_deref()) {
+            Some(llm) => self
+                .providers
+                .iter()
+                .position(|p| p.name == llm)
+                .is_some_and(|i| usable(&self.providers[i]) && !free_of(i)),
+            None => {
+                let enabled: Vec<usize> = (0..self.providers.len()).filter(|i| usable(&self.providers[*i])).collect();
+                !enabled.is_empty() && !enabled.iter().any(|i| free_of(*i))
+            }
+        }
+    }
+
+    /// The enabled LLMs with a free slot, in config order.
+    pub fn llms_with_free_slots(&self) -> Vec<String> {
+        (0..self.providers.len())
+            .filter(|i| self.providers[*i].enabled && self.providers[*i].slots > 0)
+            .filter(|i| self.slots.iter().any(|s| s.provider == *i && !s.extra && !s.is_held()))
+            .map(|i| self.providers[i].name.clone())
+            .collect()
+    }
+
+    /// The enabled LLMs, in config order.
+    pub fn llm_names(&self) -> Vec<String> {
+        self.providers.iter().filter(|p| p.enabled && p.slots > 0).map(|p| p.name.clone()).collect()
+    }
+
+    /// LLMs whose account reported a usage limit, and until when: a task of theirs waits for the reset, or a
+    /// running CLI waits one out. Derived from the tasks: nothing to keep in step.
+    pub fn paused_llms(&self, now: SystemTime) -> BTreeMap<String, SystemTime> {
+        let mut paused = BTreeMap::new();
+        for slot in &self.slots {
+            let Some(task) = &slot.task else { continue };
+            let until = match &task.record.phase {
+                Phase::Waiting { waiting_for: WaitFor::UsageLimit, until, .. } => *until,
+                _ if task.is_running() => task.health.rate_limited_until,
+                _ => None,
+            };
+            if let Some(until) = until.filter(|u| *u > now) {
+                let entry = paused.entry(self.providers[slot.provider].name.clone()).or_insert(until);
+                *entry = (*entry).max(until);
+            }
+        }
+        paused
     }
 
     pub fn status_rows(&self, allowance: &Allowance) -> Vec<SlotStatus> {

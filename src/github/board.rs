@@ -13,6 +13,11 @@ pub const ADD_ITEM: &str = include_str!("graphql/AddItem.graphql");
 pub const SET_FIELDS: &str = include_str!("graphql/SetFields.graphql");
 pub const FINISH: &str = include_str!("graphql/Finish.graphql");
 pub const SET_STATUS: &str = include_str!("graphql/SetStatus.graphql");
+pub const BOARD_ITEMS: &str = include_str!("graphql/BoardItems.graphql");
+pub const BOARD_CHANGED: &str = include_str!("graphql/BoardChanged.graphql");
+
+/// The most items the autopilot reads of one board (100 pages): a bound on requests and memory per poll.
+pub const MAX_BOARD_ITEMS: usize = 10_000;
 
 /// A project field as the board has it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -195,6 +200,102 @@ pub async fn issue_view(
             .collect(),
         item,
     })
+}
+
+/// One item of the board, as the autopilot decides by it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BoardItem {
+    /// Its place in the project's own order (0 first), which breaks ties of priority.
+    pub position: usize,
+    /// `ISSUE`, `DRAFT_ISSUE`, `PULL_REQUEST`, `REDACTED`.
+    pub kind: String,
+    pub archived: bool,
+    /// For an issue: its number, repository (`owner/name`), title, whether it is open, its labels.
+    pub issue: Option<u64>,
+    pub repository: Option<String>,
+    pub title: String,
+    pub open: bool,
+    pub labels: Vec<String>,
+    pub status: Option<String>,
+    /// When Status last changed (GitHub's clock): tells a person's move from autodev's own write.
+    pub status_updated_at: Option<String>,
+    pub assigned: Option<String>,
+    pub priority: Option<String>,
+}
+
+/// The board as one read found it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct BoardRead {
+    pub updated_at: String,
+    pub total: u64,
+    pub items: Vec<BoardItem>,
+    /// Requests the read took.
+    pub requests: u64,
+}
+
+/// Reads every item of the project (100 a page, at most [`MAX_BOARD_ITEMS`]) with the fields the autopilot needs.
+pub async fn read_items(gh: &GitHub, project_id: &str, config: &ProjectConfig) -> Result<BoardRead, GhError> {
+    let fields = &config.fields;
+    let mut read = BoardRead::default();
+    let mut after: Option<String> = None;
+    loop {
+        let vars = json!({ "project": project_id, "after": after, "statusField": fields.status.field_name,
+                           "assignedField": fields.assigned_instance.field_name,
+                           "priorityField": fields.priority_name() });
+        read.requests += 1;
+        let reply = gh.graphql(BOARD_ITEMS, vars).await?;
+        let project = &reply.data["node"];
+        if project.is_null() {
+            return Err(GhError::NotFound(format!("project {project_id}")));
+        }
+        read.updated_at = project["updatedAt"].as_str().unwrap_or_default().to_string();
+        read.total = project["items"]["totalCount"].as_u64().unwrap_or_default();
+        for node in project["items"]["nodes"].as_array().into_iter().flatten() {
+            let content = &node["content"];
+            let text = |v: &Value, key: &str| v[key].as_str().map(str::to_string);
+            read.items.push(BoardItem {
+                position: read.items.len(),
+                kind: node["type"].as_str().unwrap_or("REDACTED").to_string(),
+                archived: node["isArchived"].as_bool().unwrap_or(false),
+                issue: content["number"].as_u64(),
+                repository: content["repository"]["nameWithOwner"].as_str().map(str::to_string),
+                title: content["title"].as_str().unwrap_or_default().to_string(),
+                open: content["state"] == "OPEN",
+                labels: content["labels"]["nodes"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|l| l["name"].as_str().map(str::to_string))
+                    .collect(),
+                status: text(&node["status"], "name"),
+                status_updated_at: text(&node["status"], "updatedAt"),
+                assigned: text(&node["assigned"], "text").or_else(|| text(&node["assigned"], "name")),
+                priority: text(&node["priority"], "name"),
+            });
+        }
+        let page = &project["items"]["pageInfo"];
+        match (page["hasNextPage"].as_bool(), page["endCursor"].as_str()) {
+            (Some(true), Some(cursor)) if read.items.len() < MAX_BOARD_ITEMS => after = Some(cursor.to_string()),
+            (Some(true), _) => {
+                tracing::warn!("the board has over {MAX_BOARD_ITEMS} items: the autopilot reads the first ones only");
+                return Ok(read);
+            }
+            _ => return Ok(read),
+        }
+    }
+}
+
+/// The board's `updatedAt` and size, in one request.
+pub async fn changed(gh: &GitHub, project_id: &str) -> Result<(String, u64), GhError> {
+    let reply = gh.graphql(BOARD_CHANGED, json!({ "project": project_id })).await?;
+    let project = &reply.data["node"];
+    if project.is_null() {
+        return Err(GhError::NotFound(format!("project {project_id}")));
+    }
+    Ok((
+        project["updatedAt"].as_str().unwrap_or_default().to_string(),
+        project["items"]["totalCount"].as_u64().unwrap_or_default(),
+    ))
 }
 
 /// Finds `owner/repo` in a git remote URL (`git@github.com:o/r.git`, `https://github.com/o/r`).

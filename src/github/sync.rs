@@ -230,9 +230,46 @@ impl Reconciler {
         state.hints.insert(view.number, (view, Instant::now()));
     }
 
-    /// Counts a request made for this board outside the reconciler (intake reads).
+    /// Counts requests made for this board outside the reconciler (intake reads, the autopilot's board reads).
     pub fn count_request(&self) {
-        self.lock().requests += 1;
+        self.count_requests(1);
+    }
+
+    pub fn count_requests(&self, n: u64) {
+        self.lock().requests += n;
+    }
+
+    /// Whether a board write for `issue` is still owed.
+    pub fn owes(&self, issue: u64) -> bool {
+        self.lock().outbox.owed.contains_key(&issue)
+    }
+
+    pub fn project(&self) -> &ProjectConfig {
+        &self.project
+    }
+
+    pub fn github(&self) -> &GitHub {
+        &self.gh
+    }
+
+    /// The Status value a wish writes.
+    pub fn status_name(&self, target: Target) -> String {
+        let status = &self.project.fields.status;
+        match target {
+            Target::InProgress => status.in_progress_value.clone(),
+            Target::NeedsInfo => match (status.needs_more_info_value.as_str(), &status.blocked_value) {
+                (Some(value), _) => value.to_string(),
+                (None, Some(blocked)) => blocked.clone(),
+                (None, None) => status.in_progress_value.clone(),
+            },
+            Target::Completed if to_review(&self.project) => status.review_value.clone().unwrap_or_default(),
+            Target::Completed => status.done_value.clone(),
+            Target::Review => status.review_value.clone().unwrap_or_else(|| status.done_value.clone()),
+            Target::Failed => match &status.blocked_value {
+                Some(blocked) => blocked.clone(),
+                None => status.ready_values.first().cloned().unwrap_or_default(),
+            },
+        }
     }
 
     pub fn report(&self) -> SyncReport {
@@ -244,6 +281,11 @@ impl Reconciler {
             requests: state.requests,
             board: state.board.clone(),
         }
+    }
+
+    /// The board as last loaded, without asking GitHub.
+    pub fn cached_board(&self) -> Option<Board> {
+        self.lock().board.clone()
     }
 
     /// The board, loaded once and cached.
@@ -379,27 +421,7 @@ impl Reconciler {
                 board::Item { id: id.to_string(), status: None, assigned: None }
             }
         };
-        let status_name = match owed.target {
-            Target::InProgress => self.project.fields.status.in_progress_value.clone(),
-            Target::NeedsInfo => {
-                let status = &self.project.fields.status;
-                match (status.needs_more_info_value.as_str(), &status.blocked_value) {
-                    (Some(value), _) => value.to_string(),
-                    (None, Some(blocked)) => blocked.clone(),
-                    (None, None) => status.in_progress_value.clone(),
-                }
-            }
-            Target::Completed if to_review(&self.project) => {
-                self.project.fields.status.review_value.clone().unwrap_or_default()
-            }
-            Target::Completed => self.project.fields.status.done_value.clone(),
-            Target::Review => (self.project.fields.status.review_value.clone())
-                .unwrap_or_else(|| self.project.fields.status.done_value.clone()),
-            Target::Failed => match &self.project.fields.status.blocked_value {
-                Some(blocked) => blocked.clone(),
-                None => self.project.fields.status.ready_values.first().cloned().unwrap_or_default(),
-            },
-        };
+        let status_name = self.status_name(owed.target);
         let status = board.value(&status_field, &status_name).map_err(bad_config)?;
         let base =
             json!({ "project": board.project_id, "item": item.id, "statusField": status_field.id, "status": status });

@@ -50,6 +50,28 @@ pub struct Item {
     pub issue: u64,
     /// field id → text or option name
     pub values: BTreeMap<String, String>,
+    /// `ISSUE`, `DRAFT_ISSUE`, `PULL_REQUEST`.
+    pub kind: String,
+    /// The content's repository, for an issue.
+    pub repo: String,
+    /// The content's title where it is not one of the repository's issues (drafts, PRs, other repositories).
+    pub title: String,
+    /// field id → when its value last changed (the fake's clock).
+    pub updated: BTreeMap<String, String>,
+}
+
+impl Item {
+    pub fn issue(id: String, issue: u64) -> Item {
+        Item {
+            id,
+            issue,
+            values: BTreeMap::new(),
+            kind: "ISSUE".into(),
+            repo: "octo/widgets".into(),
+            title: String::new(),
+            updated: BTreeMap::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -57,6 +79,11 @@ pub struct Logged {
     pub method: String,
     pub path: String,
     pub operation: Option<String>,
+}
+
+/// The fake's clock as GitHub writes times: distinct for every change, even within one real second.
+fn stamp(tick: u64) -> String {
+    autodev::timefmt::rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + tick))
 }
 
 pub struct State {
@@ -82,6 +109,20 @@ pub struct State {
     pub refuse_drafts: bool,
     /// What the repository says the token may do (`permissions.push`).
     pub can_push: bool,
+    /// Board writes (GraphQL mutations) answer 502 while set; reads work.
+    pub fail_mutations: bool,
+    /// Ticks on every change of the board; the project's updatedAt is its last change.
+    pub clock: u64,
+    pub project_updated: u64,
+}
+
+impl State {
+    /// A change of the board: returns its time.
+    pub fn tick(&mut self) -> String {
+        self.clock += 1;
+        self.project_updated = self.clock;
+        stamp(self.clock)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -119,7 +160,16 @@ impl FakeGitHub {
                     .map(|(i, n)| (format!("opt_s{i}"), n.to_string()))
                     .collect(),
             },
-            Field { id: "F_prio".into(), name: "Priority".into(), data_type: "NUMBER".into(), options: vec![] },
+            Field {
+                id: "F_prio".into(),
+                name: "Priority".into(),
+                data_type: "SINGLE_SELECT".into(),
+                options: ["P0", "P1", "P2"]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| (format!("opt_p{i}"), n.to_string()))
+                    .collect(),
+            },
         ];
         fields.push(Field {
             id: "F_assigned".into(),
@@ -145,6 +195,9 @@ impl FakeGitHub {
             pulls: BTreeMap::new(),
             refuse_drafts: false,
             can_push: true,
+            fail_mutations: false,
+            clock: 0,
+            project_updated: 0,
         }));
         let shared = state.clone();
         std::thread::spawn(move || {
@@ -170,8 +223,23 @@ impl FakeGitHub {
         if on_board {
             let mut values = BTreeMap::new();
             values.insert("F_status".to_string(), "Ready".to_string());
-            s.items.push(Item { id: format!("PVTI_{number}"), issue: number, values });
+            let at = s.tick();
+            let mut item = Item::issue(format!("PVTI_{number}"), number);
+            item.values = values;
+            item.updated.insert("F_status".into(), at);
+            s.items.push(item);
         }
+    }
+
+    /// Items that are not this repository's issues: a draft, a pull request, another repository's issue.
+    pub fn add_other_item(&self, kind: &str, repo: &str, number: u64, title: &str) {
+        let mut s = self.lock();
+        let at = s.tick();
+        let mut item = Item::issue(format!("PVTI_other_{}", s.items.len()), number);
+        (item.kind, item.repo, item.title) = (kind.into(), repo.into(), title.into());
+        item.values.insert("F_status".into(), "Ready".into());
+        item.updated.insert("F_status".into(), at);
+        s.items.push(item);
     }
 
     /// The board's value of `field` (by name) for `issue`.
@@ -184,7 +252,10 @@ impl FakeGitHub {
     pub fn set_value(&self, issue: u64, field: &str, value: &str) {
         let mut s = self.lock();
         let id = s.fields.iter().find(|f| f.name == field).unwrap().id.clone();
-        s.items.iter_mut().find(|i| i.issue == issue).unwrap().values.insert(id, value.into());
+        let at = s.tick();
+        let item = s.items.iter_mut().find(|i| i.issue == issue && i.kind == "ISSUE").unwrap();
+        item.values.insert(id.clone(), value.into());
+        item.updated.insert(id, at);
     }
 
     /// Operation names (GraphQL) or paths (REST) of the requests so far.
@@ -436,6 +507,11 @@ fn handle(state: &Mutex<State>, method: &str, path: &str, headers: &str, body: &
         };
     }
     let vars = &body["variables"];
+    if s.fail_mutations
+        && body["query"].as_str().is_some_and(|q| q.trim_start().starts_with("mutation") || q.contains("\nmutation "))
+    {
+        return (502, String::new(), json!({ "message": "upstream trouble" }));
+    }
     let data = match operation.as_deref() {
         Some("ProjectFields") => {
             if vars["owner"] != "octo" || vars["number"] != 5 {
@@ -503,10 +579,57 @@ fn handle(state: &Mutex<State>, method: &str, path: &str, headers: &str, body: &
                 }
             }
         }
+        Some("BoardItems") | Some("BoardChanged") if vars["project"] != PROJECT_ID => {
+            json!({ "node": null })
+        }
+        Some("BoardChanged") => {
+            json!({ "node": { "updatedAt": stamp(s.project_updated), "items": { "totalCount": s.items.len() } } })
+        }
+        Some("BoardItems") => {
+            let start: usize = vars["after"].as_str().and_then(|c| c.parse().ok()).unwrap_or(0);
+            let field_id =
+                |name: &Value| s.fields.iter().find(|f| Some(f.name.as_str()) == name.as_str()).map(|f| f.id.clone());
+            let (status_id, assigned_id, priority_id) =
+                (field_id(&vars["statusField"]), field_id(&vars["assignedField"]), field_id(&vars["priorityField"]));
+            let nodes: Vec<Value> = s
+                .items
+                .iter()
+                .skip(start)
+                .take(100)
+                .map(|i| {
+                    let value = |id: &Option<String>, with_time: bool| {
+                        let id = id.as_ref()?;
+                        let v = i.values.get(id)?;
+                        Some(if with_time {
+                            json!({ "name": v, "updatedAt": i.updated.get(id) })
+                        } else {
+                            json!({ "name": v, "text": v })
+                        })
+                    };
+                    let content = match i.kind.as_str() {
+                        "ISSUE" => {
+                            let issue = s.issues.get(&i.issue).filter(|_| i.repo == "octo/widgets");
+                            json!({ "number": i.issue, "title": issue.map_or(i.title.clone(), |x| x.title.clone()),
+                                    "state": if issue.is_none_or(|x| x.open) { "OPEN" } else { "CLOSED" },
+                                    "repository": { "nameWithOwner": i.repo },
+                                    "labels": { "nodes": issue.map(|x| x.labels.iter().map(|l| json!({"name": l})).collect::<Vec<_>>()).unwrap_or_default() } })
+                        }
+                        "PULL_REQUEST" => json!({ "number": i.issue, "title": i.title }),
+                        _ => json!({ "title": i.title }),
+                    };
+                    json!({ "id": i.id, "isArchived": false, "type": i.kind, "content": content,
+                            "status": value(&status_id, true), "assigned": value(&assigned_id, false),
+                            "priority": value(&priority_id, false) })
+                })
+                .collect();
+            let more = start + 100 < s.items.len();
+            json!({ "node": { "updatedAt": stamp(s.project_updated), "items": { "totalCount": s.items.len(),
+                    "pageInfo": { "hasNextPage": more, "endCursor": (start + 100).to_string() }, "nodes": nodes } } })
+        }
         Some("AddItem") => {
             let number: u64 = vars["content"].as_str().unwrap_or("").trim_start_matches("I_").parse().unwrap_or(0);
             if !s.items.iter().any(|i| i.issue == number) {
-                s.items.push(Item { id: format!("PVTI_{number}"), issue: number, values: BTreeMap::new() });
+                s.items.push(Item::issue(format!("PVTI_{number}"), number));
             }
             json!({ "addProjectV2ItemById": { "item": { "id": format!("PVTI_{number}") } } })
         }
@@ -556,6 +679,9 @@ fn handle(state: &Mutex<State>, method: &str, path: &str, headers: &str, body: &
                     Some(v) => item.values.insert(field.id.clone(), v),
                     None => item.values.remove(&field.id),
                 };
+                let at = s.tick();
+                let item = s.items.iter_mut().find(|i| i.id == item_id).unwrap();
+                item.updated.insert(field.id.clone(), at);
             }
             json!({ "status": { "projectV2Item": { "id": item_id } } })
         }

@@ -33,6 +33,7 @@ pub(in crate::daemon) async fn assign(
     slot: Option<&str>,
     prompt: Option<&str>,
     force: bool,
+    queue: bool,
 ) -> Result<Reply, ErrorReply> {
     if issue == 0 {
         return Err(refuse(ErrorKind::BadRequest, "issue numbers start at 1".into(), None));
@@ -46,6 +47,13 @@ pub(in crate::daemon) async fn assign(
     }
     if prompt.is_some_and(|p| p.trim().is_empty()) {
         return Err(refuse(ErrorKind::BadRequest, "the prompt is empty".into(), None));
+    }
+    if queue && shared.lock_table().lacks_free_slot(&SlotRequest { issue, llm, slot }) {
+        // Every slot it could have is busy: it waits in the local queue (no slot held, nothing asked of GitHub yet;
+        // its intake happens when it is taken).
+        let place =
+            shared.queue.push(issue, llm, slot, prompt, force).map_err(|e| refuse(ErrorKind::Failed, e, None))?;
+        return Ok(Reply::Queued { issue, place });
     }
     // GitHub first: whatever it refuses is refused before a slot is taken.
     let issue_view = intake(shared, issue, prompt.is_none(), force).await?;
