@@ -517,12 +517,84 @@ fn health_sampling(report: &mut Vec<String>) {
     }
 }
 
+/// GitHub requests of the autopilot at idle (a free slot, nothing Ready) on boards of 100 and 1,000 items, per
+/// poll and per hour at the default poll of 60 s; and the requests of one task's life with a warm cache.
+fn autopilot_requests(report: &mut Vec<String>) {
+    use common::fake_github::FakeGitHub;
+    let config = |fake: &FakeGitHub| {
+        let mut c = common::fake_config(1);
+        c["github"] = json!({ "owner": "octo", "repo": "widgets", "apiUrl": fake.url, "timeoutSecs": 5 });
+        c["statusComments"] = json!({ "enabled": false });
+        c["push"] = json!({ "enabled": false });
+        c["project"] = json!({ "enabled": true, "projectNumber": 5, "organizationProject": true,
+            "fields": { "status": { "fieldName": "Status", "readyValues": ["Ready"], "inProgressValue": "In Progress",
+                                    "doneValue": "Done", "blockedValue": "Blocked" },
+                        "assignedInstance": { "fieldName": "Assigned Instance" } } });
+        c["autopilot"] = json!({ "enabled": true, "pollSecs": 0.2 });
+        c
+    };
+    let turns = |d: &Daemon| -> u64 {
+        let r: Value = serde_json::from_str(&d.ctl(&["autopilot", "status", "--json"])).unwrap();
+        r["turns"].as_u64().unwrap()
+    };
+    let polls = if quick() { 22 } else { 110 };
+    for items in [100u64, 1000] {
+        let fake = FakeGitHub::start("TEXT");
+        for n in 1..=items {
+            fake.add_issue(n, &format!("Issue {n}"), true);
+            fake.set_value(n, "Status", "Done");
+        }
+        let d = Daemon::start(&config(&fake));
+        // Warm: the first read of the board and its fields.
+        let start = turns(&d);
+        common::wait_until("a first poll", || (turns(&d) > start + 1).then_some(()));
+        let (t0, r0) = (turns(&d), fake.operations().len());
+        let began = Instant::now();
+        while turns(&d) < t0 + polls {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let r1 = fake.operations().len();
+        let elapsed = began.elapsed().as_secs_f64();
+        // Turns also come from wake-ups; the board is read at most once per poll interval.
+        let poll_intervals = (elapsed / 0.2).max(1.0);
+        let per_poll = (r1 - r0) as f64 / poll_intervals;
+        report.push(format!(
+            "| autopilot at idle, board of {items} items (none Ready), a free slot | **{:.2} requests per poll → {:.0} per hour** at the default poll of 60 s ({} requests in {:.1} s of polls every 0.2 s) |",
+            per_poll,
+            per_poll * 60.0,
+            r1 - r0,
+            elapsed
+        ));
+        if items == 100 {
+            // One task's life with a warm cache: taken from the board, run, done on the board.
+            fake.set_value(7, "Status", "Ready");
+            fake.lock().issues.get_mut(&7).unwrap().body = "@say done".into();
+            let before = fake.operations().len();
+            common::wait_until("#7 to be done on the board", || {
+                (fake.value(7, "Status").as_deref() == Some("Done") && fake.value(7, "Assigned Instance").is_none())
+                    .then_some(())
+            });
+            let ops: Vec<String> = fake.operations()[before..]
+                .iter()
+                .filter(|o| !o.starts_with("Board"))
+                .cloned()
+                .collect();
+            report.push(format!(
+                "| one task's life from the board with a warm cache (push off), besides the polls' board reads | **{} requests**: {} |",
+                ops.len(),
+                ops.join(", ")
+            ));
+        }
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--writer") {
         return writer(&args[i + 1]);
     }
-    // BENCH_ONLY=capture,status,memory,idle,latency,recovery,worktree,health,stop,socket,logs runs only those sections.
+    // BENCH_ONLY=capture,status,memory,idle,latency,recovery,worktree,health,stop,socket,logs,autopilot runs only
+    // those sections.
     let only = std::env::var("BENCH_ONLY").ok();
     let wanted = |name: &str| only.as_deref().is_none_or(|o| o.split(',').any(|x| x == name));
     let (gib, rounds) = if quick() { (64u64 << 20, 2) } else { (1u64 << 30, 5) };
@@ -573,6 +645,9 @@ fn main() {
     if wanted("stop") {
         stop_tree(&mut other, false);
         stop_tree(&mut other, true);
+    }
+    if wanted("autopilot") {
+        autopilot_requests(&mut other);
     }
 
     println!("\n## Capture cost (medians of {rounds} alternating rounds)\n");
