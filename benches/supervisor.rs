@@ -574,11 +574,8 @@ fn autopilot_requests(report: &mut Vec<String>) {
                 (fake.value(7, "Status").as_deref() == Some("Done") && fake.value(7, "Assigned Instance").is_none())
                     .then_some(())
             });
-            let ops: Vec<String> = fake.operations()[before..]
-                .iter()
-                .filter(|o| !o.starts_with("Board"))
-                .cloned()
-                .collect();
+            let ops: Vec<String> =
+                fake.operations()[before..].iter().filter(|o| !o.starts_with("Board")).cloned().collect();
             report.push(format!(
                 "| one task's life from the board with a warm cache (push off), besides the polls' board reads | **{} requests**: {} |",
                 ops.len(),

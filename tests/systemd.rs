@@ -250,3 +250,18 @@ fn doctor_flags_a_git_workspace_without_an_identity_and_a_token_that_may_not_pus
     assert!(pulls["fix"].as_str().unwrap().contains("pull requests write"), "{pulls}");
     assert_eq!(out.status.code(), Some(1));
 }
+
+#[test]
+fn doctor_refuses_an_autopilot_whose_failed_tasks_would_go_back_to_ready() {
+    let mut config = fake_config(1);
+    config["project"] = json!({ "enabled": true, "projectNumber": 5,
+                                "fields": { "status": { "readyValues": ["Ready"] } } });
+    config["autopilot"] = json!({ "enabled": true });
+    let d = Daemon::start(&config);
+    let mut cmd = d.ctl_command(&["doctor", "--json", "--config", d.config_path.to_str().unwrap()]);
+    cmd.env_remove("GITHUB_TOKEN").env_remove("GH_TOKEN").env("HOME", d.dir.path());
+    let checks: Vec<Value> = serde_json::from_slice(&cmd.output().unwrap().stdout).unwrap();
+    let autopilot = check(&checks, "autopilot");
+    assert_eq!(autopilot["ok"], false, "{autopilot}");
+    assert!(autopilot["detail"].as_str().unwrap().contains("blockedValue"), "{autopilot}");
+}

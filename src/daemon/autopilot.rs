@@ -19,6 +19,9 @@ use crate::github::board::{BoardItem, BoardRead};
 use crate::protocol::{AutopilotReport, ErrorKind, QueueEntry};
 use crate::timefmt::rfc3339;
 
+/// Tasks started in one turn at most.
+const MAX_STARTS_PER_TURN: usize = 256;
+
 /// A board that seems unchanged is still read whole this often (in polls): `updatedAt` is a hint, not a promise.
 const FULL_READ_EVERY: u32 = 10;
 
@@ -151,7 +154,9 @@ async fn take_what_fits(shared: &Arc<Shared>) {
     }
     let mut board: Option<BoardRead> = None;
     let mut board_read = false;
-    loop {
+    // Each start takes a slot, so a turn ends by itself; the bound only guards against a plan and the slot table
+    // disagreeing about a free slot.
+    for _ in 0..MAX_STARTS_PER_TURN {
         let next = plan(shared, board.as_ref()).into_iter().find(|p| p.reason.is_none());
         let Some(next) = next else {
             // Nothing from what is known fits: read the board (once) if the autopilot may take from it and some
