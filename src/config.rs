@@ -38,6 +38,7 @@ pub struct RawConfig {
     pub status_comments: StatusCommentsConfig,
     pub retry: RetryConfig,
     pub autopilot: AutopilotConfig,
+    pub budget: BudgetConfig,
     pub workspace: WorkspaceConfig,
     pub logging: LoggingConfig,
     // Sections that later issues act on, or that belong to the tool the format comes from. Kept opaque so
@@ -72,6 +73,10 @@ pub struct LlmConfig {
     pub output_format: Option<String>,
     /// Limits of each run's cgroup, where the controller is delegated.
     pub limits: LlmLimits,
+    /// Dollars per million tokens, for CLIs that report tokens but no cost (the cost is then marked estimated).
+    pub pricing: Option<Pricing>,
+    /// `budget.perDayUsd` of this LLM alone.
+    pub budget: LlmBudget,
     // Keys of the original tool that autodev accepts and does not act on.
     pub hooks_enabled: Value,
     pub user: Value,
@@ -105,6 +110,32 @@ impl Default for PushConfig {
             other: serde_json::Map::new(),
         }
     }
+}
+
+/// `llms.<name>.pricing`: dollars per million tokens.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Pricing {
+    pub input: f64,
+    pub cached_input: f64,
+    pub output: f64,
+}
+
+/// `llms.<name>.budget`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct LlmBudget {
+    pub per_day_usd: Option<f64>,
+}
+
+/// `budget`: what the agents may spend.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct BudgetConfig {
+    /// All runs of one task together; a run is stopped where its CLI reports usage while it runs.
+    pub per_task_usd: Option<f64>,
+    /// All LLMs together, per local day: past it the autopilot takes nothing new until the next day.
+    pub per_day_usd: Option<f64>,
 }
 
 /// `llms.<name>.limits`: cgroup limits of each run of that LLM (`memory.max`, `cpu.max`, `pids.max`).

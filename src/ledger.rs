@@ -342,6 +342,11 @@ pub struct ExitRecord {
     pub duration_secs: u64,
     pub session_id: Option<String>,
     pub cost_usd: Option<f64>,
+    /// The cost is tokens × the configured pricing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cost_estimated: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<crate::provider::Usage>,
     pub turns: Option<u64>,
     #[serde(default)]
     pub task_id: String,

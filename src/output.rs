@@ -10,7 +10,7 @@ use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use crate::provider::{EventFormat, Outcome, parse_line};
+use crate::provider::{EventFormat, Outcome, Usage, parse_line};
 
 /// Longest line kept whole for the event parser; longer lines are cut (structured events that large are tool
 /// results, whose content the preview does not show anyway).
@@ -235,7 +235,17 @@ pub struct Findings {
     seen_markers: std::collections::HashSet<String>,
     /// The last event was a piece of the message in `said`: a streamed piece after it continues that message.
     said_open: bool,
+    /// Tokens reported so far while the run goes on, and whether that changed since it was last taken.
+    pub usage: Usage,
+    pub usage_changed: bool,
+    /// Each message's last report (a message may be reported in several events), up to [`USAGE_MESSAGES`].
+    usage_by_message: std::collections::HashMap<String, Usage>,
+    /// What messages beyond that bound reported (no longer told apart).
+    usage_folded: Usage,
 }
+
+/// Messages whose usage is kept apart; beyond it, reports are added up as they come.
+const USAGE_MESSAGES: usize = 10_000;
 
 /// The longest last message kept for the pull request and the issue.
 const SAID_MAX: usize = 16 * 1024;
@@ -256,6 +266,21 @@ impl Findings {
         self.said.push_str(&text[..cut]);
         self.said_changed = true;
         self.scan_markers(false);
+    }
+
+    /// Takes in a message's token report: the newest report of a message replaces its earlier ones.
+    fn note_usage(&mut self, message: &str, usage: Usage) {
+        if self.usage_by_message.len() < USAGE_MESSAGES || self.usage_by_message.contains_key(message) {
+            self.usage_by_message.insert(message.to_string(), usage);
+        } else {
+            self.usage_folded.add(usage);
+        }
+        let mut total = self.usage_folded;
+        for u in self.usage_by_message.values() {
+            total.add(*u);
+        }
+        self.usage = total;
+        self.usage_changed = true;
     }
 
     /// Signals in the message's lines; its last line only once it is complete (`whole`, or followed by a newline).
@@ -317,6 +342,9 @@ pub fn digest_line(format: EventFormat, line: Line<'_>, preview: &mut Preview, f
     }
     if parsed.progress.is_some() {
         findings.progress = parsed.progress;
+    }
+    if let Some((message, usage)) = &parsed.usage {
+        findings.note_usage(message, *usage);
     }
     match &parsed.said {
         Some(text) => findings.note_said(text, parsed.continues),

@@ -65,6 +65,9 @@ pub enum Request {
         slot: String,
         #[serde(default)]
         prompt: Option<String>,
+        /// Go on although the task spent its budget (`budget.perTaskUsd`).
+        #[serde(default)]
+        over_budget: bool,
     },
     /// End a slot's abandoned task (as failed, or completed with `done`) and free the slot.
     Release {
@@ -92,6 +95,13 @@ pub enum Request {
         issue: Option<u64>,
         #[serde(default)]
         limit: Option<usize>,
+    },
+    /// Finished runs added up: all of them, or by issue, LLM or local day.
+    HistorySum {
+        #[serde(default)]
+        issue: Option<u64>,
+        #[serde(default)]
+        by: Option<SumBy>,
     },
     /// Every worktree autodev made; with `prune`, remove the ones that are safe to remove.
     Workspaces {
@@ -140,6 +150,7 @@ pub enum Reply {
     Autopilot(AutopilotReport),
     SignalNoted { slot: String },
     History { runs: Vec<HistoryRun> },
+    HistorySum { rows: Vec<SumRow> },
     LogEnd { slot: String, run_id: String, state: SlotState },
     Error(ErrorReply),
 }
@@ -274,6 +285,10 @@ pub struct HistoryRun {
     pub duration_secs: u64,
     pub session_id: Option<String>,
     pub cost_usd: Option<f64>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cost_estimated: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<crate::provider::Usage>,
     pub turns: Option<u64>,
     /// The runs of the task up to and including this one.
     pub runs: Vec<String>,
@@ -306,6 +321,30 @@ pub struct StatusReport {
     /// Whether the autopilot feeds free slots from the board.
     #[serde(default)]
     pub autopilot: bool,
+}
+
+/// What `history --sum` groups by.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SumBy {
+    Issue,
+    Llm,
+    Day,
+}
+
+/// Runs added up.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct SumRow {
+    /// The issue, LLM or day (`all` without `by`).
+    pub key: String,
+    pub runs: u64,
+    pub cost_usd: f64,
+    /// Some of the cost is tokens × pricing.
+    pub cost_estimated: bool,
+    /// Runs that reported no cost (and have no pricing): not in `cost_usd`.
+    pub runs_without_cost: u64,
+    pub tokens: crate::provider::Usage,
+    pub duration_secs: u64,
 }
 
 /// `autopilot on|off|reset`.
@@ -407,6 +446,12 @@ pub struct SlotStatus {
     /// Automatic restarts used of the task's allowance.
     pub restarts: Option<Restarts>,
     pub cost_usd: Option<f64>,
+    /// The cost is tokens × the configured pricing (the CLI reported none).
+    #[serde(default)]
+    pub cost_estimated: bool,
+    /// Tokens of the current (or last) run: fresh input, cached input, output.
+    #[serde(default)]
+    pub tokens: Option<crate::provider::Usage>,
     pub turns: Option<u64>,
     pub console_preview: Vec<String>,
     /// Last output, progress report or CPU activity.
@@ -466,6 +511,8 @@ impl SlotStatus {
             waiting_for: None,
             restarts: None,
             cost_usd: None,
+            cost_estimated: false,
+            tokens: None,
             turns: None,
             console_preview: Vec::new(),
             heartbeat_at: None,

@@ -129,6 +129,10 @@ pub struct Provider {
     pub config_env: BTreeMap<String, String>,
     /// Limits of each run's cgroup.
     pub limits: crate::cgroup::Limits,
+    /// Dollars per million tokens, for a cost the CLI does not report.
+    pub pricing: Option<crate::config::Pricing>,
+    /// `llms.<name>.budget.perDayUsd`.
+    pub day_budget: Option<f64>,
 }
 
 #[derive(Debug, Clone)]
@@ -197,6 +201,8 @@ impl Provider {
             passthrough_env,
             config_env,
             limits: llm.limits.to_cgroup(),
+            pricing: llm.pricing,
+            day_budget: llm.budget.per_day_usd,
         }
     }
 
@@ -313,12 +319,52 @@ impl Provider {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Outcome {
     pub success: bool,
+    /// Tokens the run used, as its final event counts them.
+    pub usage: Option<Usage>,
     /// One line for people: `success (12 turns, $0.42, 3m10s)` or the error.
     pub summary: String,
     pub cost_usd: Option<f64>,
     pub turns: Option<u64>,
     /// What went wrong, from the event's typed fields (never from the words of its text).
     pub failure: Option<Failure>,
+}
+
+/// Tokens, split as they are priced: fresh input, input read from a cache, output.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Usage {
+    pub input: u64,
+    pub cached_input: u64,
+    pub output: u64,
+}
+
+impl Usage {
+    pub fn add(&mut self, other: Usage) {
+        self.input += other.input;
+        self.cached_input += other.cached_input;
+        self.output += other.output;
+    }
+
+    pub fn total(&self) -> u64 {
+        self.input + self.cached_input + self.output
+    }
+
+    /// Its price at `pricing` (dollars per million tokens).
+    pub fn cost(&self, pricing: &crate::config::Pricing) -> f64 {
+        (self.input as f64 * pricing.input
+            + self.cached_input as f64 * pricing.cached_input
+            + self.output as f64 * pricing.output)
+            / 1e6
+    }
+
+    /// claude's and the Anthropic API's `usage` object.
+    fn of_anthropic(u: &Value) -> Option<Usage> {
+        let n = |k: &str| u.get(k).and_then(Value::as_u64).unwrap_or(0);
+        u.is_object().then(|| Usage {
+            input: n("input_tokens") + n("cache_creation_input_tokens"),
+            cached_input: n("cache_read_input_tokens"),
+            output: n("output_tokens"),
+        })
+    }
 }
 
 /// What a failed final event says went wrong, as typed facts.
@@ -352,6 +398,9 @@ pub struct Parsed {
     /// The agent's own words: the text of an assistant message (never tool output or stderr). With `continues`, a
     /// streamed piece of the message before.
     pub said: Option<String>,
+    /// Tokens reported while the run goes on (claude: each message's `usage`), by message id: a message reported in
+    /// several events counts once.
+    pub usage: Option<(String, Usage)>,
 }
 
 /// Reads one complete output line. Lines that are not JSON events are shown as they are.
@@ -420,6 +469,9 @@ fn claude_event(e: &Value, parsed: &mut Parsed) {
             _ => {}
         },
         Some("assistant") => {
+            if let Some(usage) = e.pointer("/message/usage").and_then(Usage::of_anthropic) {
+                parsed.usage = Some((str_at(e, "/message/id").unwrap_or_default().to_string(), usage));
+            }
             for block in e.pointer("/message/content").and_then(Value::as_array).into_iter().flatten() {
                 match str_at(block, "/type") {
                     Some("text") => {
@@ -494,7 +546,8 @@ fn claude_event(e: &Value, parsed: &mut Parsed) {
             }
             parsed.lines.push(format!("result: {summary}"));
             let failure = is_error.then(|| claude_failure(e));
-            parsed.outcome = Some(Outcome { success: !is_error, summary, cost_usd: cost, turns, failure });
+            let usage = e.get("usage").and_then(Usage::of_anthropic);
+            parsed.outcome = Some(Outcome { success: !is_error, usage, summary, cost_usd: cost, turns, failure });
         }
         _ => {}
     }
@@ -595,7 +648,16 @@ fn gemini_event(e: &Value, parsed: &mut Parsed) {
                     None => Failure::Agent,
                 }
             });
-            parsed.outcome = Some(Outcome { success, summary, cost_usd: None, turns: None, failure });
+            let n = |k: &str| e.pointer(&format!("/stats/{k}")).and_then(Value::as_u64);
+            let usage = n("input_tokens").map(|input| {
+                let cached = n("cached").unwrap_or(0);
+                Usage {
+                    input: input.saturating_sub(cached),
+                    cached_input: cached,
+                    output: n("output_tokens").unwrap_or(0),
+                }
+            });
+            parsed.outcome = Some(Outcome { success, usage, summary, cost_usd: None, turns: None, failure });
         }
         _ => {}
     }
@@ -661,7 +723,18 @@ fn codex_event(e: &Value, parsed: &mut Parsed) {
                 None => "success".to_string(),
             };
             parsed.lines.push(format!("result: {summary}"));
-            parsed.outcome = Some(Outcome { success: true, summary, cost_usd: None, turns: None, failure: None });
+            let n = |k: &str| e.pointer(&format!("/usage/{k}")).and_then(Value::as_u64);
+            // The Responses API counts cached tokens inside input_tokens.
+            let usage = n("input_tokens").map(|input| {
+                let cached = n("cached_input_tokens").unwrap_or(0);
+                Usage {
+                    input: input.saturating_sub(cached),
+                    cached_input: cached,
+                    output: n("output_tokens").unwrap_or(0),
+                }
+            });
+            parsed.outcome =
+                Some(Outcome { success: true, usage, summary, cost_usd: None, turns: None, failure: None });
         }
         Some("turn.failed") => {
             let summary = format!("error: {}", first_line(str_at(e, "/error/message").unwrap_or("turn failed")));
@@ -673,8 +746,14 @@ fn codex_event(e: &Value, parsed: &mut Parsed) {
                 Some("unauthorized") => Failure::Auth,
                 _ => Failure::Api { status: None },
             };
-            parsed.outcome =
-                Some(Outcome { success: false, summary, cost_usd: None, turns: None, failure: Some(failure) });
+            parsed.outcome = Some(Outcome {
+                success: false,
+                usage: None,
+                summary,
+                cost_usd: None,
+                turns: None,
+                failure: Some(failure),
+            });
         }
         Some("error") => parsed.lines.push(format!("error: {}", first_line(str_at(e, "/message").unwrap_or("?")))),
         _ => {}
@@ -704,6 +783,39 @@ mod tests {
             outcome = p.outcome.or(outcome);
         }
         (session, lines, outcome)
+    }
+
+    #[test]
+    fn tokens_and_cost_come_from_each_clis_own_events() {
+        let pricing = crate::config::Pricing { input: 3.0, cached_input: 0.3, output: 15.0 };
+        // (sample, format, tokens, cost the CLI reported)
+        let table = [
+            ("claude-text.jsonl", EventFormat::Claude, Usage { input: 12, cached_input: 0, output: 7 }, Some(0.000188)),
+            (
+                "claude-tool-use.jsonl",
+                EventFormat::Claude,
+                Usage { input: 24, cached_input: 0, output: 16 },
+                Some(0.000416),
+            ),
+            // The Responses API counts cached tokens inside input_tokens.
+            ("codex-text.jsonl", EventFormat::Codex, Usage { input: 15, cached_input: 5, output: 8 }, None),
+            ("codex-tool-use.jsonl", EventFormat::Codex, Usage { input: 30, cached_input: 10, output: 16 }, None),
+            ("gemini-text.jsonl", EventFormat::Gemini, Usage { input: 22, cached_input: 0, output: 12 }, None),
+        ];
+        for (sample, format, tokens, cost) in table {
+            let (_, _, outcome) = parse_all(format, &samples(sample));
+            let outcome = outcome.unwrap_or_else(|| panic!("{sample}: no outcome"));
+            assert_eq!(outcome.usage, Some(tokens), "{sample}");
+            assert_eq!(outcome.cost_usd.map(|c| (c * 1e6).round()), cost.map(|c| (c * 1e6_f64).round()), "{sample}");
+        }
+        let codex = Usage { input: 15, cached_input: 5, output: 8 };
+        assert!((codex.cost(&pricing) - (15.0 * 3.0 + 5.0 * 0.3 + 8.0 * 15.0) / 1e6).abs() < 1e-12);
+        // While a claude run goes on: each message's usage, counted once per message id.
+        let line = r#"{"type":"assistant","message":{"id":"m1","usage":{"input_tokens":12,"cache_read_input_tokens":100,"output_tokens":1},"content":[]}}"#;
+        assert_eq!(
+            parse_line(EventFormat::Claude, line).usage,
+            Some(("m1".into(), Usage { input: 12, cached_input: 100, output: 1 }))
+        );
     }
 
     #[test]

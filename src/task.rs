@@ -78,6 +78,8 @@ pub enum EndCause {
     PushFailed,
     /// The agent said it cannot go on (`signal blocked`, `AUTONOMOUS_SIGNAL:BLOCKED` or `FAILED`).
     Blocked,
+    /// The task spent its budget (`budget.perTaskUsd`): its run was stopped.
+    Budget,
 }
 
 impl EndCause {
@@ -100,6 +102,7 @@ impl EndCause {
             EndCause::CommitFailed => "commit_failed",
             EndCause::PushFailed => "push_failed",
             EndCause::Blocked => "blocked",
+            EndCause::Budget => "budget",
         }
     }
 
@@ -195,6 +198,8 @@ pub enum StopBy {
     Shutdown { why: String },
     /// `health.onStale` stops a stale run to run it again (`reassign`: on a fallback LLM first).
     Stale { reassign: bool },
+    /// The task spent its budget: it ends `budget`, and is not run again unless a person says so.
+    Budget { why: String },
 }
 
 /// Where a task is in its life. Serialized into the lockfile under `phase`.
@@ -832,7 +837,10 @@ impl SlotLock {
         use Effect::*;
         let stop = self.phase.stop().cloned();
         // What the agent said of its end wins over how the run ended, unless a person or a shutdown stopped it.
-        let said = self.signal.take().filter(|_| !matches!(stop, Some(StopBy::User | StopBy::Shutdown { .. })));
+        let said = self
+            .signal
+            .take()
+            .filter(|_| !matches!(stop, Some(StopBy::User | StopBy::Shutdown { .. } | StopBy::Budget { .. })));
         match said {
             Some(AgentSignal::NeedsInfo { question }) => {
                 self.phase = Phase::Waiting {
@@ -884,6 +892,9 @@ impl SlotLock {
             }
             Some(StopBy::Stale { reassign }) => {
                 wait(WaitFor::Retry, now, EndCause::Stopped, "stale: stopped to run it again".into(), reassign)
+            }
+            Some(StopBy::Budget { why }) => {
+                return self.end(Verdict { cause: EndCause::Budget, reason: Some(why), ..v });
             }
             None if v.cause == EndCause::UsageLimit => {
                 let until = v.resets_at.filter(|t| *t > now).unwrap_or(now + USAGE_LIMIT_GUESS);

@@ -41,6 +41,14 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// What `history --sum` groups by.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum SumByArg {
+    Issue,
+    Llm,
+    Day,
+}
+
 /// What `autodevctl signal` says.
 #[derive(Debug, Subcommand)]
 pub enum SignalWhat {
@@ -123,6 +131,9 @@ pub enum Command {
         /// What the conversation continues with: the answer to the agent's question (may start with '-')
         #[arg(long, allow_hyphen_values = true)]
         prompt: Option<String>,
+        /// Go on although the task spent its budget (budget.perTaskUsd)
+        #[arg(long)]
+        over_budget: bool,
         #[arg(long)]
         json: bool,
     },
@@ -163,6 +174,12 @@ pub enum Command {
         /// The last N runs
         #[arg(short = 'n', long = "lines", default_value_t = 50)]
         lines: usize,
+        /// Add the runs up: cost, tokens, time (of the history's last 8 MiB)
+        #[arg(long)]
+        sum: bool,
+        /// With --sum: one line per issue, LLM or local day
+        #[arg(long, requires = "sum")]
+        by: Option<SumByArg>,
         #[arg(long)]
         json: bool,
     },
@@ -600,7 +617,11 @@ pub fn run(cli: Cli) -> Result<(), CtlError> {
                 other => Err(unexpected(other)),
             }
         }
-        Command::Resume { slot, prompt, json } => match client.call(Request::Resume { slot, prompt })? {
+        Command::Resume { slot, prompt, over_budget, json } => match client.call(Request::Resume {
+            slot,
+            prompt,
+            over_budget,
+        })? {
             Reply::Resumed(a) if json => print_json(&a),
             Reply::Resumed(a) => {
                 let how = match &a.note {
@@ -638,11 +659,25 @@ pub fn run(cli: Cli) -> Result<(), CtlError> {
         Command::Doctor { .. } | Command::Completions { .. } | Command::Progress { .. } | Command::Signal { .. } => {
             unreachable!("handled before connecting")
         }
-        Command::History { issue, lines, json } => match client.call(Request::History { issue, limit: Some(lines) })? {
-            Reply::History { runs } if json => print_json(&runs),
-            Reply::History { runs } => emit(&render::history(&runs)),
-            other => Err(unexpected(other)),
-        },
+        Command::History { issue, sum: true, by, json, .. } => {
+            let by = by.map(|b| match b {
+                SumByArg::Issue => protocol::SumBy::Issue,
+                SumByArg::Llm => protocol::SumBy::Llm,
+                SumByArg::Day => protocol::SumBy::Day,
+            });
+            match client.call(Request::HistorySum { issue, by })? {
+                Reply::HistorySum { rows } if json => print_json(&rows),
+                Reply::HistorySum { rows } => emit(&render::history_sum(&rows)),
+                other => Err(unexpected(other)),
+            }
+        }
+        Command::History { issue, lines, json, .. } => {
+            match client.call(Request::History { issue, limit: Some(lines) })? {
+                Reply::History { runs } if json => print_json(&runs),
+                Reply::History { runs } => emit(&render::history(&runs)),
+                other => Err(unexpected(other)),
+            }
+        }
         Command::Logs { slot, lines, follow, raw, stderr } => {
             if follow {
                 client.set_timeout(None);

@@ -269,7 +269,8 @@ pub fn history(runs: &[crate::protocol::HistoryRun]) -> String {
         "ENDED", "SLOT", "ISSUE", "STATE", "CAUSE", "TOOK", "COST", "ATTEMPT"
     );
     for r in runs {
-        let cost = r.cost_usd.map_or("-".into(), |c| format!("${c:.2}"));
+        let mark = if r.cost_estimated { "~" } else { "" };
+        let cost = r.cost_usd.map_or("-".into(), |c| format!("{mark}${c:.2}"));
         let _ = writeln!(
             out,
             "{:<20}  {:<10} {:<6} {:<10} {:<14} {:>8} {:>7} {:>7}  {}",
@@ -283,6 +284,40 @@ pub fn history(runs: &[crate::protocol::HistoryRun]) -> String {
             r.runs.len().max(1),
             cut(r.reason.as_deref().unwrap_or(""), 60)
         );
+    }
+    out
+}
+
+/// `autodevctl history --sum`.
+pub fn history_sum(rows: &[crate::protocol::SumRow]) -> String {
+    if rows.is_empty() {
+        return "no finished runs yet\n".into();
+    }
+    let mut out = format!(
+        "{:<14} {:>6} {:>11} {:>12} {:>12} {:>10} {:>9}\n",
+        "", "RUNS", "COST", "INPUT", "CACHED", "OUTPUT", "TIME"
+    );
+    for r in rows {
+        let mark = if r.cost_estimated { "~" } else { "" };
+        let unknown = if r.runs_without_cost > 0 {
+            format!("  ({} run(s) without a cost)", r.runs_without_cost)
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            out,
+            "{:<14} {:>6} {:>11} {:>12} {:>12} {:>10} {:>9}{unknown}",
+            cut(&r.key, 14),
+            r.runs,
+            format!("{mark}${:.2}", r.cost_usd),
+            r.tokens.input,
+            r.tokens.cached_input,
+            r.tokens.output,
+            short_duration(r.duration_secs)
+        );
+    }
+    if rows.iter().any(|r| r.cost_estimated) {
+        out.push_str("~ partly estimated: tokens × llms.<name>.pricing, where the CLI reports no cost\n");
     }
     out
 }

@@ -55,9 +55,11 @@ enum Source {
 }
 
 /// Why an LLM cannot take a task now.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum Wait {
     UsageLimit(SystemTime),
+    /// The day's budget (all LLMs, or this one) is spent: why.
+    Budget(String),
     NoFreeSlot,
 }
 
@@ -65,6 +67,7 @@ impl Wait {
     fn say(self, llm: &str) -> String {
         match self {
             Wait::UsageLimit(until) => format!("{llm} waits out a usage limit until {}", rfc3339(until)),
+            Wait::Budget(why) => format!("{why}; nothing new until tomorrow"),
             Wait::NoFreeSlot => format!("no free {llm} slot"),
         }
     }
@@ -161,11 +164,11 @@ async fn take_what_fits(shared: &Arc<Shared>) {
         let Some(next) = next else {
             // Nothing from what is known fits: read the board (once) if the autopilot may take from it and some
             // LLM could take work.
-            let can_take = {
+            let (free, paused) = {
                 let table = shared.lock_table();
-                let paused = table.paused_llms(SystemTime::now());
-                table.llms_with_free_slots().iter().any(|l| !paused.contains_key(l))
+                (table.llms_with_free_slots(), table.paused_llms(SystemTime::now()))
             };
+            let can_take = free.iter().any(|l| !paused.contains_key(l) && super::budget::day_over(shared, l).is_none());
             if board_read || !can_take || !in_force(shared).0 || blocked(shared).is_some() {
                 return;
             }
@@ -342,6 +345,9 @@ fn plan(shared: &Shared, board: Option<&BoardRead>) -> Vec<Planned> {
         (free, table.paused_llms(now), table.llm_names(), (held, busy_slots))
     };
     let (held, busy_slots) = held;
+    // The day budgets stop the board feeding new work, not the local queue (a person's explicit wish).
+    let spent: BTreeMap<String, String> =
+        llms.iter().filter_map(|l| Some((l.clone(), super::budget::day_over(shared, l)?))).collect();
     let waits_for = |llm: &str, free: &BTreeMap<String, usize>| -> Option<Wait> {
         if let Some(until) = paused.get(llm) {
             return Some(Wait::UsageLimit(*until));
@@ -408,7 +414,10 @@ fn plan(shared: &Shared, board: Option<&BoardRead>) -> Vec<Planned> {
         }
         let labelled = item.labels.iter().find_map(|l| config.autopilot.llm_labels.get(l)).map(String::as_str);
         let mut llm = pick(labelled, &free);
-        let mut wait = llm.as_deref().and_then(|l| waits_for(l, &free));
+        let mut wait = llm.as_deref().and_then(|l| match spent.get(l) {
+            Some(why) => Some(Wait::Budget(why.clone())),
+            None => waits_for(l, &free),
+        });
         // A paused LLM's items go elsewhere only where retry.fallback says so.
         if matches!(wait, Some(Wait::UsageLimit(_)))
             && let Some(other) = config.retry.fallback.iter().find(|f| waits_for(f, &free).is_none())

@@ -204,6 +204,8 @@ fn exit_record(task: &Task) -> ExitRecord {
         duration_secs: now.duration_since(task.run_started_at).unwrap_or_default().as_secs(),
         session_id: record.session_id.clone(),
         cost_usd: task.cost_usd,
+        cost_estimated: task.cost_estimated,
+        tokens: task.usage,
         turns: task.turns,
         task_id: record.task_id.clone(),
         provider: record.provider.clone(),
@@ -230,6 +232,11 @@ fn record_run(shared: &Arc<Shared>, slot: &str) -> bool {
     let Some(task) = table.get_mut(slot).and_then(|s| s.task.as_mut()) else { return true };
     match result {
         Ok(()) => {
+            if already.is_none()
+                && let Some(cost) = exit.cost_usd
+            {
+                shared.spend.add(&exit.provider, cost);
+            }
             task.recorded_as = Some((exit.state.clone(), exit.end_cause));
             if exit.state == "completed" || exit.state == "failed" {
                 shared.note_outcome(exit.state == "completed", exit.duration_secs);

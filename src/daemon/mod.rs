@@ -2,6 +2,7 @@
 //! signals), and shutdown. Callable from tests and benchmarks through [`run`].
 
 mod autopilot;
+mod budget;
 mod clients;
 mod handle;
 mod health;
@@ -93,6 +94,8 @@ pub struct Shared {
     queue: queue::Queue,
     /// What the autopilot knows between polls.
     autopilot: Mutex<autopilot::Autopilot>,
+    /// What finished runs cost today, for the day budgets.
+    spend: budget::Spend,
 }
 
 /// How many finished runs the summary looks back on.
@@ -142,6 +145,11 @@ impl Shared {
 
     fn warnings(&self) -> Vec<String> {
         let mut warnings = self.warnings.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if self.config.raw.budget.per_day_usd.is_some()
+            && let Some(why) = budget::day_over(self, "")
+        {
+            warnings.push(format!("{why}: the autopilot takes nothing new until tomorrow"));
+        }
         warnings.extend(self.disk_full.lock().unwrap_or_else(|e| e.into_inner()).clone());
         warnings
     }
@@ -305,6 +313,7 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         git_identity: std::sync::OnceLock::new(),
         queue: queue::Queue::load(paths.state_dir.join("queue.json")),
         autopilot: autopilot::Autopilot::new(),
+        spend: budget::Spend::load(&paths.history_file()),
         paths: paths.clone(),
         config,
     });

@@ -155,6 +155,7 @@ fn show_last_finished(shared: &Shared, history: &[ExitRecord], locks: &[SlotLock
         let mut task = Task::idle(record_of_exit(shared, exit));
         task.exit = exit.exit_code.map(ExitInfo::Code);
         task.cost_usd = exit.cost_usd;
+        (task.cost_estimated, task.usage) = (exit.cost_estimated, exit.tokens);
         task.turns = exit.turns;
         (task.commits, task.changes) = (exit.commits, exit.changes);
         task.ended_at = parse_rfc3339(&exit.ended_at);
@@ -465,10 +466,12 @@ async fn apply_policy(shared: &Arc<Shared>, abandoned: Vec<String>) {
                 // Said in status only: the same facts give the same verdict at the next start.
                 let _ = drive(shared, &slot, Event::FoundDead { reason: why });
             }
-            OnAbandoned::Resume => match super::handle::resume(shared, &slot, true, None).await {
-                Ok(_) => tracing::info!(slot, "resumed automatically (onAbandoned=resume)"),
-                Err(e) => tracing::warn!(slot, "automatic resume failed: {}", e.message),
-            },
+            OnAbandoned::Resume => {
+                match super::handle::resume(shared, &slot, super::handle::ResumeBy::Policy { counted: true }).await {
+                    Ok(_) => tracing::info!(slot, "resumed automatically (onAbandoned=resume)"),
+                    Err(e) => tracing::warn!(slot, "automatic resume failed: {}", e.message),
+                }
+            }
         }
     }
 }

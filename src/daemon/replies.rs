@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use super::Shared;
-use super::handle::resume;
+use super::handle::{ResumeBy, resume};
 use crate::task::{Phase, WaitFor};
 use crate::timefmt::parse_rfc3339;
 
@@ -24,7 +24,7 @@ pub(super) async fn run(shared: Arc<Shared>) {
             match answer(&shared, issue, &asked_at).await {
                 Ok(Some(text)) => {
                     tracing::info!(slot, issue, "a reply came on the issue: resuming the conversation with it");
-                    if let Err(e) = resume(&shared, &slot, false, Some(&text)).await {
+                    if let Err(e) = resume(&shared, &slot, ResumeBy::Reply(&text)).await {
                         tracing::warn!(slot, issue, "cannot resume with the reply: {}", e.message);
                     }
                 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use super::Shared;
-use super::handle::resume;
+use super::handle::{ResumeBy, resume};
 use super::life::drive;
 use super::runs::{RunKind, start_run};
 use super::slots::Task;
@@ -29,12 +29,12 @@ pub(super) async fn start_next(shared: &Arc<Shared>, slot: &str, fallback: bool)
         match move_to_fallback(shared, slot).await {
             Err(why) if own_enabled => {
                 tracing::info!(slot, "{why}; retrying in its own slot");
-                resume(shared, slot, counted, None).await.map(drop).map_err(|e| e.message)
+                resume(shared, slot, ResumeBy::Policy { counted }).await.map(drop).map_err(|e| e.message)
             }
             other => other,
         }
     } else {
-        resume(shared, slot, counted, None).await.map(drop).map_err(|e| e.message)
+        resume(shared, slot, ResumeBy::Policy { counted }).await.map(drop).map_err(|e| e.message)
     };
     if let Err(why) = outcome {
         tracing::warn!(slot, "the next run could not start: {why}");

@@ -537,13 +537,21 @@ async fn follow_run(
     let slot = {
         let mut table = shared.lock_table();
         let slot = table.slots.iter().find(|s| s.task.as_ref().is_some_and(|t| t.record.run_id == run_id));
+        let pricing = slot.and_then(|s| table.providers[s.provider].pricing);
         let name = slot.map(|s| s.name.clone());
         if let Some(task) = table.task_of_run(&run_id) {
             task.exit = exit.ok();
             task.group_released = true;
             if let Some(o) = &outcome {
-                task.cost_usd = o.cost_usd;
+                task.usage = o.usage.or(task.usage);
                 task.turns = o.turns;
+                (task.cost_usd, task.cost_estimated) = match o.cost_usd {
+                    Some(cost) => (Some(cost), false),
+                    None => match (task.usage, pricing) {
+                        (Some(usage), Some(pricing)) => (Some(usage.cost(&pricing)), true),
+                        _ => (None, false),
+                    },
+                };
             }
         }
         name
@@ -732,19 +740,34 @@ async fn fail_run_if_follower_dies(shared: Arc<Shared>, run_id: String, follower
 /// Copies the follower's view into the slot, under the lock, and wakes `logs -f` readers. A newly seen session id
 /// goes into the lockfile at once: it is what a resume needs.
 fn publish(shared: &Arc<Shared>, run_id: &str, preview: &Preview, findings: &mut Findings) {
+    let mut over_budget = false;
     let (new_session, revived, signals, slot) = {
         let mut table = shared.lock_table();
+        let pricing = table
+            .slots
+            .iter()
+            .find(|s| s.task.as_ref().is_some_and(|t| t.record.run_id == run_id))
+            .and_then(|s| table.providers[s.provider].pricing);
         let Some(task) = table.task_of_run(run_id) else { return };
         if findings.new_bytes == 0
             && findings.session_id.is_none()
             && findings.progress.is_none()
             && findings.rate_limit.is_none()
             && findings.signals.is_empty()
+            && !findings.usage_changed
         {
             return;
         }
         if std::mem::take(&mut findings.said_changed) {
             task.said = Some(findings.said.clone());
+        }
+        if std::mem::take(&mut findings.usage_changed) {
+            task.usage = Some(findings.usage);
+            // A cost while it runs is tokens × pricing: no CLI reports its cost before the end.
+            if let Some(pricing) = pricing {
+                (task.cost_usd, task.cost_estimated) = (Some(findings.usage.cost(&pricing)), true);
+                over_budget = true;
+            }
         }
         let mut revived = false;
         if findings.new_bytes > 0 {
@@ -776,6 +799,9 @@ fn publish(shared: &Arc<Shared>, run_id: &str, preview: &Preview, findings: &mut
     if let Some(slot) = revived {
         let _ = drive(shared, &slot, Event::Alive);
     }
+    if over_budget {
+        check_task_budget(shared, &slot, run_id);
+    }
     for signal in signals {
         tracing::info!(slot = %slot, "the agent signalled {signal:?}");
         if let Err(e) = drive(shared, &slot, Event::Signal(signal)) {
@@ -786,6 +812,35 @@ fn publish(shared: &Arc<Shared>, run_id: &str, preview: &Preview, findings: &mut
         && let Err(e) = shared.write_lock(&record)
     {
         tracing::error!(run = %run_id, "cannot record the session id in the lockfile: {e}");
+    }
+}
+
+/// Stops the run of `slot` once its task has spent `budget.perTaskUsd` (its finished runs and this one so far).
+fn check_task_budget(shared: &Arc<Shared>, slot: &str, run_id: &str) {
+    if shared.config.raw.budget.per_task_usd.is_none() {
+        return;
+    }
+    let over = {
+        let table = shared.lock_table();
+        let Some(task) = table.get(slot).and_then(|s| s.task.as_ref()) else { return };
+        if task.record.run_id != run_id || task.record.phase.stop().is_some() {
+            return;
+        }
+        // The finished runs' costs are read once per run (a few small files), then kept.
+        let finished = *task.finished_cost.get_or_init(|| super::budget::finished_runs_cost(shared, task));
+        let limit = shared.config.raw.budget.per_task_usd.unwrap_or(f64::MAX);
+        let spent = finished + task.cost_usd.unwrap_or(0.0);
+        (spent >= limit).then(|| {
+            format!(
+                "stopped: issue #{} spent ~${spent:.2} of its ${limit:.2} budget (budget.perTaskUsd); `autodevctl \
+                 resume {slot} --over-budget` goes on",
+                task.issue()
+            )
+        })
+    };
+    if let Some(why) = over {
+        tracing::warn!(slot, "{why}");
+        let _ = drive(shared, slot, Event::StopAsked(crate::task::StopBy::Budget { why }));
     }
 }
 

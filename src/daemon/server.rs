@@ -234,12 +234,14 @@ async fn handle(
             let peer = stream.peer_cred().ok().and_then(|c| c.pid());
             handle::progress(shared, &slot, &run_id, percent, &message, peer).unwrap_or_else(Reply::Error)
         }
+        Request::HistorySum { issue, by } => handle::history_sum(shared, issue, by).await.unwrap_or_else(Reply::Error),
         Request::History { issue, limit } => handle::history(shared, issue, limit).await.unwrap_or_else(Reply::Error),
         Request::Stop { slot } => {
             handle::stop(shared, &slot, crate::task::StopBy::User).await.unwrap_or_else(Reply::Error)
         }
-        Request::Resume { slot, prompt } => {
-            handle::resume(shared, &slot, false, prompt.as_deref()).await.unwrap_or_else(Reply::Error)
+        Request::Resume { slot, prompt, over_budget } => {
+            let how = handle::ResumeBy::Person { answer: prompt.as_deref(), over_budget };
+            handle::resume(shared, &slot, how).await.unwrap_or_else(Reply::Error)
         }
         Request::Signal { slot, run_id, signal } => {
             let peer = stream.peer_cred().ok().and_then(|c| c.pid());

@@ -39,6 +39,10 @@ pub struct Task {
     /// How the current run's process ended, once it has.
     pub exit: Option<ExitInfo>,
     pub cost_usd: Option<f64>,
+    /// The cost is tokens × `llms.<name>.pricing`, not what the CLI reported.
+    pub cost_estimated: bool,
+    /// Tokens of the current run: its final count, or what it reported so far.
+    pub usage: Option<crate::provider::Usage>,
     pub turns: Option<u64>,
     /// The console preview as of the follower's last batch.
     pub preview: Vec<String>,
@@ -51,6 +55,8 @@ pub struct Task {
     pub changes: Option<bool>,
     /// The agent's last message in its current run (bounded): for its pull request and its issue.
     pub said: Option<String>,
+    /// What the task's finished runs cost, read once per run for its budget.
+    pub finished_cost: std::sync::OnceLock<f64>,
     /// Adopted after a restart: not our child, so its exit code cannot be known.
     pub adopted: bool,
     pub signal: Arc<watch::Sender<RunSignal>>,
@@ -101,12 +107,15 @@ impl Task {
             ended_at: None,
             exit: None,
             cost_usd: None,
+            cost_estimated: false,
+            usage: None,
             turns: None,
             preview: Vec::new(),
             group_released: false,
             commits: None,
             changes: None,
             said: None,
+            finished_cost: std::sync::OnceLock::new(),
             adopted: false,
             signal: Arc::new(watch::channel(RunSignal::default()).0),
             health: Health::default(),
@@ -518,6 +527,8 @@ impl SlotTable {
                 per_secs: allowance.per.as_secs(),
             }),
             cost_usd: t.cost_usd,
+            cost_estimated: t.cost_estimated,
+            tokens: t.usage,
             turns: t.turns,
             console_preview: t.preview.clone(),
             heartbeat_at: Some(rfc3339(t.heartbeat())),

@@ -279,8 +279,20 @@ pub fn render(s: &Snapshot) -> String {
     if let Some(reason) = &row.reason {
         summary.push_str(&format!("{}\n", redact.clean(reason)));
     }
+    let spend = match (row.cost_usd, row.tokens) {
+        (cost, Some(t)) => format!(
+            " · {} tokens ({} in, {} cached, {} out){}",
+            t.total(),
+            t.input,
+            t.cached_input,
+            t.output,
+            cost.map(|c| format!(" · {}${c:.2}", if row.cost_estimated { "~" } else { "" })).unwrap_or_default()
+        ),
+        (Some(c), None) => format!(" · ${c:.2}"),
+        (None, None) => String::new(),
+    };
     summary.push_str(&format!(
-        "cpu {:.0}% · memory {:.0} MB · last heartbeat {}\n",
+        "cpu {:.0}% · memory {:.0} MB · last heartbeat {}{spend}\n",
         row.cpu_percent.unwrap_or(0.0),
         row.memory_mb.unwrap_or(0.0),
         row.heartbeat_at.as_deref().unwrap_or("-")

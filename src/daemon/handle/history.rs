@@ -3,7 +3,8 @@
 use crate::daemon::Shared;
 use crate::ledger;
 use crate::protocol::refuse;
-use crate::protocol::{ErrorKind, ErrorReply, HistoryRun, Reply};
+use crate::protocol::{ErrorKind, ErrorReply, HistoryRun, Reply, SumBy, SumRow};
+use crate::timefmt::{local_day, parse_rfc3339};
 
 /// Handles `history`: finished runs from history.jsonl (its last 8 MiB), newest last.
 pub(in crate::daemon) async fn history(
@@ -30,6 +31,53 @@ pub(in crate::daemon) async fn history(
     Ok(Reply::History { runs: runs.split_off(skip).into_iter().map(history_run).collect() })
 }
 
+/// Handles `history --sum`: the runs of the history's last 8 MiB, added up (by issue, LLM or local day).
+pub(in crate::daemon) async fn history_sum(
+    shared: &Shared,
+    issue: Option<u64>,
+    by: Option<SumBy>,
+) -> Result<Reply, ErrorReply> {
+    let path = shared.paths.history_file();
+    let read = tokio::task::spawn_blocking(move || ledger::read_history_tail(&path, 8 << 20)).await;
+    let runs = match read {
+        Ok(Ok(runs)) => runs,
+        Ok(Err(e)) => return Err(refuse(ErrorKind::Failed, format!("cannot read the history: {e}"), None)),
+        Err(e) => return Err(refuse(ErrorKind::Failed, format!("internal error: {e}"), None)),
+    };
+    Ok(Reply::HistorySum { rows: sum_runs(runs.iter().filter(|r| issue.is_none_or(|i| r.issue == i)), by) })
+}
+
+/// Adds runs up, in the order their keys first appear (days and issues come oldest first).
+pub fn sum_runs<'a>(runs: impl Iterator<Item = &'a ledger::ExitRecord>, by: Option<SumBy>) -> Vec<SumRow> {
+    let mut rows: Vec<SumRow> = Vec::new();
+    for r in runs {
+        let key = match by {
+            None => "all".to_string(),
+            Some(SumBy::Issue) => format!("#{}", r.issue),
+            Some(SumBy::Llm) => r.provider.clone(),
+            Some(SumBy::Day) => parse_rfc3339(&r.ended_at).map_or_else(|| "?".into(), local_day),
+        };
+        let row = match rows.iter().position(|row| row.key == key) {
+            Some(i) => &mut rows[i],
+            None => {
+                rows.push(SumRow { key, ..SumRow::default() });
+                rows.last_mut().expect("just pushed")
+            }
+        };
+        row.runs += 1;
+        match r.cost_usd {
+            Some(cost) => row.cost_usd += cost,
+            None => row.runs_without_cost += 1,
+        }
+        row.cost_estimated |= r.cost_estimated;
+        if let Some(tokens) = r.tokens {
+            row.tokens.add(tokens);
+        }
+        row.duration_secs += r.duration_secs;
+    }
+    rows
+}
+
 /// A history line as the protocol shows it.
 fn history_run(r: ledger::ExitRecord) -> HistoryRun {
     HistoryRun {
@@ -48,6 +96,8 @@ fn history_run(r: ledger::ExitRecord) -> HistoryRun {
         duration_secs: r.duration_secs,
         session_id: r.session_id,
         cost_usd: r.cost_usd,
+        cost_estimated: r.cost_estimated,
+        tokens: r.tokens,
         turns: r.turns,
         runs: r.runs,
         branch: r.branch,

@@ -12,10 +12,10 @@ mod stop;
 mod workspaces;
 
 pub(super) use assign::assign;
-pub(super) use history::history;
+pub(super) use history::{history, history_sum};
 pub(super) use progress::progress;
 pub(super) use release::release;
-pub(super) use resume::resume;
+pub(super) use resume::{ResumeBy, resume};
 pub(super) use signal::signal;
 pub(super) use stop::{stop, stop_all};
 pub(super) use workspaces::workspaces;

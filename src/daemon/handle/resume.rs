@@ -19,15 +19,24 @@ use crate::task::{EndCause, Event, Verdict};
 /// The longest answer a resume takes (what `assign` takes as a prompt).
 const MAX_ANSWER: usize = 1 << 20;
 
+/// Who resumes a task, which decides what the next run continues with and which rules apply.
+#[derive(Debug, Clone, Copy)]
+pub(in crate::daemon) enum ResumeBy<'a> {
+    /// `autodevctl resume`: with an answer to the agent's question, and leave to go over the task's budget.
+    Person { answer: Option<&'a str>, over_budget: bool },
+    /// A reply comment on the task's issue.
+    Reply(&'a str),
+    /// A policy (a retry, the end of a wait, `onAbandoned: resume`); `counted` uses the restart allowance.
+    Policy { counted: bool },
+}
+
 /// Handles `resume`: a new run of the slot's abandoned, waiting, failed or stopped task, in the same conversation.
-/// `counted`: an automatic resume, which uses the task's restart allowance. `answer`: a person's answer to the
-/// agent's question, which the conversation continues with.
-pub(in crate::daemon) async fn resume(
-    shared: &Arc<Shared>,
-    slot: &str,
-    counted: bool,
-    answer: Option<&str>,
-) -> Result<Reply, ErrorReply> {
+pub(in crate::daemon) async fn resume(shared: &Arc<Shared>, slot: &str, by: ResumeBy<'_>) -> Result<Reply, ErrorReply> {
+    let (counted, answer, over_budget) = match by {
+        ResumeBy::Person { answer, over_budget } => (false, answer, over_budget),
+        ResumeBy::Reply(text) => (false, Some(text), false),
+        ResumeBy::Policy { counted } => (counted, None, false),
+    };
     if answer.is_some_and(|a| a.trim().is_empty()) {
         return Err(refuse(ErrorKind::BadRequest, "the prompt is empty".into(), None));
     }
@@ -73,6 +82,16 @@ pub(in crate::daemon) async fn resume(
                 ErrorKind::Conflict,
                 format!("LLM {:?} is disabled", provider.name),
                 Some(format!("set llms.{}.enabled to true, then resume", provider.name)),
+            ));
+        }
+        if !over_budget
+            && let Some(why) =
+                table.slots[index].task.as_ref().and_then(|t| crate::daemon::budget::task_over(shared, t))
+        {
+            return Err(refuse(
+                ErrorKind::Conflict,
+                why,
+                Some(format!("`autodevctl resume {slot} --over-budget` to go on anyway")),
             ));
         }
         let task = table.slots[index].task.as_mut().expect("checked above");
