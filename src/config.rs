@@ -112,6 +112,41 @@ impl Default for PushConfig {
     }
 }
 
+/// `notifications`: where events go. Read from the raw section (whose URLs the redactor also knows as secrets).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct NotificationsConfig {
+    /// argv run with the event's JSON on stdin (`["notify-send-autodev"]`).
+    pub command: Option<Vec<String>>,
+    pub webhooks: Vec<WebhookConfig>,
+    pub slack: ChatWebhook,
+    pub discord: ChatWebhook,
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, Value>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookConfig {
+    pub url: String,
+    /// Only these events (all when absent).
+    #[serde(default)]
+    pub events: Option<Vec<String>>,
+}
+
+/// The seed's `notifications.slack` / `notifications.discord`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ChatWebhook {
+    pub webhook_url: Option<String>,
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, Value>,
+}
+
+/// The events people can be told of.
+pub const NOTIFICATION_EVENTS: [&str; 9] =
+    ["completed", "failed", "stale", "needs_info", "blocked", "usage_limit", "abandoned", "pr_opened", "budget"];
+
 /// `llms.<name>.pricing`: dollars per million tokens.
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase", default)]
@@ -633,6 +668,36 @@ impl Config {
         if !(1.0..=86_400.0).contains(&self.raw.github.retry_max_secs) {
             return Err(invalid("github.retryMaxSecs".into(), "must be between 1 and 86400".into()));
         }
+        if !self.raw.notifications.is_null() {
+            let parsed: NotificationsConfig = serde_json::from_value(self.raw.notifications.clone())
+                .map_err(|e| invalid("notifications".into(), format!("{e}")))?;
+            if parsed.command.as_ref().is_some_and(|c| c.is_empty() || c[0].is_empty()) {
+                return Err(invalid("notifications.command".into(), "give the program and its arguments".into()));
+            }
+            let urls = parsed.webhooks.iter().map(|w| Some(w.url.as_str()));
+            let chats = [parsed.slack.webhook_url.as_deref(), parsed.discord.webhook_url.as_deref()];
+            for (i, url) in urls.chain(chats).enumerate() {
+                // The URL itself is a secret: the error names the entry, never the URL.
+                if let Some(url) = url
+                    && !(url.starts_with("https://") || url.starts_with("http://"))
+                {
+                    return Err(invalid(
+                        format!("notifications (webhook {})", i + 1),
+                        "a webhook URL must start with https:// or http://".into(),
+                    ));
+                }
+            }
+            for (i, hook) in parsed.webhooks.iter().enumerate() {
+                for event in hook.events.iter().flatten() {
+                    if !NOTIFICATION_EVENTS.contains(&event.as_str()) {
+                        return Err(invalid(
+                            format!("notifications.webhooks[{i}].events"),
+                            format!("{event:?} is no event (events: {})", NOTIFICATION_EVENTS.join(", ")),
+                        ));
+                    }
+                }
+            }
+        }
         let autopilot = &self.raw.autopilot;
         if !(0.1..=86_400.0).contains(&autopilot.poll_secs) {
             return Err(invalid("autopilot.pollSecs".into(), "must be between 0.1 and 86400".into()));
@@ -746,6 +811,13 @@ impl ProjectFields {
     /// `project.fields.priority.fieldName`: the SINGLE_SELECT field whose option order is the autopilot's order.
     pub fn priority_name(&self) -> String {
         self.priority.pointer("/fieldName").and_then(Value::as_str).unwrap_or("Priority").to_string()
+    }
+}
+
+impl Config {
+    /// The `notifications` section as autodevd acts on it (checked by `validate`).
+    pub fn notifications(&self) -> NotificationsConfig {
+        serde_json::from_value(self.raw.notifications.clone()).unwrap_or_default()
     }
 }
 

@@ -235,6 +235,9 @@ pub struct Findings {
     seen_markers: std::collections::HashSet<String>,
     /// The last event was a piece of the message in `said`: a streamed piece after it continues that message.
     said_open: bool,
+    /// The message's current line, not yet ended (bounded): markers are read from whole lines as they arrive,
+    /// whatever the length of the message.
+    said_line: String,
     /// Tokens reported so far while the run goes on, and whether that changed since it was last taken.
     pub usage: Usage,
     pub usage_changed: bool,
@@ -249,6 +252,8 @@ const USAGE_MESSAGES: usize = 10_000;
 
 /// The longest last message kept for the pull request and the issue.
 const SAID_MAX: usize = 16 * 1024;
+/// The longest line read for a signal marker (a marker with its question fits many times over).
+const SIGNAL_LINE_MAX: usize = 8 * 1024;
 
 impl Findings {
     /// Takes in an assistant message (or a streamed piece of one) and the signals in its complete lines.
@@ -265,7 +270,21 @@ impl Findings {
         }
         self.said.push_str(&text[..cut]);
         self.said_changed = true;
-        self.scan_markers(false);
+        let mut pieces = text.split('\n').peekable();
+        while let Some(piece) = pieces.next() {
+            if self.said_line.len() < SIGNAL_LINE_MAX {
+                let room = SIGNAL_LINE_MAX - self.said_line.len();
+                let mut cut = piece.len().min(room);
+                while !piece.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                self.said_line.push_str(&piece[..cut]);
+            }
+            if pieces.peek().is_some() {
+                // The line ended.
+                self.scan_markers(true);
+            }
+        }
     }
 
     /// Takes in a message's token report: the newest report of a message replaces its earlier ones.
@@ -283,19 +302,16 @@ impl Findings {
         self.usage_changed = true;
     }
 
-    /// Signals in the message's lines; its last line only once it is complete (`whole`, or followed by a newline).
+    /// Takes the current line as ended (`whole`: the message or the line ended) and reads a signal from it.
     fn scan_markers(&mut self, whole: bool) {
-        let complete = if whole || self.said.ends_with('\n') {
-            self.said.as_str()
-        } else {
-            self.said.rsplit_once('\n').map_or("", |(done, _)| done)
-        };
-        for line in complete.lines() {
-            if let Some(signal) = crate::task::AgentSignal::from_marker_line(line)
-                && self.seen_markers.insert(line.trim().to_string())
-            {
-                self.signals.push(signal);
-            }
+        if !whole {
+            return;
+        }
+        let line = std::mem::take(&mut self.said_line);
+        if let Some(signal) = crate::task::AgentSignal::from_marker_line(&line)
+            && self.seen_markers.insert(line.trim().to_string())
+        {
+            self.signals.push(signal);
         }
     }
 }

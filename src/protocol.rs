@@ -170,6 +170,8 @@ pub const STDERR_MARK: &str = "stderr: ";
 /// The variable through which autodevd hands the GitHub token to `autodevctl` acting as git's `GIT_ASKPASS` (set
 /// only in the environment of the one `git push` that may need it).
 pub const ASKPASS_TOKEN_VAR: &str = "AUTODEV_ASKPASS_TOKEN";
+/// The only host the askpass answers for (git names it in its prompt).
+pub const ASKPASS_HOST_VAR: &str = "AUTODEV_ASKPASS_HOST";
 
 /// A refusal or failure for the client, with what to do about it.
 pub fn refuse(kind: ErrorKind, message: String, hint: Option<String>) -> ErrorReply {

@@ -556,12 +556,33 @@ pub async fn clear_lock_holders(lock: &Path, pgid: Option<i32>, grace: Duration)
 /// the orphan reaper under the same lock as the spawn, so the reaper never takes its exit status; after `timeout`
 /// it is killed.
 pub fn run_command(command: &mut Command, timeout: Duration) -> io::Result<std::process::Output> {
+    run_command_with_input(command, None, timeout)
+}
+
+/// [`run_command`] with `input` written to the command's stdin (then closed).
+pub fn run_command_with_input(
+    command: &mut Command,
+    input: Option<&[u8]>,
+    timeout: Duration,
+) -> io::Result<std::process::Output> {
     // Its own group, so a timeout also ends what it started (ssh, credential helpers, hooks) and the pipes close.
-    command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
+    let stdin = if input.is_some() { Stdio::piped() } else { Stdio::null() };
+    command.stdin(stdin).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
     restore_fd_limit(command);
     let mut tracked = tracked();
-    let child = command.spawn()?;
+    let mut child = command.spawn()?;
     let pid = child.id() as i32;
+    let writer = match (input, child.stdin.take()) {
+        // A thread, so a command that does not read its stdin cannot block us past the timeout.
+        (Some(input), Some(mut stdin)) => {
+            let input = input.to_vec();
+            Some(std::thread::spawn(move || {
+                use std::io::Write;
+                let _ = stdin.write_all(&input);
+            }))
+        }
+        _ => None,
+    };
     tracked.get_or_insert_with(HashSet::new).insert(pid);
     drop(tracked);
     let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
@@ -574,6 +595,9 @@ pub fn run_command(command: &mut Command, timeout: Duration) -> io::Result<std::
     let output = child.wait_with_output();
     let _ = done_tx.send(());
     let _ = watchdog.join();
+    if let Some(writer) = writer {
+        let _ = writer.join();
+    }
     untrack(pid);
     output
 }

@@ -333,8 +333,9 @@ pub struct PushJob<'a> {
     pub secrets: &'a [String],
     /// The agent's clean environment (the user's git identity among it).
     pub env: &'a [(String, String)],
-    /// `GIT_ASKPASS` program and the token it hands to git when the user's own credentials do not answer.
-    pub askpass: Option<(&'a Path, &'a str)>,
+    /// `GIT_ASKPASS` program, the token it hands to git when the user's own credentials do not answer, and the
+    /// only host it is for (GitHub's).
+    pub askpass: Option<(&'a Path, &'a str, &'a str)>,
 }
 
 /// Pushes the task's branch to its remote, never forced. Refused, naming the file, when a commit beyond the base
@@ -358,13 +359,31 @@ pub fn push(job: &PushJob) -> Result<(), String> {
     let failed = |why: String| {
         format!("pushing {} to {} failed (the work is committed on the local branch): {why}", job.branch, job.remote)
     };
+    // The token only for an https remote on GitHub's host: the remote's URL is the repository's config, which the
+    // agent could have pointed elsewhere.
+    let push_url = git(job.worktree, &["remote", "get-url", "--push", job.remote]).unwrap_or_default();
+    let askpass = job.askpass.filter(|(_, _, host)| {
+        push_url.parse::<http::Uri>().is_ok_and(|u| u.scheme_str() == Some("https") && u.host() == Some(host))
+    });
     let mut command = Command::new("git");
-    command.arg("-C").arg(job.worktree).args(["push", "--porcelain", "--", job.remote, &refspec]);
+    command.arg("-C").arg(job.worktree);
+    if askpass.is_some() {
+        // The token is in this command's environment: no hook (files the agent may have written) runs with it.
+        command.args(["-c", "core.hooksPath=/dev/null"]);
+    }
+    command.args(["push", "--porcelain"]);
+    if askpass.is_some() {
+        command.arg("--no-verify");
+    }
+    command.args(["--", job.remote, &refspec]);
     command.env_clear().envs(job.env.iter().map(|(k, v)| (k, v))).env("GIT_TERMINAL_PROMPT", "0");
-    if let Some((program, token)) = job.askpass {
+    if let Some((program, token, host)) = askpass {
         // git asks its credential helpers first: the user's own credentials win; the token is the fallback, given
         // through the environment of this one command (never argv, never the remote's URL).
-        command.env("GIT_ASKPASS", program).env(crate::protocol::ASKPASS_TOKEN_VAR, token);
+        command
+            .env("GIT_ASKPASS", program)
+            .env(crate::protocol::ASKPASS_TOKEN_VAR, token)
+            .env(crate::protocol::ASKPASS_HOST_VAR, host);
     }
     let output = run_command(&mut command, PUSH_TIMEOUT).map_err(|e| failed(format!("cannot run git: {e}")))?;
     if output.status.success() {

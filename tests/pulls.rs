@@ -222,7 +222,7 @@ fn the_pull_request_the_agent_reported_is_the_one_updated() {
 
 #[test]
 fn git_gets_the_token_from_autodevctl_as_its_askpass_and_only_from_that_environment() {
-    let fill = |token: Option<&str>| {
+    let fill = |token: Option<&str>, host: &str| {
         let home = tempfile::tempdir().unwrap();
         let mut git = std::process::Command::new("git");
         git.args(["credential", "fill"])
@@ -232,6 +232,7 @@ fn git_gets_the_token_from_autodevctl_as_its_askpass_and_only_from_that_environm
             .env("GIT_CONFIG_NOSYSTEM", "1")
             .env("GIT_TERMINAL_PROMPT", "0")
             .env("GIT_ASKPASS", env!("CARGO_BIN_EXE_autodevctl"))
+            .env("AUTODEV_ASKPASS_HOST", "github.com")
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
@@ -240,14 +241,18 @@ fn git_gets_the_token_from_autodevctl_as_its_askpass_and_only_from_that_environm
         }
         let mut child = git.spawn().unwrap();
         use std::io::Write;
-        child.stdin.take().unwrap().write_all(b"protocol=https\nhost=github.com\npath=octo/widgets.git\n\n").unwrap();
+        let request = format!("protocol=https\nhost={host}\npath=octo/widgets.git\n\n");
+        child.stdin.take().unwrap().write_all(request.as_bytes()).unwrap();
         let out = child.wait_with_output().unwrap();
         (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
     };
-    let (ok, out) = fill(Some("ghp_from_the_daemon"));
+    let (ok, out) = fill(Some("ghp_from_the_daemon"), "github.com");
     assert!(ok, "{out}");
     assert!(out.contains("username=x-access-token\n") && out.contains("password=ghp_from_the_daemon\n"), "{out}");
     // Without the variable autodevctl is no askpass: git gets no password.
-    let (ok, out) = fill(None);
+    let (ok, out) = fill(None, "github.com");
     assert!(!ok || !out.contains("password="), "{out}");
+    // A remote rewritten to another host (insteadOf, an edited URL) never gets the token.
+    let (ok, out) = fill(Some("ghp_from_the_daemon"), "evil.example");
+    assert!(!ok || !out.contains("ghp_from_the_daemon"), "{out}");
 }

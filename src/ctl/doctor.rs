@@ -74,6 +74,24 @@ pub fn run(config_flag: Option<&Path>, paths: &Paths) -> Vec<Check> {
     }
     let workspace = config.workspace_dir(&cwd);
     checks.extend(git_setup(&config, &workspace));
+    let notifications = config.notifications();
+    if let Some(argv) = notifications.command.as_ref().filter(|a| !a.is_empty()) {
+        checks.push(match locate(&argv[0]) {
+            Some(path) => pass("notifications", format!("command {}", path.display())),
+            None => fail(
+                "notifications",
+                format!("notifications.command {:?} is not found", argv[0]),
+                "install it, or give its full path",
+            ),
+        });
+    }
+    let hooks = notifications.webhooks.len()
+        + usize::from(notifications.slack.webhook_url.is_some())
+        + usize::from(notifications.discord.webhook_url.is_some());
+    if hooks > 0 {
+        // Whether they answer shows in `autodevctl status` (warnings) once an event was sent.
+        checks.push(pass("notifications", format!("{hooks} webhook(s); failures show in `autodevctl status`")));
+    }
     if config.raw.autopilot.enabled {
         let status = &config.raw.project.fields.status;
         checks.push(match (&status.blocked_value, config.raw.project.enabled) {

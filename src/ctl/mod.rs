@@ -390,9 +390,16 @@ fn unexpected(reply: Reply) -> CtlError {
 /// for every ordinary command line.
 pub fn askpass_answer() -> Option<String> {
     let token = std::env::var(protocol::ASKPASS_TOKEN_VAR).ok()?;
+    let host = std::env::var(protocol::ASKPASS_HOST_VAR).ok()?;
     let mut args = std::env::args_os().skip(1);
     let prompt = args.next()?.into_string().ok()?;
     if args.next().is_some() {
+        return None;
+    }
+    // git's prompt names the URL it asks for (`Password for 'https://x-access-token@github.com': `): the token
+    // goes only to the GitHub host autodevd pushes to, never to a host a rewritten remote points at.
+    let for_host = prompt.contains(&format!("//{host}'")) || prompt.contains(&format!("@{host}'"));
+    if !for_host {
         return None;
     }
     if prompt.starts_with("Username") {

@@ -39,7 +39,14 @@ pub(super) struct Autopilot {
     refused: HashMap<u64, String>,
     /// Turns of the loop so far (each looks at what waits, reading the board only when it may take from it).
     turns: u64,
+    /// The last board read failed: nothing is taken from the board until one succeeds.
+    failing: bool,
+    /// Local tasks whose start failed, with when to try again and why.
+    local_backoff: HashMap<u64, (Instant, String)>,
 }
+
+/// How long a queued task whose start failed waits before the next try.
+const LOCAL_BACKOFF: Duration = Duration::from_secs(60);
 
 impl Autopilot {
     pub(super) fn new() -> Mutex<Autopilot> {
@@ -155,6 +162,14 @@ async fn take_what_fits(shared: &Arc<Shared>) {
     if shared.shutting_down.load(std::sync::atomic::Ordering::SeqCst) {
         return;
     }
+    if shared.config.raw.budget.per_day_usd.is_some()
+        && let Some(why) = super::budget::day_over(shared, "")
+    {
+        // Once a day (the key is the day).
+        let mut event = super::notify::Event::new("budget");
+        event.reason = Some(why);
+        shared.notifier.emit(&format!("budget-day:{}", crate::timefmt::local_day(SystemTime::now())), event);
+    }
     let mut board: Option<BoardRead> = None;
     let mut board_read = false;
     // Each start takes a slot, so a turn ends by itself; the bound only guards against a plan and the slot table
@@ -181,7 +196,9 @@ async fn take_what_fits(shared: &Arc<Shared>) {
         };
         let started = match &next.source {
             Source::Local(q) => {
-                assign(shared, q.issue, q.llm.as_deref(), q.slot.as_deref(), q.prompt.as_deref(), q.force, false).await
+                // The LLM the plan chose (never one a usage limit pauses), unless the task named its slot.
+                let llm = if q.slot.is_some() { q.llm.as_deref() } else { next.llm.as_deref() };
+                assign(shared, q.issue, llm, q.slot.as_deref(), q.prompt.as_deref(), q.force, false).await
             }
             Source::Board => assign(shared, next.issue, next.llm.as_deref(), None, None, false, false).await,
         };
@@ -194,18 +211,27 @@ async fn take_what_fits(shared: &Arc<Shared>) {
                 tracing::info!(issue = next.issue, llm = ?next.llm, "autopilot took a Ready item")
             }
             // GitHub could not be asked, or the run could not start: the queued task stays for the next turn.
-            (Source::Local(_), Err(e)) if e.kind == ErrorKind::Failed => {
-                tracing::warn!(issue = next.issue, "queued task not started yet: {}", e.message);
-                return;
-            }
             (Source::Local(q), Err(e)) => {
                 let request =
                     super::slots::SlotRequest { issue: q.issue, llm: q.llm.as_deref(), slot: q.slot.as_deref() };
+                // A slot taken meanwhile: it waits on as it was.
                 if shared.lock_table().lacks_free_slot(&request) {
                     continue;
                 }
-                tracing::warn!(issue = next.issue, "queued task dropped: {}", e.message);
-                shared.queue.remove(next.issue);
+                // A run that was set up and ended at once (a missing CLI) is a task now, shown in its slot: the
+                // queue's part is over. A failure that may pass (GitHub away) is tried again later; the others go
+                // first.
+                let became_task = shared.lock_table().slots.iter().any(|s| {
+                    s.task.as_ref().is_some_and(|t| t.issue() == q.issue && rfc3339(t.run_started_at) >= q.queued_at)
+                });
+                if became_task || e.kind != ErrorKind::Failed {
+                    tracing::warn!(issue = next.issue, "queued task ended its wait: {}", e.message);
+                    shared.queue.remove(next.issue);
+                } else {
+                    tracing::warn!(issue = next.issue, "queued task not started yet: {}", e.message);
+                    let mut state = shared.autopilot.lock().unwrap_or_else(|e| e.into_inner());
+                    state.local_backoff.insert(q.issue, (Instant::now() + LOCAL_BACKOFF, e.message));
+                }
             }
             (Source::Board, Err(e)) => {
                 tracing::warn!(issue = next.issue, "autopilot did not take it: {}", e.message);
@@ -221,15 +247,16 @@ async fn take_what_fits(shared: &Arc<Shared>) {
 async fn fresh_board(shared: &Shared, cached_ok: bool) -> Option<BoardRead> {
     let Ok(github) = &shared.github else { return None };
     let every = Duration::from_secs_f64(shared.config.raw.autopilot.poll_secs);
-    let (cached, due, probe) = {
+    let (cached, due, probe, failing) = {
         let state = shared.autopilot.lock().unwrap_or_else(|e| e.into_inner());
         let fresh = state.read_at.is_some_and(|t| t.elapsed() < every);
         let waiting = state.retry_at.is_some_and(|t| t > Instant::now());
         let large = state.board.as_ref().is_some_and(|b| b.total > 100);
-        (state.board.clone(), !fresh && !waiting, large && state.polls_since_full < FULL_READ_EVERY)
+        (state.board.clone(), !fresh && !waiting, large && state.polls_since_full < FULL_READ_EVERY, state.failing)
     };
     if !due {
-        return cached;
+        // After a failed read the old board is only shown, never taken from.
+        return cached.filter(|_| !failing || cached_ok);
     }
     let reconciler = &github.reconciler;
     let project_id = match reconciler.board().await {
@@ -260,6 +287,7 @@ async fn fresh_board(shared: &Shared, cached_ok: bool) -> Option<BoardRead> {
             state.read_at = Some(Instant::now());
             state.read_wall = Some(SystemTime::now());
             state.last_error = None;
+            state.failing = false;
             state.refused.clear();
             state.board = Some(read.clone());
             Some(read)
@@ -277,6 +305,7 @@ fn note_error(shared: &Shared, e: crate::github::client::GhError, fallback: Opti
     state.retry_at = Some(Instant::now() + e.wait_hint().unwrap_or(every).max(every));
     state.read_at = Some(Instant::now());
     state.last_error = Some(e.to_string());
+    state.failing = true;
     fallback
 }
 
@@ -294,7 +323,7 @@ fn note_ended_items(shared: &Shared, items: &[BoardItem]) {
             item.status.as_deref(),
             item.status_updated_at.as_deref(),
             is_ready,
-            github.reconciler.owes(issue),
+            github.reconciler.owes(issue) || github.posts.owes_issue(issue),
         ) {
             Retake::Yes => shared.queue.forget_ended(issue),
             Retake::Record(seen) => shared.queue.set_seen(issue, seen),
@@ -364,13 +393,17 @@ fn plan(shared: &Shared, board: Option<&BoardRead>) -> Vec<Planned> {
     };
     let mut out = Vec::new();
     let queued = shared.queue.queued();
+    let backoff = shared.autopilot.lock().unwrap_or_else(|e| e.into_inner()).local_backoff.clone();
     for q in &queued {
         let llm = match &q.slot {
             Some(_) => q.llm.clone(),
             None => pick(q.llm.as_deref(), &free),
         };
+        let backoff = backoff.get(&q.issue).filter(|(at, _)| *at > Instant::now());
         let reason = if let Some(slot) = held.get(&q.issue) {
             Some(format!("issue #{} is held by {slot}", q.issue))
+        } else if let Some((_, why)) = backoff {
+            Some(format!("its start failed ({why}); tried again within a minute"))
         } else if let Some(slot) = q.slot.as_ref().filter(|s| busy_slots.contains(s)) {
             Some(format!("slot {slot} is busy"))
         } else if q.slot.is_some() {

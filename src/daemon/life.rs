@@ -35,18 +35,42 @@ const FLUSH_EVERY: Duration = Duration::from_secs(2);
 /// rules (and said so to the user); an event the phase does not allow is an error that changes nothing.
 pub(super) fn drive(shared: &Arc<Shared>, slot: &str, event: Event) -> Result<(), Illegal> {
     let now = SystemTime::now();
-    let (effects, issue, run_id) = {
+    let (effects, issue, run_id, told) = {
         let mut table = shared.lock_table();
         let task = table.get_mut(slot).and_then(|s| s.task.as_mut()).ok_or(Illegal { state: "ready", event: "any" })?;
-        let effects = task.record.on(event, &shared.policy, now)?;
+        let before = task.record.phase.clone();
+        let asked = matches!(&event, Event::Signal(_));
+        let effects = task.record.on(event.clone(), &shared.policy, now)?;
+        let kind = super::notify::kind_of(&before, &task.record.phase, &event)
+            .filter(|k| *k != "needs_info" || (asked && effects.iter().any(|e| matches!(e, Effect::PostSignal(_)))));
+        let told = kind.map(|kind| {
+            let r = &task.record;
+            let mut e = super::notify::Event::new(kind);
+            e.slot = Some(slot.to_string());
+            e.issue = Some(r.issue);
+            e.title = r.title.clone();
+            e.state = Some(r.state().as_str().to_string());
+            e.end_cause = r.phase.end_cause().map(|c| c.as_str().to_string());
+            e.reason = match &event {
+                Event::Signal(AgentSignal::NeedsInfo { question }) => Some(question.clone()),
+                _ => r.phase.reason().map(str::to_string),
+            };
+            e.run_id = Some(r.run_id.clone());
+            // One per transition: a restart that finds the same facts never tells them again.
+            let key = format!("{}:{kind}:{}", r.run_id, r.asked_at.as_deref().unwrap_or(""));
+            (key, e)
+        });
         if !task.is_running() && task.ended_at.is_none() {
             task.ended_at = Some(now);
         }
         if !task.is_running() {
             task.signal.send_modify(|s| s.ended = true);
         }
-        (effects, task.issue(), task.record.run_id.clone())
+        (effects, task.issue(), task.record.run_id.clone(), told)
     };
+    if let Some((key, event)) = told {
+        shared.notifier.emit(&key, event);
+    }
     let mut recorded = true;
     for effect in effects {
         match effect {
@@ -157,7 +181,7 @@ fn post_signal(shared: &Arc<Shared>, slot: &str, signal: AgentSignal) {
             AgentSignal::Pr { .. } | AgentSignal::Complete => return,
         };
         crate::github::posts::Note {
-            key: format!("{}-{}", r.run_id, r.asked_at.as_deref().unwrap_or("end")),
+            key: ulid::Ulid::new().to_string(),
             issue: r.issue,
             body,
             since: rfc3339(SystemTime::now()),

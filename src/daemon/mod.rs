@@ -8,6 +8,7 @@ mod handle;
 mod health;
 mod issue_sync;
 mod life;
+mod notify;
 mod queue;
 mod recovery;
 mod replies;
@@ -96,6 +97,8 @@ pub struct Shared {
     autopilot: Mutex<autopilot::Autopilot>,
     /// What finished runs cost today, for the day budgets.
     spend: budget::Spend,
+    /// Tells people of what happens (`notifications`).
+    notifier: Arc<notify::Notifier>,
 }
 
 /// How many finished runs the summary looks back on.
@@ -145,6 +148,7 @@ impl Shared {
 
     fn warnings(&self) -> Vec<String> {
         let mut warnings = self.warnings.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        warnings.extend(self.notifier.warnings());
         if self.config.raw.budget.per_day_usd.is_some()
             && let Some(why) = budget::day_over(self, "")
         {
@@ -314,6 +318,7 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         queue: queue::Queue::load(paths.state_dir.join("queue.json")),
         autopilot: autopilot::Autopilot::new(),
         spend: budget::Spend::load(&paths.history_file()),
+        notifier: Arc::new(notify::Notifier::load(&config.notifications(), paths.state_dir.join("notifications.json"))),
         paths: paths.clone(),
         config,
     });
@@ -353,6 +358,26 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
     }
     // After recovery: every held issue is known before anything new is taken.
     tokio::spawn(autopilot::run(shared.clone()));
+    tokio::spawn(shared.notifier.clone().run());
+    if let Ok(github) = &shared.github {
+        // The pull-request outbox tells the daemon what it settled: people hear of a new pull request, and the
+        // autopilot learns which Status the task's end really wrote.
+        let weak = Arc::downgrade(&shared);
+        github.posts.on_settled(Box::new(move |wish, opened, target| {
+            let Some(shared) = weak.upgrade() else { return };
+            let Ok(github) = &shared.github else { return };
+            if wish.from_issue {
+                shared.queue.note_ended(wish.issue, github.reconciler.status_name(target));
+            }
+            if opened.created {
+                let mut event = notify::Event::new("pr_opened");
+                (event.slot, event.issue, event.title) =
+                    (Some(wish.slot.clone()), Some(wish.issue), Some(wish.title.clone()));
+                event.pr_url = opened.url.clone();
+                shared.notifier.emit(&format!("pr:{}:{}", wish.task_id, opened.number.unwrap_or_default()), event);
+            }
+        }));
+    }
     // Recovery is done and the socket answers: now, and not before, systemd may call us ready.
     notifier.ready(&summary(&shared));
     let mut watchdog = notifier.watchdog_interval().map(tokio::time::interval);

@@ -1,5 +1,6 @@
-//! Answers to agents' questions: a task waiting for a reply (`needs-info`) goes on when someone other than autodev
-//! comments on its issue, in the same conversation, with that comment as what it continues with. Each waiting
+//! Answers to agents' questions: a task waiting for a reply (`needs-info`) goes on when a person who works on the
+//! repository (owner, member or collaborator; no bot or app) comments on its issue, in the same conversation, with
+//! that comment as what it continues with. Each waiting
 //! task's issue is read at most once per `github.replyPollSecs`, and only for comments since the question.
 
 use std::sync::Arc;
@@ -59,7 +60,12 @@ async fn answer(shared: &Shared, issue: u64, asked_at: &str) -> Result<Option<St
         // `since` is about the last edit: an older comment edited later is no answer.
         let new = c["created_at"].as_str().and_then(parse_rfc3339).is_some_and(|t| t >= asked);
         let body = c["body"].as_str().unwrap_or_default();
-        new && !body.trim().is_empty() && !crate::github::posts::is_autodevs(body)
+        // Only people who may steer the repository's work answer for it: not a passer-by on a public issue, not a
+        // bot or an app.
+        let trusted = matches!(c["author_association"].as_str(), Some("OWNER" | "MEMBER" | "COLLABORATOR"))
+            && c["user"]["type"].as_str() != Some("Bot")
+            && c["performed_via_github_app"].is_null();
+        new && trusted && !body.trim().is_empty() && !crate::github::posts::is_autodevs(body)
     });
     Ok(found.and_then(|c| c["body"].as_str()).map(|b| b.chars().take(ANSWER_MAX).collect()))
 }

@@ -578,25 +578,16 @@ async fn commit_leftovers(shared: &Shared, run_id: &str, verdict: &mut Verdict) 
             let title = r.title.clone().unwrap_or_default();
             let message = format!("autodev: #{} {} ({}, run {})", r.issue, title.trim(), r.slot, r.run_id);
             // The agent's own environment for git and the hooks it runs: never the daemon's secrets.
-            let dir = r.worktree.clone().ok_or_else(|| r.cwd.clone());
-            Some((dir, message, agent_env(shared, &table.providers[s.provider], &[])))
+            // Only a worktree of the task's own: in a shared workspace (worktree.enabled false) what is uncommitted
+            // may be a person's work in progress, and the branch checked out is theirs.
+            Some((r.worktree.clone()?, message, agent_env(shared, &table.providers[s.provider], &[])))
         })
     };
-    let Some((dir, message, env)) = job else { return };
+    let Some((worktree, message, env)) = job else { return };
     let secrets = crate::redact::current().secrets().to_vec();
-    let done = tokio::task::spawn_blocking(move || {
-        // Without a worktree of its own (worktree.enabled false), the task worked in the workspace: what it left
-        // is committed there, on the branch checked out, when that is a git repository.
-        let repo = match dir {
-            Ok(worktree) => worktree,
-            Err(cwd) => match crate::workspace::repo_root(&cwd) {
-                Some(root) => root,
-                None => return Ok(crate::workspace::Leftovers::default()),
-            },
-        };
-        crate::workspace::commit_leftovers(&repo, &message, &secrets, &env)
-    })
-    .await;
+    let done =
+        tokio::task::spawn_blocking(move || crate::workspace::commit_leftovers(&worktree, &message, &secrets, &env))
+            .await;
     let said = match done {
         Ok(Ok(leftovers)) => {
             let mut said: Vec<String> = leftovers
@@ -643,6 +634,7 @@ async fn push_branch(shared: &Shared, run_id: &str, verdict: &mut Verdict) {
     let remote = shared.config.raw.push.remote.clone();
     let secrets = crate::redact::current().secrets().to_vec();
     let token = shared.github.as_ref().ok().map(|g| g.token.expose().to_string());
+    let host = github_host(&shared.config.raw.github.api_url);
     let askpass =
         std::env::current_exe().ok().and_then(|e| Some(e.parent()?.join("autodevctl"))).filter(|p| p.exists());
     let pushed = tokio::task::spawn_blocking(move || {
@@ -653,7 +645,10 @@ async fn push_branch(shared: &Shared, run_id: &str, verdict: &mut Verdict) {
             base: &base,
             secrets: &secrets,
             env: &env,
-            askpass: askpass.as_deref().zip(token.as_deref()),
+            askpass: match (askpass.as_deref(), token.as_deref(), host.as_deref()) {
+                (Some(program), Some(token), Some(host)) => Some((program, token, host)),
+                _ => None,
+            },
         })
         .map(|()| format!("pushed {branch} to {remote}"))
     })
@@ -663,6 +658,12 @@ async fn push_branch(shared: &Shared, run_id: &str, verdict: &mut Verdict) {
         Ok(Err(why)) => fail_verdict(verdict, EndCause::PushFailed, why),
         Err(e) => fail_verdict(verdict, EndCause::PushFailed, format!("the push failed: {e}")),
     }
+}
+
+/// The host git pushes to for GitHub: `api.github.com` → `github.com`; an Enterprise server's own host.
+fn github_host(api_url: &str) -> Option<String> {
+    let host = api_url.parse::<http::Uri>().ok()?.host()?.to_string();
+    Some(host.strip_prefix("api.").map(str::to_string).unwrap_or(host))
 }
 
 /// A completed run in a worktree whose branch has nothing beyond its base and whose worktree is clean produced

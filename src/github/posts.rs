@@ -81,7 +81,13 @@ pub struct Opened {
     pub url: Option<String>,
     /// Said to the user: a draft GitHub refused, or why no pull request could be opened.
     pub note: Option<String>,
+    /// This attempt opened it (rather than updating one that was open).
+    #[serde(default)]
+    pub created: bool,
 }
+
+/// Told when a wish is settled: the pull request as it is, and the Status the board is asked for.
+pub type Settled = Box<dyn Fn(&Wish, &Opened, Target) + Send + Sync>;
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Outbox {
@@ -139,6 +145,8 @@ pub struct Posts {
     backoff_max: Duration,
     /// The board, when it is kept: an issue whose pull request exists moves to review.
     board: Option<Arc<Reconciler>>,
+    /// The daemon's hook for settled wishes (notifications, what the autopilot remembers).
+    settled: std::sync::OnceLock<Settled>,
     state: Mutex<State>,
     wake: Notify,
 }
@@ -161,6 +169,7 @@ impl Posts {
             path,
             backoff_max,
             board,
+            settled: std::sync::OnceLock::new(),
             state: Mutex::new(State {
                 outbox,
                 retry_at: HashMap::new(),
@@ -191,6 +200,16 @@ impl Posts {
         self.wake.notify_one();
     }
 
+    /// Sets the hook told of every settled wish (once).
+    pub fn on_settled(&self, hook: Settled) {
+        let _ = self.settled.set(hook);
+    }
+
+    /// Whether a pull request (and so a board write) is still owed for `issue`.
+    pub fn owes_issue(&self, issue: u64) -> bool {
+        self.lock().outbox.owed.values().any(|w| w.issue == issue)
+    }
+
     /// Owes a comment and wakes the worker.
     pub fn note(&self, note: Note) {
         let mut state = self.lock();
@@ -209,7 +228,7 @@ impl Posts {
                 Some(e) => format!("pull request owed ({} attempts so far; last: {e})", wish.attempts),
                 None => "pull request owed".to_string(),
             };
-            return Some(Opened { number: wish.number, url: None, note: Some(note) });
+            return Some(Opened { number: wish.number, url: None, note: Some(note), created: false });
         }
         state.outbox.done.iter().rev().find(|(id, _)| id == task_id).map(|(_, o)| o.clone())
     }
@@ -257,6 +276,7 @@ impl Posts {
         let mut state = self.lock();
         let current = state.outbox.owed.get(&wish.branch).cloned();
         let same = current.as_ref().is_some_and(|c| c.since == wish.since);
+        let mut target = Target::Review;
         let finished = match result {
             Ok(opened) => {
                 tracing::info!(
@@ -278,12 +298,13 @@ impl Posts {
             Err(GhError::Invalid(why)) => {
                 let note = format!("no pull request: GitHub refused it (422): {why}");
                 tracing::warn!(issue = wish.issue, branch = %wish.branch, "{note}");
+                target = Target::Failed;
                 if wish.from_issue
                     && let Some(board) = &self.board
                 {
                     board.want(wish.issue, &wish.slot, Target::Failed, false);
                 }
-                Some(Opened { number: None, url: None, note: Some(note) })
+                Some(Opened { number: None, url: None, note: Some(note), created: false })
             }
             Err(e) => {
                 let attempts = current.as_ref().map_or(0, |c| c.attempts) + 1;
@@ -300,9 +321,9 @@ impl Posts {
                 None
             }
         };
-        if let Some(opened) = finished {
+        if let Some(opened) = &finished {
             state.outbox.done.retain(|(id, _)| *id != wish.task_id);
-            state.outbox.done.push((wish.task_id.clone(), opened));
+            state.outbox.done.push((wish.task_id.clone(), opened.clone()));
             let excess = state.outbox.done.len().saturating_sub(REMEMBERED);
             state.outbox.done.drain(..excess);
             // A newer wish for the branch (the task ran again meanwhile) stays owed.
@@ -312,13 +333,24 @@ impl Posts {
             state.retry_at.remove(&wish.branch);
         }
         self.persist(&state);
+        drop(state);
+        if let (Some(opened), Some(hook)) = (&finished, self.settled.get()) {
+            hook(wish, opened, target);
+        }
     }
 
     /// Posts a note, unless an earlier attempt whose answer was lost already did.
     async fn post_note(&self, note: &Note) -> Result<(), GhError> {
         let marker = format!("{NOTE_MARKER}{} -->", note.key);
         let path = format!("/repos/{}/{}/issues/{}/comments", self.owner, self.repo, note.issue);
-        if note.attempts > 0 {
+        if note.attempts == 0 {
+            // Counted before the POST: if autodevd dies before its answer, the next try looks for it first.
+            let mut state = self.lock();
+            if let Some(n) = state.outbox.notes.get_mut(&note.key) {
+                n.attempts = 1;
+            }
+            self.persist(&state);
+        } else {
             let since = format!("{path}?per_page=100&since={}", note.since);
             let found = self.gh.rest_get(&since).await?;
             let posted =
@@ -354,7 +386,7 @@ impl Posts {
                     .min(self.backoff_max);
                 tracing::warn!(issue = note.issue, "comment: {e}; trying again in {backoff:?}");
                 if let Some(n) = state.outbox.notes.get_mut(&note.key) {
-                    // Counted even for a timeout: the comment may have been made, so the next try looks first.
+                    // The comment may have been made (a timeout): the next try looks first.
                     n.attempts = attempts;
                     n.last_error = Some(e.to_string());
                 }
@@ -408,12 +440,7 @@ impl Posts {
         let section = render_section(wish);
         let pulls = format!("/repos/{}/{}/pulls", self.owner, self.repo);
         if let Some(pr) = self.existing(wish).await? {
-            let number =
-                pr["number"].as_u64().ok_or_else(|| GhError::Other("a pull request without a number".into()))?;
-            let body = with_section(pr["body"].as_str().unwrap_or_default(), &section);
-            self.mutation_slot().await;
-            let updated = self.gh.rest_send("PATCH", &format!("{pulls}/{number}"), &json!({ "body": body })).await?;
-            return Ok(opened(&updated, number, None));
+            return self.update(&pr, &section).await;
         }
         let base = self.default_branch().await?;
         let mut request = json!({ "title": wish.title, "head": wish.branch, "base": base, "body": section,
@@ -421,8 +448,15 @@ impl Posts {
         self.mutation_slot().await;
         let mut note = None;
         let created = match self.gh.rest_send("POST", &pulls, &request).await {
-            // Drafts are not available for every repository (private ones on some plans): a ready one instead.
-            Err(GhError::Invalid(why)) if self.draft => {
+            Err(GhError::Invalid(why)) => {
+                // It may exist after all (an answer lost on the way, a list that lagged): then it is updated.
+                if let Some(pr) = self.existing(wish).await? {
+                    return self.update(&pr, &section).await;
+                }
+                if !self.draft {
+                    return Err(GhError::Invalid(why));
+                }
+                // Drafts are not available for every repository (private ones on some plans): a ready one.
                 request["draft"] = json!(false);
                 self.mutation_slot().await;
                 let created = self.gh.rest_send("POST", &pulls, &request).await?;
@@ -433,7 +467,17 @@ impl Posts {
         };
         let number =
             created["number"].as_u64().ok_or_else(|| GhError::Other("GitHub did not say the number".into()))?;
-        Ok(opened(&created, number, note))
+        Ok(Opened { created: true, ..opened(&created, number, note) })
+    }
+
+    /// Replaces autodev's section of an open pull request's body.
+    async fn update(&self, pr: &Value, section: &str) -> Result<Opened, GhError> {
+        let number = pr["number"].as_u64().ok_or_else(|| GhError::Other("a pull request without a number".into()))?;
+        let body = with_section(pr["body"].as_str().unwrap_or_default(), section);
+        let path = format!("/repos/{}/{}/pulls/{number}", self.owner, self.repo);
+        self.mutation_slot().await;
+        let updated = self.gh.rest_send("PATCH", &path, &json!({ "body": body })).await?;
+        Ok(opened(&updated, number, None))
     }
 }
 
@@ -449,7 +493,7 @@ pub fn is_autodevs(body: &str) -> bool {
 }
 
 fn opened(pr: &Value, number: u64, note: Option<String>) -> Opened {
-    Opened { number: Some(number), url: pr["html_url"].as_str().map(str::to_string), note }
+    Opened { number: Some(number), url: pr["html_url"].as_str().map(str::to_string), note, created: false }
 }
 
 /// A branch name in a query string: git allows characters a URL does not take as they are.

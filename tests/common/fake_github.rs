@@ -427,7 +427,11 @@ fn handle(state: &Mutex<State>, method: &str, path: &str, headers: &str, body: &
                 .map(|(id, (_, b))| {
                     let login = s.comment_authors.get(id).map_or("autodev-user", String::as_str);
                     let at = s.comment_times.get(id).map_or("2026-01-01T00:00:00Z", String::as_str);
-                    json!({ "id": id, "body": b, "user": { "login": login }, "created_at": at })
+                    // Logins starting with "stranger" are passers-by; "bot" ones are bots.
+                    let association = if login.starts_with("stranger") { "NONE" } else { "COLLABORATOR" };
+                    let kind = if login.starts_with("bot") { "Bot" } else { "User" };
+                    json!({ "id": id, "body": b, "user": { "login": login, "type": kind }, "created_at": at,
+                            "author_association": association })
                 })
                 .collect();
             return (200, scopes, json!(list));

@@ -125,6 +125,8 @@ pub(in crate::daemon) async fn assign(
         Ok(assigned) => assigned,
     };
     board_wants(shared, issue, &slot_name, Target::InProgress, force);
+    // Taken by hand (or by the queue itself): it waits no more.
+    shared.queue.remove(issue);
     Ok(Reply::Assigned(assigned))
 }
 
