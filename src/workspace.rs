@@ -342,8 +342,21 @@ pub struct PushJob<'a> {
 /// adds a known secret value. The error is what people read: git's own words on a rejected push.
 pub fn push(job: &PushJob) -> Result<(), String> {
     if !job.secrets.is_empty() {
-        let range = format!("{}..HEAD", job.base);
-        let args = ["log", "-p", "--no-color", "--no-ext-diff", "--format=", &range];
+        // What is pushed: the branch itself (not HEAD, which the agent may have moved). Every change as text, the
+        // way git stores it: binary files, `-diff` attributes and textconv drivers (which the agent may have set)
+        // hide nothing, and a merge shows what it brought.
+        let range = format!("{}..refs/heads/{}", job.base, job.branch);
+        let args = [
+            "log",
+            "-p",
+            "--text",
+            "--no-textconv",
+            "--no-ext-diff",
+            "--no-color",
+            "--diff-merges=first-parent",
+            "--format=",
+            &range,
+        ];
         let mut command = Command::new("git");
         command.arg("-C").arg(job.worktree).args(args).env_clear().envs(job.env.iter().map(|(k, v)| (k, v)));
         let log = run_git(command, &args, job.worktree, GIT_TIMEOUT)?;
@@ -406,14 +419,33 @@ pub fn push(job: &PushJob) -> Result<(), String> {
 /// The file whose added lines (in `git log -p` output) hold one of `secrets`.
 fn file_adding_secret(log: &str, secrets: &[String]) -> Option<String> {
     let mut file = "?";
+    // Between a `diff --git` line and the first hunk: header lines (`+++ b/…`), not content.
+    let mut in_header = false;
     for line in log.lines() {
-        if let Some(rest) = line.strip_prefix("+++ ") {
-            file = rest.strip_prefix("b/").unwrap_or(rest);
-        } else if line.starts_with('+') && secrets.iter().any(|s| line.contains(s.as_str())) {
+        if let Some(rest) = line.strip_prefix("diff --git ") {
+            file = rest.rsplit_once(" b/").map_or(rest, |(_, b)| b);
+            in_header = true;
+        } else if line.starts_with("@@") {
+            in_header = false;
+        } else if !in_header && line.starts_with('+') && secrets.iter().any(|s| line.contains(s.as_str())) {
             return Some(file.to_string());
         }
     }
     None
+}
+
+#[cfg(test)]
+mod secret_scan_tests {
+    #[test]
+    fn only_added_content_lines_count_and_the_file_is_named() {
+        let secrets = vec!["ghp_0123456789abcdef".to_string()];
+        let log = "diff --git a/conf.json b/conf.json\nindex 1..2 100644\n--- a/conf.json\n+++ b/conf.json\n@@ -1 +1 @@\n\
+                   -old\n+++ token ghp_0123456789abcdef\n";
+        // A content line that starts with "++" is content, not a header.
+        assert_eq!(super::file_adding_secret(log, &secrets).as_deref(), Some("conf.json"));
+        let removed = "diff --git a/x b/x\n--- a/x\n+++ b/x\n@@ -1 +0,0 @@\n-ghp_0123456789abcdef\n";
+        assert_eq!(super::file_adding_secret(removed, &secrets), None, "removing a secret adds none");
+    }
 }
 
 /// Gets the worktree for a task of `issue` in `slot`: the slot's worktree reused when that loses nothing, else a
