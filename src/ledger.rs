@@ -110,6 +110,35 @@ pub fn read_run_record(path: &Path) -> Option<RunRecord> {
     (record.version <= RECORD_VERSION).then_some(record)
 }
 
+/// Reads a versioned state file (`{"version": N, …}`, the outboxes). Missing: the default. Of a newer format than
+/// `known`: moved aside to `<file>.v<N>`, never overwritten (the newer autodev that wrote it can still act on it),
+/// and the default. Unreadable: said, and the default.
+pub fn load_versioned<T: serde::de::DeserializeOwned + Default>(
+    path: &Path,
+    known: u32,
+    version: impl Fn(&T) -> u32,
+) -> T {
+    let Ok(bytes) = std::fs::read(path) else { return T::default() };
+    match serde_json::from_slice::<T>(&bytes) {
+        Ok(value) if version(&value) <= known => value,
+        Ok(value) => {
+            let aside = path.with_extension(format!("json.v{}", version(&value)));
+            tracing::error!(
+                "{} has format version {}, newer than this autodevd understands ({known}); moved to {} and not acted on",
+                path.display(),
+                version(&value),
+                aside.display()
+            );
+            let _ = std::fs::rename(path, aside);
+            T::default()
+        }
+        Err(e) => {
+            tracing::error!("{} is unreadable: {e}", path.display());
+            T::default()
+        }
+    }
+}
+
 /// Reads a run's `exit.json` (bounded); `None` when it is missing or unreadable.
 pub fn read_exit_record(path: &Path) -> Option<ExitRecord> {
     use std::io::Read;

@@ -356,6 +356,11 @@ impl Usage {
             / 1e6
     }
 
+    /// Counts where cached input is part of the input count (the Responses API, gemini's stats).
+    fn with_cached_inside(input: u64, cached: u64, output: u64) -> Usage {
+        Usage { input: input.saturating_sub(cached), cached_input: cached, output }
+    }
+
     /// claude's and the Anthropic API's `usage` object.
     fn of_anthropic(u: &Value) -> Option<Usage> {
         let n = |k: &str| u.get(k).and_then(Value::as_u64).unwrap_or(0);
@@ -650,12 +655,7 @@ fn gemini_event(e: &Value, parsed: &mut Parsed) {
             });
             let n = |k: &str| e.pointer(&format!("/stats/{k}")).and_then(Value::as_u64);
             let usage = n("input_tokens").map(|input| {
-                let cached = n("cached").unwrap_or(0);
-                Usage {
-                    input: input.saturating_sub(cached),
-                    cached_input: cached,
-                    output: n("output_tokens").unwrap_or(0),
-                }
+                Usage::with_cached_inside(input, n("cached").unwrap_or(0), n("output_tokens").unwrap_or(0))
             });
             parsed.outcome = Some(Outcome { success, usage, summary, cost_usd: None, turns: None, failure });
         }
@@ -726,12 +726,7 @@ fn codex_event(e: &Value, parsed: &mut Parsed) {
             let n = |k: &str| e.pointer(&format!("/usage/{k}")).and_then(Value::as_u64);
             // The Responses API counts cached tokens inside input_tokens.
             let usage = n("input_tokens").map(|input| {
-                let cached = n("cached_input_tokens").unwrap_or(0);
-                Usage {
-                    input: input.saturating_sub(cached),
-                    cached_input: cached,
-                    output: n("output_tokens").unwrap_or(0),
-                }
+                Usage::with_cached_inside(input, n("cached_input_tokens").unwrap_or(0), n("output_tokens").unwrap_or(0))
             });
             parsed.outcome =
                 Some(Outcome { success: true, usage, summary, cost_usd: None, turns: None, failure: None });

@@ -107,26 +107,7 @@ impl Default for Outbox {
 /// Reads the outbox. One of a newer format is moved aside (`github-sync.json.v<N>`), never overwritten: the newer
 /// autodev that wrote it can still send what it holds.
 fn load_outbox(path: &std::path::Path) -> Outbox {
-    let Ok(bytes) = std::fs::read(path) else { return Outbox::default() };
-    match serde_json::from_slice::<Outbox>(&bytes) {
-        Ok(outbox) if outbox.version <= OUTBOX_VERSION => outbox,
-        Ok(outbox) => {
-            let aside = path.with_extension(format!("json.v{}", outbox.version));
-            tracing::error!(
-                "{} has format version {}, newer than this autodevd understands ({OUTBOX_VERSION}); moved to {} and \
-                 not sent",
-                path.display(),
-                outbox.version,
-                aside.display()
-            );
-            let _ = std::fs::rename(path, aside);
-            Outbox::default()
-        }
-        Err(e) => {
-            tracing::error!("{} is unreadable: {e}", path.display());
-            Outbox::default()
-        }
-    }
+    crate::ledger::load_versioned(path, OUTBOX_VERSION, |o: &Outbox| o.version)
 }
 
 struct State {
