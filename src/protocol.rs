@@ -96,6 +96,9 @@ pub enum Request {
         #[serde(default)]
         limit: Option<usize>,
     },
+    /// The live feed: the full status now, then what changed (at most a few frames a second), until the client
+    /// hangs up. For `autodevctl top` and the dashboard.
+    Subscribe,
     /// Finished runs added up: all of them, or by issue, LLM or local day.
     HistorySum {
         #[serde(default)]
@@ -134,24 +137,62 @@ pub struct Envelope {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Reply {
-    Pong { version: u32, daemon_pid: u32 },
+    Pong {
+        version: u32,
+        daemon_pid: u32,
+    },
     Status(StatusReport),
-    Instances { providers: Vec<ProviderUsage> },
+    Instances {
+        providers: Vec<ProviderUsage>,
+    },
     Assigned(Assigned),
-    Stopped { slot: String, issue: u64, run_id: String },
+    Stopped {
+        slot: String,
+        issue: u64,
+        run_id: String,
+    },
     Resumed(Assigned),
-    Released { slot: String, issue: u64, state: SlotState },
+    Released {
+        slot: String,
+        issue: u64,
+        state: SlotState,
+    },
     Workspaces(WorkspacesReport),
     ProjectStatus(ProjectReport),
-    ProgressNoted { slot: String, percent: u8 },
-    Queued { issue: u64, place: usize },
-    Queue { entries: Vec<QueueEntry> },
-    Unqueued { issue: u64 },
+    ProgressNoted {
+        slot: String,
+        percent: u8,
+    },
+    Queued {
+        issue: u64,
+        place: usize,
+    },
+    Queue {
+        entries: Vec<QueueEntry>,
+    },
+    Unqueued {
+        issue: u64,
+    },
     Autopilot(AutopilotReport),
-    SignalNoted { slot: String },
-    History { runs: Vec<HistoryRun> },
-    HistorySum { rows: Vec<SumRow> },
-    LogEnd { slot: String, run_id: String, state: SlotState },
+    SignalNoted {
+        slot: String,
+    },
+    History {
+        runs: Vec<HistoryRun>,
+    },
+    HistorySum {
+        rows: Vec<SumRow>,
+    },
+    /// A frame of the live feed: `full`, the whole status; else the header and only the slot rows that changed.
+    Feed {
+        full: bool,
+        report: StatusReport,
+    },
+    LogEnd {
+        slot: String,
+        run_id: String,
+        state: SlotState,
+    },
     Error(ErrorReply),
 }
 
@@ -406,7 +447,7 @@ pub struct Summary {
 }
 
 /// One row of `status`: the slot and its current (or last) task.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct SlotStatus {
     pub slot: String,
     pub provider: String,

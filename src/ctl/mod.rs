@@ -3,6 +3,7 @@
 
 mod doctor;
 mod render;
+mod top;
 
 use std::io::{self, Write};
 use std::os::unix::net::UnixStream;
@@ -161,6 +162,8 @@ pub enum Command {
         /// What is being done now
         message: Vec<String>,
     },
+    /// A live full-screen view: every slot, the selected one's console, keys to stop, resume and assign
+    Top,
     /// From inside a slot: say the agent needs a person's answer, or is blocked (the agent runs this)
     Signal {
         #[command(subcommand)]
@@ -441,18 +444,31 @@ pub fn finish(result: Result<(), CtlError>) -> std::process::ExitCode {
 
 /// The name of the doctor's binary, installed beside autodevctl.
 pub const DOCTOR_BINARY: &str = "autodev-doctor";
+/// The binary `autodevctl top` runs: the terminal stack stays out of every other command.
+pub const TOP_BINARY: &str = "autodev-top";
 
 /// Replaces this process with `autodev-doctor` and the same arguments (found beside autodevctl, else on PATH).
 /// Returns only if that fails.
-fn exec_doctor() -> CtlError {
+/// Runs a command's own binary (installed beside autodevctl) in this process's place.
+fn exec_helper(binary: &str) -> CtlError {
     use std::os::unix::process::CommandExt;
-    let beside = std::env::current_exe().ok().and_then(|exe| Some(exe.parent()?.join(DOCTOR_BINARY)));
-    let program = beside.filter(|p| p.is_file()).unwrap_or_else(|| PathBuf::from(DOCTOR_BINARY));
+    let beside = std::env::current_exe().ok().and_then(|exe| Some(exe.parent()?.join(binary)));
+    let program = beside.filter(|p| p.is_file()).unwrap_or_else(|| PathBuf::from(binary));
     let error = std::process::Command::new(&program).args(std::env::args_os().skip(1)).exec();
     CtlError::Failed(format!(
         "cannot run {} ({error}): install it beside autodevctl (`cargo install --path .` installs both)",
         program.display()
     ))
+}
+
+/// Runs `top` (the `autodev-top` binary's whole job).
+pub fn run_top(cli: Cli) -> Result<(), CtlError> {
+    let paths = Paths::resolve(cli.state_dir.as_deref(), cli.runtime_dir.as_deref())
+        .map_err(|e| CtlError::Unreachable(e.to_string()))?;
+    match cli.command {
+        Command::Top => top::run(&paths),
+        _ => Err(CtlError::Failed("autodev-top runs `top` only: `autodevctl top`".into())),
+    }
 }
 
 /// Runs `doctor` (the `autodev-doctor` binary's whole job) and maps the checks to the exit status.
@@ -519,7 +535,8 @@ pub fn run(cli: Cli) -> Result<(), CtlError> {
     match &cli.command {
         // Its own binary: doctor talks to GitHub, and the HTTP and TLS stack it needs must not slow every other
         // command's start.
-        Command::Doctor { .. } => return Err(exec_doctor()),
+        Command::Doctor { .. } => return Err(exec_helper(DOCTOR_BINARY)),
+        Command::Top => return Err(exec_helper(TOP_BINARY)),
         Command::Progress { percent, message } => {
             let (mut client, slot, run_id) = inside_slot("progress")?;
             let message = message.join(" ");
@@ -663,7 +680,11 @@ pub fn run(cli: Cli) -> Result<(), CtlError> {
                 other => Err(unexpected(other)),
             }
         }
-        Command::Doctor { .. } | Command::Completions { .. } | Command::Progress { .. } | Command::Signal { .. } => {
+        Command::Doctor { .. }
+        | Command::Top
+        | Command::Completions { .. }
+        | Command::Progress { .. }
+        | Command::Signal { .. } => {
             unreachable!("handled before connecting")
         }
         Command::History { issue, sum: true, by, json, .. } => {

@@ -35,6 +35,7 @@ pub(super) async fn run(shared: Arc<Shared>) {
         // /proc and cgroup reads are blocking work: off the runtime thread, so followers and replies never wait.
         let Ok(totals) = tokio::task::spawn_blocking(move || scan(&sources)).await else { continue };
         let (running, changes) = apply(&shared, &totals);
+        shared.changed();
         for slot in &running {
             issue_sync::comment(&shared, slot, false);
         }

@@ -71,6 +71,7 @@ pub(super) fn drive(shared: &Arc<Shared>, slot: &str, event: Event) -> Result<()
     if let Some((key, event)) = told {
         shared.notifier.emit(&key, event);
     }
+    shared.changed();
     let mut recorded = true;
     for effect in effects {
         match effect {

@@ -99,6 +99,8 @@ pub struct Shared {
     spend: budget::Spend,
     /// Tells people of what happens (`notifications`).
     notifier: Arc<notify::Notifier>,
+    /// Bumped whenever what `status` shows may have changed: wakes the live feed's subscribers.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 /// How many finished runs the summary looks back on.
@@ -176,6 +178,11 @@ impl Shared {
         let cgroups = self.cgroups.as_ref().ok()?;
         let run = cgroups.run(&lock.run_id);
         (lock.cgroup.as_deref() == Some(run.path.as_path()) && !lock.run_id.is_empty()).then_some(run)
+    }
+
+    /// Something `status` shows may have changed (a transition, output, a sample, progress).
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// `push.enabled`, which by default follows GitHub: a completed task's branch is pushed for review.
@@ -318,6 +325,7 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         queue: queue::Queue::load(paths.state_dir.join("queue.json")),
         autopilot: autopilot::Autopilot::new(),
         spend: budget::Spend::load(&paths.history_file()),
+        changes: tokio::sync::watch::Sender::new(0),
         notifier: Arc::new(notify::Notifier::load(&config.notifications(), paths.state_dir.join("notifications.json"))),
         paths: paths.clone(),
         config,

@@ -797,6 +797,7 @@ fn publish(shared: &Arc<Shared>, run_id: &str, preview: &Preview, findings: &mut
         let signals = std::mem::take(&mut findings.signals);
         (new_session, revived.then(|| task.record.slot.clone()), signals, task.record.slot.clone())
     };
+    shared.changed();
     if let Some(slot) = revived {
         let _ = drive(shared, &slot, Event::Alive);
     }

@@ -174,30 +174,12 @@ async fn handle(
 ) -> std::io::Result<()> {
     let reply = match request {
         Request::Ping => Reply::Pong { version: PROTOCOL_VERSION, daemon_pid: shared.daemon_pid },
-        Request::Status => {
-            // Its own statement: the table lock must be released before summary() takes it again.
-            let mut slots = shared.lock_table().status_rows(&shared.policy.allowance);
-            if let Ok(github) = &shared.github {
-                for row in &mut slots {
-                    row.pr = row.task_id.as_deref().and_then(|id| github.posts.of_task(id)).map(Into::into);
-                }
+        Request::Status => Reply::Status(status_report(shared)),
+        Request::Subscribe => {
+            if let Err(message) = conn.to_stream() {
+                return send(stream, &error(ErrorKind::Failed, message)).await;
             }
-            Reply::Status(StatusReport {
-                daemon_pid: shared.daemon_pid,
-                state_dir: shared.paths.state_dir.display().to_string(),
-                config_path: shared.config.path.as_ref().map(|p| p.display().to_string()),
-                slots,
-                warnings: shared.warnings(),
-                summary: shared.summary(),
-                containment: shared.containment().to_string(),
-                containment_note: match &shared.cgroups {
-                    Ok(c) => format!("{} ({})", c.base.display(), c.how),
-                    Err(why) => why.clone(),
-                },
-                cgroup_controllers: shared.cgroups.as_ref().map(|c| c.controllers.clone()).unwrap_or_default(),
-                queued: super::autopilot::local_entries(shared),
-                autopilot: super::autopilot::in_force(shared).0,
-            })
+            return feed(shared, stream).await;
         }
         Request::Instances => Reply::Instances { providers: shared.lock_table().usage() },
         Request::Assign { issue, llm, slot, prompt, force, queue } => {
@@ -257,6 +239,93 @@ async fn handle(
         }
     };
     send(stream, &reply).await
+}
+
+/// What `status` shows, now.
+fn status_report(shared: &Shared) -> StatusReport {
+    // Its own statement: the table lock must be released before summary() takes it again.
+    let mut slots = shared.lock_table().status_rows(&shared.policy.allowance);
+    if let Ok(github) = &shared.github {
+        for row in &mut slots {
+            row.pr = row.task_id.as_deref().and_then(|id| github.posts.of_task(id)).map(Into::into);
+        }
+    }
+    StatusReport {
+        daemon_pid: shared.daemon_pid,
+        state_dir: shared.paths.state_dir.display().to_string(),
+        config_path: shared.config.path.as_ref().map(|p| p.display().to_string()),
+        slots,
+        warnings: shared.warnings(),
+        summary: shared.summary(),
+        containment: shared.containment().to_string(),
+        containment_note: match &shared.cgroups {
+            Ok(c) => format!("{} ({})", c.base.display(), c.how),
+            Err(why) => why.clone(),
+        },
+        cgroup_controllers: shared.cgroups.as_ref().map(|c| c.controllers.clone()).unwrap_or_default(),
+        queued: super::autopilot::local_entries(shared),
+        autopilot: super::autopilot::in_force(shared).0,
+    }
+}
+
+/// The live feed: the whole status, then after each change (at most [`FEED_FRAMES_PER_SEC`] a second) the header
+/// and the rows that changed. A subscriber that does not keep up is hung up on (`FEED_WRITE_TIMEOUT`): the daemon
+/// never waits for one, and never holds more than one frame for it.
+async fn feed(shared: &Arc<Shared>, stream: &mut UnixStream) -> std::io::Result<()> {
+    let mut changes = shared.changes.subscribe();
+    let mut last = status_report(shared);
+    send_feed(stream, true, &last).await?;
+    loop {
+        // Coalesced: whatever changed during the pause goes in one frame.
+        tokio::time::sleep(Duration::from_millis(1000 / FEED_FRAMES_PER_SEC)).await;
+        if !wait_for_change(&mut changes, stream).await {
+            return Ok(());
+        }
+        let now = status_report(shared);
+        let mut update = now.clone();
+        update.slots.retain(|row| last.slots.iter().find(|r| r.slot == row.slot) != Some(row));
+        last = now;
+        send_feed(stream, false, &update).await?;
+    }
+}
+
+/// Most frames a subscriber gets per second.
+const FEED_FRAMES_PER_SEC: u64 = 4;
+/// A subscriber that takes longer than this to take one frame is dropped.
+const FEED_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+async fn send_feed(stream: &mut UnixStream, full: bool, report: &StatusReport) -> std::io::Result<()> {
+    let body =
+        crate::redact::to_json_vec(&Reply::Feed { full, report: report.clone() }).map_err(std::io::Error::other)?;
+    match tokio::time::timeout(FEED_WRITE_TIMEOUT, protocol::write_frame(stream, &protocol::encode_json_body(&body)))
+        .await
+    {
+        Ok(result) => result,
+        Err(_) => {
+            tracing::info!("a live-feed subscriber stopped reading for {FEED_WRITE_TIMEOUT:?}: dropped");
+            Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the subscriber stopped reading"))
+        }
+    }
+}
+
+/// Waits for the next change; false once the client hung up.
+async fn wait_for_change(changes: &mut watch::Receiver<u64>, stream: &UnixStream) -> bool {
+    loop {
+        tokio::select! {
+            changed = changes.changed() => return changed.is_ok(),
+            ready = stream.readable() => {
+                if ready.is_err() {
+                    return false;
+                }
+                let mut probe = [0u8; 1];
+                match stream.try_read(&mut probe) {
+                    Ok(0) => return false,
+                    Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => return false,
+                    _ => {}
+                }
+            }
+        }
+    }
 }
 
 /// Streams a slot's current (or last) run log: the tail or the whole file, then, with `follow`, what is added until

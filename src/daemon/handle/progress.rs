@@ -53,6 +53,7 @@ pub(in crate::daemon) fn progress(
     let revived = task.state() == SlotState::Stale;
     task.signal.send_modify(|s| s.batches += 1);
     drop(table);
+    shared.changed();
     if revived {
         let _ = drive(shared, slot, Event::Alive);
     }
