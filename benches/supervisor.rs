@@ -585,12 +585,65 @@ fn autopilot_requests(report: &mut Vec<String>) {
     }
 }
 
+/// The live feed with 64 busy slots, each printing 100 lines a second: frames and bytes per second a subscriber
+/// gets, and the daemon's CPU with one subscriber (what `top` or the dashboard hold) against none, alternating.
+fn feed_cost(report: &mut Vec<String>) {
+    let slots = 64;
+    let secs = if quick() { 3 } else { 10 };
+    let d = Daemon::start(&plain_config(slots));
+    for i in 0..slots {
+        d.assign(9000 + u64::from(i), &[], "@ticks 1000000 0.01");
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let paths = Paths::resolve(Some(&d.state_dir()), Some(&d.runtime_dir())).unwrap();
+    let (mut with, mut without, mut frames, mut bytes) = (Vec::new(), Vec::new(), 0u64, 0u64);
+    for _ in 0..2 {
+        let before = daemon_cpu_secs(d.pid());
+        std::thread::sleep(Duration::from_secs(secs));
+        without.push(daemon_cpu_secs(d.pid()) - before);
+
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let counted = std::sync::Arc::new(std::sync::Mutex::new((0u64, 0u64)));
+        let (stop2, counted2, paths2) = (stop.clone(), counted.clone(), paths.clone());
+        let reader = std::thread::spawn(move || {
+            let mut client = Client::connect(&paths2).unwrap();
+            client.send(Request::Subscribe).unwrap();
+            while !stop2.load(std::sync::atomic::Ordering::SeqCst) {
+                let Ok(autodev::protocol::Frame::Json(payload)) = client.next_frame() else { break };
+                let mut c = counted2.lock().unwrap();
+                c.0 += 1;
+                c.1 += payload.len() as u64;
+            }
+        });
+        std::thread::sleep(Duration::from_secs(1));
+        *counted.lock().unwrap() = (0, 0);
+        let before = daemon_cpu_secs(d.pid());
+        std::thread::sleep(Duration::from_secs(secs));
+        with.push(daemon_cpu_secs(d.pid()) - before);
+        let (f, b) = *counted.lock().unwrap();
+        (frames, bytes) = (frames + f, bytes + b);
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        drop(reader);
+    }
+    let total = (2 * secs) as f64;
+    let (with, without) = (with.iter().sum::<f64>() / total * 100.0, without.iter().sum::<f64>() / total * 100.0);
+    report.push(format!(
+        "| live feed, {slots} slots printing 100 lines/s each, one subscriber | **{:.1} frames/s, {:.0} KiB/s** |",
+        frames as f64 / total,
+        bytes as f64 / total / 1024.0
+    ));
+    report.push(format!(
+        "| daemon CPU with those {slots} slots: no subscriber → one subscriber (alternating, {} s each) | **{without:.1}% → {with:.1}% of one core** |",
+        2 * secs
+    ));
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--writer") {
         return writer(&args[i + 1]);
     }
-    // BENCH_ONLY=capture,status,memory,idle,latency,recovery,worktree,health,stop,socket,logs,autopilot runs only
+    // BENCH_ONLY=capture,status,memory,idle,latency,recovery,worktree,health,stop,socket,logs,autopilot,feed runs only
     // those sections.
     let only = std::env::var("BENCH_ONLY").ok();
     let wanted = |name: &str| only.as_deref().is_none_or(|o| o.split(',').any(|x| x == name));
@@ -645,6 +698,9 @@ fn main() {
     }
     if wanted("autopilot") {
         autopilot_requests(&mut other);
+    }
+    if wanted("feed") {
+        feed_cost(&mut other);
     }
 
     println!("\n## Capture cost (medians of {rounds} alternating rounds)\n");
