@@ -669,8 +669,19 @@ impl Config {
             return Err(invalid("github.retryMaxSecs".into(), "must be between 1 and 86400".into()));
         }
         if !self.raw.notifications.is_null() {
-            let parsed: NotificationsConfig = serde_json::from_value(self.raw.notifications.clone())
-                .map_err(|e| invalid("notifications".into(), format!("{e}")))?;
+            // serde's own message quotes the value it did not expect, which may be a webhook URL (a secret): only
+            // the path and the expected shape are said.
+            let parsed: NotificationsConfig = serde_path_to_error::deserialize(self.raw.notifications.clone())
+                .map_err(|e| {
+                    let at = e.path().to_string();
+                    let at = if at == "." { "notifications".to_string() } else { format!("notifications.{at}") };
+                    invalid(
+                        at,
+                        "not the expected shape: command is [program, args…], webhooks is [{\"url\": …, \"events\": \
+                         […]}], slack and discord are {\"webhookUrl\": …}"
+                            .into(),
+                    )
+                })?;
             if parsed.command.as_ref().is_some_and(|c| c.is_empty() || c[0].is_empty()) {
                 return Err(invalid("notifications.command".into(), "give the program and its arguments".into()));
             }

@@ -232,6 +232,7 @@ impl SlotLockV1 {
             pr: None,
             signal: None,
             asked_at: None,
+            over_budget: false,
         }
     }
 }

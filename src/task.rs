@@ -651,6 +651,9 @@ pub struct SlotLock {
     /// When the task asked its question: only answers after it count.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub asked_at: Option<String>,
+    /// A person said to go on past `budget.perTaskUsd` (`resume --over-budget`): the task budget no longer stops it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub over_budget: bool,
 }
 
 impl SlotLock {
@@ -691,6 +694,7 @@ impl SlotLock {
             pr: None,
             signal: None,
             asked_at: None,
+            over_budget: false,
         }
     }
 

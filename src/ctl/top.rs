@@ -132,7 +132,7 @@ fn run_app(
             (Mode::Browse, KeyCode::Char('a')) => app.mode = Mode::Assign(String::new()),
             (Mode::Browse, KeyCode::Enter) => {
                 if let Some(slot) = selected {
-                    follow_log(terminal, &slot)?;
+                    follow_log(terminal, paths, &slot)?;
                 }
             }
             _ => {}
@@ -184,12 +184,31 @@ fn act(paths: &Paths, request: Request, doing: &str) -> String {
     }
 }
 
-/// Leaves the view for `autodevctl logs -f <slot>` (Ctrl-C returns), then comes back.
-fn follow_log(terminal: &mut DefaultTerminal, slot: &str) -> Result<(), CtlError> {
+/// Leaves the view for `autodevctl logs -f <slot>` (Ctrl-C ends the log and comes back), then comes back.
+fn follow_log(terminal: &mut DefaultTerminal, paths: &Paths, slot: &str) -> Result<(), CtlError> {
+    use nix::sys::signal::{SigHandler, Signal, signal};
     ratatui::restore();
     let ctl = std::env::current_exe().ok().and_then(|e| Some(e.parent()?.join("autodevctl")));
     let program = ctl.filter(|p| p.is_file()).unwrap_or_else(|| "autodevctl".into());
-    let _ = std::process::Command::new(program).args(["logs", "-f", slot]).status();
+    let child = std::process::Command::new(program)
+        .arg("--state-dir")
+        .arg(&paths.state_dir)
+        .arg("--runtime-dir")
+        .arg(&paths.runtime_dir)
+        .args(["logs", "-f", slot])
+        .spawn();
+    if let Ok(mut child) = child {
+        // The child runs (it was spawned with the default disposition): Ctrl-C is for it, not for this view.
+        // SAFETY: setting a disposition to SIG_IGN and back to SIG_DFL installs no handler code.
+        unsafe {
+            let _ = signal(Signal::SIGINT, SigHandler::SigIgn);
+        }
+        let _ = child.wait();
+        // SAFETY: as above.
+        unsafe {
+            let _ = signal(Signal::SIGINT, SigHandler::SigDfl);
+        }
+    }
     *terminal = ratatui::init();
     terminal.clear().map_err(|e| CtlError::Failed(e.to_string()))
 }

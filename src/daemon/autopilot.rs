@@ -453,7 +453,8 @@ fn plan(shared: &Shared, board: Option<&BoardRead>) -> Vec<Planned> {
         });
         // A paused LLM's items go elsewhere only where retry.fallback says so.
         if matches!(wait, Some(Wait::UsageLimit(_)))
-            && let Some(other) = config.retry.fallback.iter().find(|f| waits_for(f, &free).is_none())
+            && let Some(other) =
+                config.retry.fallback.iter().find(|f| waits_for(f, &free).is_none() && !spent.contains_key(*f))
         {
             (llm, wait) = (Some(other.clone()), None);
         }

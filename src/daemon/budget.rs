@@ -29,7 +29,7 @@ impl Spend {
     pub(super) fn load(history: &std::path::Path) -> Spend {
         let today = local_day(SystemTime::now());
         let mut spend = DaySpend { day: today.clone(), ..DaySpend::default() };
-        for run in ledger::read_history_tail(history, 8 << 20).unwrap_or_default() {
+        for run in last_record_per_run(ledger::read_history_tail(history, 8 << 20).unwrap_or_default()) {
             let day = parse_rfc3339(&run.ended_at).map(local_day);
             if day.as_deref() == Some(today.as_str())
                 && let Some(cost) = run.cost_usd
@@ -64,6 +64,15 @@ impl Spend {
     }
 }
 
+/// The history's runs, each once: a run recorded twice (ended, then released or given up) counts by its last record.
+pub fn last_record_per_run(runs: Vec<ledger::ExitRecord>) -> Vec<ledger::ExitRecord> {
+    let mut last: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for (i, run) in runs.iter().enumerate() {
+        last.insert(run.run_id.clone(), i);
+    }
+    runs.into_iter().enumerate().filter(|(i, r)| last.get(&r.run_id) == Some(i)).map(|(_, r)| r).collect()
+}
+
 /// What the task's finished runs cost (their exit records), without its current run.
 pub(super) fn finished_runs_cost(shared: &Shared, task: &Task) -> f64 {
     let current = &task.record.run_id;
@@ -78,7 +87,7 @@ pub(super) fn finished_runs_cost(shared: &Shared, task: &Task) -> f64 {
 
 /// Why the task may not run again, when it spent its budget: its runs so far, the current one included.
 pub(super) fn task_over(shared: &Shared, task: &Task) -> Option<String> {
-    let limit = shared.config.raw.budget.per_task_usd?;
+    let limit = shared.config.raw.budget.per_task_usd.filter(|_| !task.record.over_budget)?;
     let spent = finished_runs_cost(shared, task) + task.cost_usd.unwrap_or(0.0);
     (spent >= limit)
         .then(|| format!("issue #{} has spent ${spent:.2} of its ${limit:.2} budget (budget.perTaskUsd)", task.issue()))

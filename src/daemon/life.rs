@@ -43,7 +43,13 @@ pub(super) fn drive(shared: &Arc<Shared>, slot: &str, event: Event) -> Result<()
         let effects = task.record.on(event.clone(), &shared.policy, now)?;
         let kind = super::notify::kind_of(&before, &task.record.phase, &event)
             .filter(|k| *k != "needs_info" || (asked && effects.iter().any(|e| matches!(e, Effect::PostSignal(_)))));
-        let told = kind.map(|kind| {
+        // The task moved to another slot (a fallback LLM): its old slot letting go of it is no end.
+        let moved = kind.is_some() && {
+            let issue = task.issue();
+            table.holder_of(issue).is_some_and(|s| s.name != slot)
+        };
+        let task = table.get_mut(slot).and_then(|s| s.task.as_mut()).expect("found above");
+        let told = kind.filter(|_| !moved).map(|kind| {
             let r = &task.record;
             let mut e = super::notify::Event::new(kind);
             e.slot = Some(slot.to_string());
@@ -56,8 +62,13 @@ pub(super) fn drive(shared: &Arc<Shared>, slot: &str, event: Event) -> Result<()
                 _ => r.phase.reason().map(str::to_string),
             };
             e.run_id = Some(r.run_id.clone());
-            // One per transition: a restart that finds the same facts never tells them again.
-            let key = format!("{}:{kind}:{}", r.run_id, r.asked_at.as_deref().unwrap_or(""));
+            // One per transition: a restart that finds the same facts (an end, a run found dead) never tells them
+            // again; what can happen twice in one run (stale, a question) is keyed by when it happened.
+            let when = match kind {
+                "stale" | "needs_info" => format!("{:?}", now),
+                _ => String::new(),
+            };
+            let key = format!("{}:{kind}:{when}", r.run_id);
             (key, e)
         });
         if !task.is_running() && task.ended_at.is_none() {
@@ -433,6 +444,11 @@ pub(super) fn flush_pending(shared: &Arc<Shared>) -> bool {
                     };
                     if exit.state == "completed" || exit.state == "failed" {
                         shared.note_outcome(exit.state == "completed", exit.duration_secs);
+                    }
+                    if already.is_none()
+                        && let Some(cost) = exit.cost_usd
+                    {
+                        shared.spend.add(&exit.provider, cost);
                     }
                     tracing::info!(slot, run = %exit.run_id, "recorded the end of the run now that there is room");
                     if !held {

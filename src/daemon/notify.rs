@@ -25,9 +25,9 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// Tries per sink before an event is given up for it (1, 2, 4, 8 s apart).
 const MAX_ATTEMPTS: u32 = 5;
 /// Transitions remembered as sent (the newest).
-const KEYS_KEPT: usize = 10_000;
+const KEYS_KEPT: usize = 2_000;
 /// Events waiting at most; beyond it the oldest are dropped (a sink dead for days must not fill the disk).
-const MAX_PENDING: usize = 1000;
+const MAX_PENDING: usize = 200;
 const FORMAT_VERSION: u32 = 1;
 
 /// What people are told.

@@ -825,7 +825,7 @@ fn check_task_budget(shared: &Arc<Shared>, slot: &str, run_id: &str) {
     let over = {
         let table = shared.lock_table();
         let Some(task) = table.get(slot).and_then(|s| s.task.as_ref()) else { return };
-        if task.record.run_id != run_id || task.record.phase.stop().is_some() {
+        if task.record.run_id != run_id || task.record.phase.stop().is_some() || task.record.over_budget {
             return;
         }
         // The finished runs' costs are read once per run (a few small files), then kept.

@@ -282,10 +282,15 @@ async fn feed(shared: &Arc<Shared>, stream: &mut UnixStream) -> std::io::Result<
             return Ok(());
         }
         let now = status_report(shared);
+        // Slots came or went (a reload): the whole table, so no view keeps a row that is gone.
+        let same_slots =
+            now.slots.len() == last.slots.len() && now.slots.iter().zip(&last.slots).all(|(a, b)| a.slot == b.slot);
         let mut update = now.clone();
-        update.slots.retain(|row| last.slots.iter().find(|r| r.slot == row.slot) != Some(row));
+        if same_slots {
+            update.slots.retain(|row| last.slots.iter().find(|r| r.slot == row.slot) != Some(row));
+        }
         last = now;
-        send_feed(stream, false, &update).await?;
+        send_feed(stream, !same_slots, &update).await?;
     }
 }
 

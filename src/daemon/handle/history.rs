@@ -44,6 +44,7 @@ pub(in crate::daemon) async fn history_sum(
         Ok(Err(e)) => return Err(refuse(ErrorKind::Failed, format!("cannot read the history: {e}"), None)),
         Err(e) => return Err(refuse(ErrorKind::Failed, format!("internal error: {e}"), None)),
     };
+    let runs = crate::daemon::budget::last_record_per_run(runs);
     Ok(Reply::HistorySum { rows: sum_runs(runs.iter().filter(|r| issue.is_none_or(|i| r.issue == i)), by) })
 }
 

@@ -117,6 +117,7 @@ pub(in crate::daemon) async fn resume(shared: &Arc<Shared>, slot: &str, by: Resu
         let previous_reason = task.record.phase.reason().map(str::to_string);
         let mut record = task.record.clone();
         let previous = record.clone();
+        record.over_budget |= over_budget;
         record.next_run(run_id, &files.dir, &shared.boot_id, shared.daemon_pid);
         record.on(Event::Continue { counted }, &shared.policy, SystemTime::now()).map_err(internal)?;
         let kind = match &record.session_id {
