@@ -39,6 +39,7 @@ pub struct RawConfig {
     pub retry: RetryConfig,
     pub autopilot: AutopilotConfig,
     pub budget: BudgetConfig,
+    pub dashboard: DashboardConfig,
     pub workspace: WorkspaceConfig,
     pub logging: LoggingConfig,
     // Sections that later issues act on, or that belong to the tool the format comes from. Kept opaque so
@@ -161,6 +162,16 @@ pub struct Pricing {
 #[serde(rename_all = "camelCase", default)]
 pub struct LlmBudget {
     pub per_day_usd: Option<f64>,
+}
+
+/// `dashboard`: the live web page. Off unless `listen` is set.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct DashboardConfig {
+    /// `127.0.0.1:7777`: a loopback address (reach it from elsewhere through an SSH tunnel).
+    pub listen: Option<String>,
+    pub allow_remote: bool,
+    pub tls: Value,
 }
 
 /// `budget`: what the agents may spend.
@@ -707,6 +718,21 @@ impl Config {
                         ));
                     }
                 }
+            }
+        }
+        if let Some(listen) = &self.raw.dashboard.listen {
+            let addr: std::net::SocketAddr = listen.parse().map_err(|_| {
+                invalid("dashboard.listen".into(), format!("{listen:?} is not an address and port (127.0.0.1:7777)"))
+            })?;
+            // The token must not cross a network in clear, and autodevd serves no TLS itself.
+            if !addr.ip().is_loopback() {
+                return Err(invalid(
+                    "dashboard.listen".into(),
+                    format!(
+                        "{listen} is not a loopback address: the dashboard serves plain HTTP; listen on 127.0.0.1 and \
+                         reach it from elsewhere through an SSH tunnel (ssh -L 7777:127.0.0.1:7777 host)"
+                    ),
+                ));
             }
         }
         let autopilot = &self.raw.autopilot;

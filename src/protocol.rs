@@ -96,6 +96,11 @@ pub enum Request {
         #[serde(default)]
         limit: Option<usize>,
     },
+    /// The dashboard's URL with its token; `rotate` makes a new token first.
+    DashboardUrl {
+        #[serde(default)]
+        rotate: bool,
+    },
     /// The live feed: the full status now, then what changed (at most a few frames a second), until the client
     /// hangs up. For `autodevctl top` and the dashboard.
     Subscribe,
@@ -182,6 +187,9 @@ pub enum Reply {
     },
     HistorySum {
         rows: Vec<SumRow>,
+    },
+    DashboardUrl {
+        url: String,
     },
     /// A frame of the live feed: `full`, the whole status; else the header and only the slot rows that changed.
     Feed {

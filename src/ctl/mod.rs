@@ -42,6 +42,16 @@ pub struct Cli {
     pub command: Command,
 }
 
+#[derive(Debug, Subcommand)]
+pub enum DashboardAction {
+    /// Print the dashboard's URL, token included (keep it private)
+    Url {
+        /// Make a new token first: links and bookmarks with the old one stop working
+        #[arg(long)]
+        rotate: bool,
+    },
+}
+
 /// What `history --sum` groups by.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum SumByArg {
@@ -164,6 +174,11 @@ pub enum Command {
     },
     /// A live full-screen view: every slot, the selected one's console, keys to stop, resume and assign
     Top,
+    /// The web dashboard: `url` prints the address to open (with its token; --rotate makes a new token)
+    Dashboard {
+        #[command(subcommand)]
+        action: DashboardAction,
+    },
     /// From inside a slot: say the agent needs a person's answer, or is blocked (the agent runs this)
     Signal {
         #[command(subcommand)]
@@ -580,6 +595,12 @@ pub fn run(cli: Cli) -> Result<(), CtlError> {
                 Reply::Queued { issue, place } => {
                     emit(&format!("✓ Issue #{issue} queued (place {place}): it starts when a slot is free\n"))
                 }
+                other => Err(unexpected(other)),
+            }
+        }
+        Command::Dashboard { action: DashboardAction::Url { rotate } } => {
+            match client.call(Request::DashboardUrl { rotate })? {
+                Reply::DashboardUrl { url } => emit(&format!("{url}\n")),
                 other => Err(unexpected(other)),
             }
         }

@@ -4,6 +4,7 @@
 mod autopilot;
 mod budget;
 mod clients;
+mod dashboard;
 mod handle;
 mod health;
 mod issue_sync;
@@ -101,6 +102,8 @@ pub struct Shared {
     notifier: Arc<notify::Notifier>,
     /// Bumped whenever what `status` shows may have changed: wakes the live feed's subscribers.
     changes: tokio::sync::watch::Sender<u64>,
+    /// The web dashboard's token and address, when `dashboard.listen` is set.
+    dashboard: Option<Arc<dashboard::Dashboard>>,
 }
 
 /// How many finished runs the summary looks back on.
@@ -178,6 +181,11 @@ impl Shared {
         let cgroups = self.cgroups.as_ref().ok()?;
         let run = cgroups.run(&lock.run_id);
         (lock.cgroup.as_deref() == Some(run.path.as_path()) && !lock.run_id.is_empty()).then_some(run)
+    }
+
+    /// A warning for `status` that belongs to no slot.
+    fn warn(&self, warning: String) {
+        self.warnings.lock().unwrap_or_else(|e| e.into_inner()).push(warning);
     }
 
     /// Something `status` shows may have changed (a transition, output, a sample, progress).
@@ -326,6 +334,16 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         autopilot: autopilot::Autopilot::new(),
         spend: budget::Spend::load(&paths.history_file()),
         changes: tokio::sync::watch::Sender::new(0),
+        dashboard: match &config.raw.dashboard.listen {
+            None => None,
+            Some(listen) => match dashboard::Dashboard::load(&paths.state_dir, listen.clone()) {
+                Ok(d) => Some(Arc::new(d)),
+                Err(e) => {
+                    tracing::error!("dashboard: cannot keep its token in {}: {e}", paths.state_dir.display());
+                    None
+                }
+            },
+        },
         notifier: Arc::new(notify::Notifier::load(&config.notifications(), paths.state_dir.join("notifications.json"))),
         paths: paths.clone(),
         config,
@@ -367,6 +385,9 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
     // After recovery: every held issue is known before anything new is taken.
     tokio::spawn(autopilot::run(shared.clone()));
     tokio::spawn(shared.notifier.clone().run());
+    if let Some(dashboard) = &shared.dashboard {
+        tokio::spawn(dashboard::serve(shared.clone(), dashboard.clone()));
+    }
     if let Ok(github) = &shared.github {
         // The pull-request outbox tells the daemon what it settled: people hear of a new pull request, and the
         // autopilot learns which Status the task's end really wrote.

@@ -175,6 +175,16 @@ async fn handle(
     let reply = match request {
         Request::Ping => Reply::Pong { version: PROTOCOL_VERSION, daemon_pid: shared.daemon_pid },
         Request::Status => Reply::Status(status_report(shared)),
+        Request::DashboardUrl { rotate } => match &shared.dashboard {
+            None => error(
+                ErrorKind::Conflict,
+                "the dashboard is off: set dashboard.listen (e.g. \"127.0.0.1:7777\") and restart autodevd".into(),
+            ),
+            Some(dashboard) => match dashboard.url(rotate) {
+                Ok(url) => Reply::DashboardUrl { url },
+                Err(e) => error(ErrorKind::Failed, format!("cannot write the new token: {e}")),
+            },
+        },
         Request::Subscribe => {
             if let Err(message) = conn.to_stream() {
                 return send(stream, &error(ErrorKind::Failed, message)).await;
@@ -242,7 +252,7 @@ async fn handle(
 }
 
 /// What `status` shows, now.
-fn status_report(shared: &Shared) -> StatusReport {
+pub(super) fn status_report(shared: &Shared) -> StatusReport {
     // Its own statement: the table lock must be released before summary() takes it again.
     let mut slots = shared.lock_table().status_rows(&shared.policy.allowance);
     if let Ok(github) = &shared.github {
