@@ -590,7 +590,10 @@ fn autopilot_requests(report: &mut Vec<String>) {
 fn feed_cost(report: &mut Vec<String>) {
     let slots = 64;
     let secs = if quick() { 3 } else { 10 };
-    let d = Daemon::start(&plain_config(slots));
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut config = plain_config(slots);
+    config["dashboard"] = json!({ "listen": format!("127.0.0.1:{port}") });
+    let d = Daemon::start(&config);
     for i in 0..slots {
         d.assign(9000 + u64::from(i), &[], "@ticks 1000000 0.01");
     }
@@ -625,7 +628,47 @@ fn feed_cost(report: &mut Vec<String>) {
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
         drop(reader);
     }
+    // A browser's part: the dashboard's event stream, read as fast as it comes.
+    let url = d.ctl(&["dashboard", "url"]);
+    let token = url.trim().split_once("token=").unwrap().1.to_string();
+    let mut browser_cpu = Vec::new();
+    let mut sse_bytes = 0u64;
+    for _ in 0..2 {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let counted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (stop2, counted2, token2) = (stop.clone(), counted.clone(), token.clone());
+        let reader = std::thread::spawn(move || {
+            use std::io::Read;
+            let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            let request = format!("GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: autodev_token={token2}\r\n\r\n");
+            stream.write_all(request.as_bytes()).unwrap();
+            stream.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+            let mut buf = vec![0u8; 1 << 16];
+            while !stop2.load(std::sync::atomic::Ordering::SeqCst) {
+                match stream.read(&mut buf) {
+                    Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        counted2.fetch_add(n as u64, std::sync::atomic::Ordering::SeqCst);
+                    }
+                }
+            }
+        });
+        std::thread::sleep(Duration::from_secs(1));
+        counted.store(0, std::sync::atomic::Ordering::SeqCst);
+        let before = daemon_cpu_secs(d.pid());
+        std::thread::sleep(Duration::from_secs(secs));
+        browser_cpu.push(daemon_cpu_secs(d.pid()) - before);
+        sse_bytes += counted.load(std::sync::atomic::Ordering::SeqCst);
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = reader.join();
+    }
     let total = (2 * secs) as f64;
+    let browser = browser_cpu.iter().sum::<f64>() / total * 100.0;
+    report.push(format!(
+        "| dashboard `/events` with those {slots} slots, one reader | **{:.0} KiB/s; daemon CPU {browser:.1}% of one core** |",
+        sse_bytes as f64 / total / 1024.0
+    ));
     let (with, without) = (with.iter().sum::<f64>() / total * 100.0, without.iter().sum::<f64>() / total * 100.0);
     report.push(format!(
         "| live feed, {slots} slots printing 100 lines/s each, one subscriber | **{:.1} frames/s, {:.0} KiB/s** |",
