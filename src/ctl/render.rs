@@ -77,19 +77,7 @@ pub fn status(report: &StatusReport, with_preview: bool) -> String {
     }
     let mut out = String::new();
     let _ = writeln!(out, "{}   (autodevd pid {})", parts.join(" · "), report.daemon_pid);
-    let s = &report.summary;
-    let rate = s.success_rate.map_or("-".into(), |r| format!("{:.0}%", r * 100.0));
-    let avg = s.average_duration_secs.map_or("-".into(), short_duration);
-    let _ = writeln!(
-        out,
-        "instances {} total, {} healthy, {} stale · tasks {} total, {} completed, {} in progress · success {rate} · average {avg}",
-        s.instances_total,
-        s.instances_healthy,
-        s.instances_stale,
-        s.tasks_total,
-        s.tasks_completed,
-        s.tasks_in_progress
-    );
+    let _ = writeln!(out, "{}", overall(&report.summary));
     for warning in &report.warnings {
         let _ = writeln!(out, "! {warning}");
     }
@@ -286,6 +274,22 @@ pub fn history(runs: &[crate::protocol::HistoryRun]) -> String {
         );
     }
     out
+}
+
+/// The seed's overall view in one line (`status`, `top`).
+pub(super) fn overall(s: &crate::protocol::Summary) -> String {
+    let rate = s.success_rate.map_or("-".into(), |r| format!("{:.0}%", r * 100.0));
+    let avg = s.average_duration_secs.map_or("-".into(), short_duration);
+    format!(
+        "instances {} total, {} healthy, {} stale · tasks {} total, {} completed, {} in progress · success {rate} · \
+         average {avg}",
+        s.instances_total,
+        s.instances_healthy,
+        s.instances_stale,
+        s.tasks_total,
+        s.tasks_completed,
+        s.tasks_in_progress
+    )
 }
 
 /// `autodevctl history --sum`.

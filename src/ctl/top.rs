@@ -254,17 +254,7 @@ fn draw(f: &mut Frame, app: &mut App) {
         f.render_widget(Paragraph::new(text), header);
         return;
     };
-    let s = &report.summary;
-    let rate = s.success_rate.map_or("-".into(), |r| format!("{:.0}%", r * 100.0));
-    let mut top = format!(
-        "instances {} · healthy {} · stale {} · tasks {} · completed {} · in progress {} · success {rate}",
-        s.instances_total,
-        s.instances_healthy,
-        s.instances_stale,
-        s.tasks_total,
-        s.tasks_completed,
-        s.tasks_in_progress
-    );
+    let mut top = super::render::overall(&report.summary);
     if !report.queued.is_empty() {
         top.push_str(&format!(" · {} queued", report.queued.len()));
     }

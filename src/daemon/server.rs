@@ -11,7 +11,6 @@ use tokio::sync::watch;
 
 use super::Shared;
 use super::clients::Admitted;
-use super::slots::RunSignal;
 use super::{handle, runs};
 use crate::output::{LineAssembler, plan_tail, render_lines, tail_offset};
 use crate::protocol::{
@@ -288,7 +287,7 @@ async fn feed(shared: &Arc<Shared>, stream: &mut UnixStream) -> std::io::Result<
     loop {
         // Coalesced: whatever changed during the pause goes in one frame.
         tokio::time::sleep(Duration::from_millis(1000 / FEED_FRAMES_PER_SEC)).await;
-        if !wait_for_change(&mut changes, stream).await {
+        if !next_change(&mut changes, stream).await {
             return Ok(());
         }
         let now = status_report(shared);
@@ -319,26 +318,6 @@ async fn send_feed(stream: &mut UnixStream, full: bool, report: &StatusReport) -
         Err(_) => {
             tracing::info!("a live-feed subscriber stopped reading for {FEED_WRITE_TIMEOUT:?}: dropped");
             Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the subscriber stopped reading"))
-        }
-    }
-}
-
-/// Waits for the next change; false once the client hung up.
-async fn wait_for_change(changes: &mut watch::Receiver<u64>, stream: &UnixStream) -> bool {
-    loop {
-        tokio::select! {
-            changed = changes.changed() => return changed.is_ok(),
-            ready = stream.readable() => {
-                if ready.is_err() {
-                    return false;
-                }
-                let mut probe = [0u8; 1];
-                match stream.try_read(&mut probe) {
-                    Ok(0) => return false,
-                    Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => return false,
-                    _ => {}
-                }
-            }
         }
     }
 }
@@ -416,7 +395,7 @@ async fn stream_logs(
                 send_text(stream, &lines).await?;
             }
         }
-        if !follow || ended || !wait_for_more(&mut signal, stream).await {
+        if !follow || ended || !next_change(&mut signal, stream).await {
             break;
         }
     }
@@ -427,12 +406,13 @@ async fn stream_logs(
     send(stream, &Reply::LogEnd { slot: slot.to_string(), run_id, state }).await
 }
 
-/// Waits for the next batch of output; false once the run record is gone or the client hung up.
-async fn wait_for_more(signal: &mut watch::Receiver<RunSignal>, stream: &UnixStream) -> bool {
+/// Waits for the next change on `changes` (the next batch of a run's output, a change of the status); false once
+/// the sender is gone or the client hung up. A client sends nothing while it follows or subscribes: a hang-up is
+/// seen at once, even while nothing changes.
+async fn next_change<T>(changes: &mut watch::Receiver<T>, stream: &UnixStream) -> bool {
     loop {
         tokio::select! {
-            changed = signal.changed() => return changed.is_ok(),
-            // A follower that hung up (`logs -f` ended with Ctrl-C) stops here, even while the run is silent.
+            changed = changes.changed() => return changed.is_ok(),
             ready = stream.readable() => {
                 if ready.is_err() {
                     return false;
@@ -441,7 +421,7 @@ async fn wait_for_more(signal: &mut watch::Receiver<RunSignal>, stream: &UnixStr
                 match stream.try_read(&mut probe) {
                     Ok(0) => return false,
                     Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => return false,
-                    // A client sends nothing while it follows; whatever came is ignored.
+                    // Whatever came is ignored.
                     _ => {}
                 }
             }

@@ -154,6 +154,9 @@ pub struct GitHub {
     gql: Octocrab,
     /// Scopes of the token, from the last REST answer (`x-oauth-scopes`).
     pub scopes: std::sync::Mutex<Option<String>>,
+    /// When the next write may go: GitHub asks for a second between mutations, counted for the token, whichever
+    /// worker (board, pull requests, notes) sends it.
+    next_write: std::sync::Mutex<std::time::Instant>,
 }
 
 impl GitHub {
@@ -172,7 +175,23 @@ impl GitHub {
         let api = config.api_url.trim_end_matches('/');
         // GitHub Enterprise serves REST under /api/v3 and GraphQL at /api/graphql.
         let gql_base = api.strip_suffix("/v3").unwrap_or(api);
-        Ok(GitHub { rest: build(api)?, gql: build(gql_base)?, scopes: std::sync::Mutex::new(None) })
+        Ok(GitHub {
+            rest: build(api)?,
+            gql: build(gql_base)?,
+            scopes: std::sync::Mutex::new(None),
+            next_write: std::sync::Mutex::new(std::time::Instant::now()),
+        })
+    }
+
+    /// Waits for this token's next write slot (a second after the last one: GitHub's secondary limits).
+    pub async fn pace_write(&self) {
+        let at = {
+            let mut next = self.next_write.lock().unwrap_or_else(|e| e.into_inner());
+            let at = (*next).max(std::time::Instant::now());
+            *next = at + Duration::from_secs(1);
+            at
+        };
+        tokio::time::sleep_until(at.into()).await;
     }
 
     /// GET a REST path; returns the JSON body.

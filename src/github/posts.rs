@@ -25,8 +25,6 @@ pub const SECTION_END: &str = "<!-- autodev:end -->";
 
 /// Version of `github-posts.json`.
 const OUTBOX_VERSION: u32 = 1;
-/// GitHub asks for at least a second between mutations (secondary limits).
-const MUTATION_SPACING: Duration = Duration::from_secs(1);
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 /// Pull requests remembered for `status` (the newest).
 const REMEMBERED: usize = 200;
@@ -115,7 +113,6 @@ struct State {
     outbox: Outbox,
     retry_at: HashMap<String, Instant>,
     default_branch: Option<String>,
-    next_mutation: Instant,
 }
 
 pub struct Posts {
@@ -152,12 +149,7 @@ impl Posts {
             backoff_max,
             board,
             settled: std::sync::OnceLock::new(),
-            state: Mutex::new(State {
-                outbox,
-                retry_at: HashMap::new(),
-                default_branch: None,
-                next_mutation: Instant::now(),
-            }),
+            state: Mutex::new(State { outbox, retry_at: HashMap::new(), default_branch: None }),
             wake: Notify::new(),
         })
     }
@@ -378,15 +370,9 @@ impl Posts {
         self.persist(&state);
     }
 
-    /// Waits until a mutation may be sent (secondary limits).
+    /// Waits until a mutation may be sent (secondary limits, shared with every writer of the token).
     async fn mutation_slot(&self) {
-        let at = {
-            let mut state = self.lock();
-            let at = state.next_mutation.max(Instant::now());
-            state.next_mutation = at + MUTATION_SPACING;
-            at
-        };
-        tokio::time::sleep_until(at.into()).await;
+        self.gh.pace_write().await;
     }
 
     async fn default_branch(&self) -> Result<String, GhError> {

@@ -19,8 +19,6 @@ use super::client::{GhError, GitHub};
 use crate::config::{ProjectConfig, to_review};
 use crate::timefmt::rfc3339;
 
-/// GitHub asks for at least a second between mutations (secondary limits).
-const MUTATION_SPACING: Duration = Duration::from_secs(1);
 /// An intake read this recent stands in for the reconciler's own read.
 const HINT_FRESH: Duration = Duration::from_secs(60);
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
@@ -117,7 +115,6 @@ struct State {
     /// Fresh reads from intake, so the reconciler need not read the issue again.
     hints: HashMap<u64, (IssueView, Instant)>,
     board: Option<Board>,
-    next_mutation: Instant,
     /// Requests sent to GitHub (for `project status` and the request-count test).
     requests: u64,
 }
@@ -167,7 +164,6 @@ impl Reconciler {
                 retry_at: HashMap::new(),
                 hints: HashMap::new(),
                 board: None,
-                next_mutation: Instant::now(),
                 requests: 0,
             }),
             wake: Notify::new(),
@@ -357,14 +353,8 @@ impl Reconciler {
 
     /// Waits until a mutation may be sent (secondary limits), and counts it.
     async fn mutation_slot(&self) {
-        let at = {
-            let mut state = self.lock();
-            let at = state.next_mutation.max(Instant::now());
-            state.next_mutation = at + MUTATION_SPACING;
-            state.requests += 1;
-            at
-        };
-        tokio::time::sleep_until(at.into()).await;
+        self.lock().requests += 1;
+        self.gh.pace_write().await;
     }
 
     /// Brings the board in line with one wish. `Ok(Some(note))`: done, but something was left alone on purpose.
