@@ -630,17 +630,26 @@ fn feed_cost(report: &mut Vec<String>) {
     }
     // A browser's part: the dashboard's event stream, read as fast as it comes.
     let url = d.ctl(&["dashboard", "url"]);
-    let token = url.trim().split_once("token=").unwrap().1.to_string();
+    let session = {
+        use std::io::Read;
+        let path = url.trim().split_once(&format!("{port}")).unwrap().1.to_string();
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").unwrap();
+        let mut head = String::new();
+        stream.read_to_string(&mut head).unwrap();
+        let line = head.lines().find(|l| l.to_ascii_lowercase().starts_with("set-cookie:")).unwrap().to_string();
+        line.split_once(": ").unwrap().1.split(';').next().unwrap().to_string()
+    };
     let mut browser_cpu = Vec::new();
     let mut sse_bytes = 0u64;
     for _ in 0..2 {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let counted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (stop2, counted2, token2) = (stop.clone(), counted.clone(), token.clone());
+        let (stop2, counted2, session2) = (stop.clone(), counted.clone(), session.clone());
         let reader = std::thread::spawn(move || {
             use std::io::Read;
             let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-            let request = format!("GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: autodev_token={token2}\r\n\r\n");
+            let request = format!("GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: {session2}\r\n\r\n");
             stream.write_all(request.as_bytes()).unwrap();
             stream.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
             let mut buf = vec![0u8; 1 << 16];

@@ -125,13 +125,26 @@ fn the_dashboard_shows_the_slots_live_and_stops_one_from_the_page() {
 
     // Nothing without the token; with it, a cookie scripts cannot read, and the token leaves the address bar.
     assert_eq!(http(port, "GET", "/api/status", "", None).0, 401);
-    assert_eq!(http(port, "POST", "/api/slots/claude-1/stop", "Cookie: autodev_token=wrong\r\n", None).0, 401);
+    assert_eq!(http(port, "POST", "/api/slots/claude-1/stop", "Cookie: autodev_session=wrong\r\n", None).0, 401);
+    // A session of its own in the cookie, never the token (browsers send a host's cookies to all its ports).
     let (status, head, _) = http(port, "GET", &format!("/?token={token}"), "", None);
     assert_eq!(status, 303);
     assert!(head.contains("HttpOnly") && head.contains("SameSite=Strict"), "{head}");
     assert!(head.to_ascii_lowercase().contains("referrer-policy: no-referrer"), "{head}");
-    let (status, _, body) = http(port, "GET", "/api/status", &format!("Cookie: autodev_token={token}\r\n"), None);
+    assert!(!head.contains(&token), "{head}");
+    let session = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().starts_with("set-cookie:").then(|| l.split_once(": ").unwrap().1))
+        .and_then(|c| c.split(';').next())
+        .unwrap()
+        .to_string();
+    let cookie = format!("Cookie: {session}\r\n");
+    let (status, _, body) = http(port, "GET", "/api/status", &cookie, None);
     assert_eq!(status, 200);
+    // Another page on 127.0.0.1 (the same "site" to a browser) cannot make the daemon act.
+    let forged = format!("{cookie}Origin: http://127.0.0.1:5173\r\nX-Autodev: 1\r\n");
+    assert_eq!(http(port, "POST", "/api/slots/claude-1/stop", &forged, None).0, 403);
+    assert_eq!(http(port, "POST", "/api/slots/claude-1/stop", &cookie, None).0, 403, "no page header");
     assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["slots"].as_array().unwrap().len(), 6);
 
     let Some(browser) = Driver::start() else {
@@ -169,6 +182,12 @@ fn the_dashboard_shows_the_slots_live_and_stops_one_from_the_page() {
         let state = browser.script("return document.querySelector('[data-slot=\"claude-2\"] .state').innerText");
         (state.as_str() == Some("failed")).then_some(())
     });
+
+    // A rotation ends every session: the old cookie and the old URL are worth nothing.
+    let rotated = d.ctl(&["dashboard", "url", "--rotate"]).trim().to_string();
+    assert_ne!(rotated, url);
+    assert_eq!(http(port, "GET", "/api/status", &cookie, None).0, 401);
+    assert_eq!(http(port, "GET", &format!("/?token={token}"), "", None).0, 401);
 }
 
 /// Standard base64 (the screenshot), without a dependency for one test.

@@ -2,6 +2,8 @@
 "use strict";
 let report = null;
 let open = null;
+// The issue whose runs the detail view shows: read again only when another one is opened.
+let historyFor = null;
 
 const el = (tag, attrs = {}, ...children) => {
   const e = document.createElement(tag);
@@ -20,7 +22,7 @@ const ago = (at) => {
 
 async function act(slot, what) {
   if (what === "stop" && !window.confirm(`Stop ${slot}?`)) return;
-  const r = await fetch(`/api/slots/${encodeURIComponent(slot)}/${what}`, { method: "POST" });
+  const r = await fetch(`/api/slots/${encodeURIComponent(slot)}/${what}`, { method: "POST", headers: { "X-Autodev": "1" } });
   if (!r.ok) alert(await r.text());
 }
 
@@ -53,7 +55,8 @@ async function detail() {
   document.getElementById("detail-facts").textContent =
     `branch ${s.branch || "-"} · run ${s.run_id || "-"} · ${s.reason || ""}`;
   document.getElementById("detail-console").textContent = (s.console_preview || []).join("\n");
-  if (s.issue) {
+  if (s.issue && historyFor !== `${s.slot}#${s.issue}`) {
+    historyFor = `${s.slot}#${s.issue}`;
     const r = await fetch(`/api/history?issue=${s.issue}`);
     const runs = r.ok ? await r.json() : [];
     document.getElementById("detail-history").replaceChildren(...runs.map((h) =>
@@ -74,7 +77,11 @@ function draw() {
   if (open) detail();
 }
 
-document.getElementById("detail-close").onclick = () => { open = null; document.getElementById("detail").hidden = true; };
+document.getElementById("detail-close").onclick = () => {
+  open = null;
+  historyFor = null;
+  document.getElementById("detail").hidden = true;
+};
 const events = new EventSource("/events");
 events.onmessage = (m) => { report = JSON.parse(m.data); draw(); };
 events.onerror = () => { document.getElementById("summary").textContent = "connection lost; retrying…"; };

@@ -4,8 +4,11 @@
 //! address only.
 //!
 //! Every request needs the token `autodevctl dashboard url` prints (kept in the state dir, 0600, so bookmarks
-//! survive restarts). The first visit brings it in the URL and gets it back as an HttpOnly, SameSite=Strict cookie,
-//! then is sent on to a URL without it; pages go out with `Referrer-Policy: no-referrer`.
+//! survive restarts). The first visit brings it in the URL and gets a session of its own in an HttpOnly,
+//! SameSite=Strict cookie (never the token: browsers send a host's cookies to all its ports), then is sent on to a
+//! URL without it; pages go out with `Referrer-Policy: no-referrer`. Writes (stop, resume) also need the page's own
+//! origin and header: another page on 127.0.0.1 counts as the same site to a browser. A rotation ends every session
+//! and every open event stream.
 
 use std::convert::Infallible;
 use std::path::PathBuf;
@@ -25,7 +28,11 @@ use super::Shared;
 const INDEX: &str = include_str!("index.html");
 const STYLE: &str = include_str!("style.css");
 const SCRIPT: &str = include_str!("app.js");
-const COOKIE: &str = "autodev_token";
+const COOKIE: &str = "autodev_session";
+/// Sessions kept at most (the oldest go first).
+const MAX_SESSIONS: usize = 64;
+/// Connections served at once; more wait for a free place.
+const MAX_CONNECTIONS: usize = 64;
 /// Most frames a browser gets per second.
 const FRAMES_PER_SEC: u64 = 4;
 /// Frames waiting for a slow browser at most; past it the stream ends (the page reconnects).
@@ -37,6 +44,10 @@ type Body = BoxBody<Bytes, Infallible>;
 pub(super) struct Dashboard {
     path: PathBuf,
     token: Mutex<String>,
+    /// Sessions given out since the last rotation, oldest first.
+    sessions: Mutex<Vec<String>>,
+    /// Bumped by a rotation: open event streams end.
+    generation: std::sync::atomic::AtomicU64,
     pub listen: String,
 }
 
@@ -45,10 +56,16 @@ impl Dashboard {
     pub(super) fn load(state_dir: &std::path::Path, listen: String) -> std::io::Result<Dashboard> {
         let path = state_dir.join("dashboard-token");
         let token = match std::fs::read_to_string(&path) {
-            Ok(t) if t.trim().len() >= 32 => t.trim().to_string(),
+            Ok(t) if t.trim().len() == 64 && t.trim().bytes().all(|b| b.is_ascii_hexdigit()) => t.trim().to_string(),
             _ => write_token(&path)?,
         };
-        Ok(Dashboard { path, token: Mutex::new(token), listen })
+        Ok(Dashboard {
+            path,
+            token: Mutex::new(token),
+            sessions: Mutex::new(Vec::new()),
+            generation: std::sync::atomic::AtomicU64::new(0),
+            listen,
+        })
     }
 
     fn token(&self) -> String {
@@ -60,6 +77,8 @@ impl Dashboard {
         if rotate {
             let new = write_token(&self.path)?;
             *self.token.lock().unwrap_or_else(|e| e.into_inner()) = new;
+            self.sessions.lock().unwrap_or_else(|e| e.into_inner()).clear();
+            self.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
         Ok(format!("http://{}/?token={}", self.listen, self.token()))
     }
@@ -85,19 +104,27 @@ pub(super) async fn serve(shared: Arc<Shared>, dashboard: Arc<Dashboard>) {
         }
     };
     tracing::info!(listen = %dashboard.listen, "dashboard: serving (`autodevctl dashboard url` prints its URL)");
+    let places = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let Ok(place) = places.clone().acquire_owned().await else { return };
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         let (shared, dashboard) = (shared.clone(), dashboard.clone());
         tokio::spawn(async move {
+            let _place = place;
             let service = hyper::service::service_fn(move |req| {
                 let (shared, dashboard) = (shared.clone(), dashboard.clone());
                 async move { Ok::<_, Infallible>(respond(&shared, &dashboard, req).await) }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+            // A client that sends half a request is let go: it holds no place (or descriptor) for long.
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(io, service)
+                .await;
         });
     }
 }
@@ -125,9 +152,24 @@ fn same(a: &str, b: &str) -> bool {
     a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn cookie_token(req: &Request<Incoming>) -> Option<String> {
-    let cookies = req.headers().get(header::COOKIE)?.to_str().ok()?;
-    cookies.split(';').find_map(|c| c.trim().strip_prefix(&format!("{COOKIE}=")).map(str::to_string))
+/// Whether one of the request's session cookies is a session given out (another site may have set one too).
+fn has_session(req: &Request<Incoming>, dashboard: &Dashboard) -> bool {
+    let sessions = dashboard.sessions.lock().unwrap_or_else(|e| e.into_inner());
+    req.headers()
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().strip_prefix(&format!("{COOKIE}=")))
+        .any(|given| sessions.iter().any(|s| same(given, s)))
+}
+
+/// A write comes from the dashboard's own page: its header (which a page elsewhere cannot send without the
+/// browser asking first) and, when the browser says, its origin.
+fn from_own_page(req: &Request<Incoming>, dashboard: &Dashboard) -> bool {
+    let own_header = req.headers().get("x-autodev").is_some_and(|v| v == "1");
+    let origin = req.headers().get(header::ORIGIN).and_then(|v| v.to_str().ok());
+    own_header && origin.is_none_or(|o| o == format!("http://{}", dashboard.listen))
 }
 
 fn query_value<'a>(req: &'a Request<Incoming>, key: &str) -> Option<&'a str> {
@@ -140,15 +182,23 @@ async fn respond(shared: &Arc<Shared>, dashboard: &Dashboard, req: Request<Incom
         if !same(given, &token) {
             return full(StatusCode::UNAUTHORIZED, "text/plain", "the token is wrong: run `autodevctl dashboard url`");
         }
-        // The token goes into a cookie scripts cannot read, and out of the address bar.
+        // A session of its own in a cookie scripts cannot read; the token leaves the address bar.
+        let session = format!("{}", uuid::Uuid::new_v4().simple());
+        {
+            let mut sessions = dashboard.sessions.lock().unwrap_or_else(|e| e.into_inner());
+            if sessions.len() >= MAX_SESSIONS {
+                sessions.remove(0);
+            }
+            sessions.push(session.clone());
+        }
         let mut response = full(StatusCode::SEE_OTHER, "text/plain", "");
         let headers = response.headers_mut();
         headers.insert(header::LOCATION, "/".parse().expect("valid"));
-        let cookie = format!("{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/");
+        let cookie = format!("{COOKIE}={session}; HttpOnly; SameSite=Strict; Path=/");
         headers.insert(header::SET_COOKIE, cookie.parse().expect("a token is ASCII"));
         return response;
     }
-    if !cookie_token(&req).is_some_and(|t| same(&t, &token)) {
+    if !has_session(&req, dashboard) {
         return full(
             StatusCode::UNAUTHORIZED,
             "text/plain",
@@ -169,7 +219,10 @@ async fn respond(shared: &Arc<Shared>, dashboard: &Dashboard, req: Request<Incom
                 Err(e) => full(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", e.message),
             }
         }
-        (&Method::GET, "/events") => events(shared),
+        (&Method::GET, "/events") => events(shared, dashboard),
+        (&Method::POST, _) if !from_own_page(&req, dashboard) => {
+            full(StatusCode::FORBIDDEN, "text/plain", "writes come from the dashboard's own page only")
+        }
         (&Method::POST, p) => {
             let Some(rest) = p.strip_prefix("/api/slots/") else {
                 return full(StatusCode::NOT_FOUND, "text/plain", "not found");
@@ -203,12 +256,19 @@ fn json<T: serde::Serialize>(value: &T) -> Response<Body> {
 
 /// `/events`: the status now, then again after each change (at most [`FRAMES_PER_SEC`] a second). A browser that
 /// does not keep up is dropped (the page's EventSource reconnects); the daemon never waits for one.
-fn events(shared: &Arc<Shared>) -> Response<Body> {
+fn events(shared: &Arc<Shared>, dashboard: &Dashboard) -> Response<Body> {
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(SSE_BUFFER);
     let shared = shared.clone();
+    let generation = dashboard.generation.load(std::sync::atomic::Ordering::SeqCst);
+    let dashboard_generation = shared.dashboard.clone();
     tokio::spawn(async move {
         let mut changes = shared.changes.subscribe();
         loop {
+            // A rotation revokes every session: its open streams end too.
+            let now = dashboard_generation.as_ref().map(|d| d.generation.load(std::sync::atomic::Ordering::SeqCst));
+            if now != Some(generation) {
+                return;
+            }
             let report = super::server::status_report(&shared);
             let Ok(body) = crate::redact::to_json_vec(&report) else { return };
             let mut frame = Vec::with_capacity(body.len() + 8);
