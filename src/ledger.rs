@@ -112,7 +112,8 @@ pub fn read_run_record(path: &Path) -> Option<RunRecord> {
 
 /// Reads a versioned state file (`{"version": N, …}`, the outboxes). Missing: the default. Of a newer format than
 /// `known`: moved aside to `<file>.v<N>`, never overwritten (the newer autodev that wrote it can still act on it),
-/// and the default. Unreadable: said, and the default.
+/// and the default. Unreadable: moved aside to `<file>.unreadable` (the next write must not destroy what a person
+/// may still recover), said, and the default.
 pub fn load_versioned<T: serde::de::DeserializeOwned + Default>(
     path: &Path,
     known: u32,
@@ -133,7 +134,9 @@ pub fn load_versioned<T: serde::de::DeserializeOwned + Default>(
             T::default()
         }
         Err(e) => {
-            tracing::error!("{} is unreadable: {e}", path.display());
+            let aside = path.with_extension("json.unreadable");
+            tracing::error!("{} is unreadable ({e}); moved to {} and starting empty", path.display(), aside.display());
+            let _ = std::fs::rename(path, aside);
             T::default()
         }
     }

@@ -241,10 +241,9 @@ pub struct Findings {
     /// Tokens reported so far while the run goes on, and whether that changed since it was last taken.
     pub usage: Usage,
     pub usage_changed: bool,
-    /// Each message's last report (a message may be reported in several events), up to [`USAGE_MESSAGES`].
+    /// Each message's last report (a message may be reported in several events), up to [`USAGE_MESSAGES`]; beyond
+    /// that, reports are added up as they come.
     usage_by_message: std::collections::HashMap<String, Usage>,
-    /// What messages beyond that bound reported (no longer told apart).
-    usage_folded: Usage,
 }
 
 /// Messages whose usage is kept apart; beyond it, reports are added up as they come.
@@ -289,16 +288,18 @@ impl Findings {
 
     /// Takes in a message's token report: the newest report of a message replaces its earlier ones.
     fn note_usage(&mut self, message: &str, usage: Usage) {
-        if self.usage_by_message.len() < USAGE_MESSAGES || self.usage_by_message.contains_key(message) {
-            self.usage_by_message.insert(message.to_string(), usage);
+        // The running total: this message's new report in, its earlier one (if any) out.
+        let earlier = if self.usage_by_message.len() < USAGE_MESSAGES || self.usage_by_message.contains_key(message) {
+            self.usage_by_message.insert(message.to_string(), usage)
         } else {
-            self.usage_folded.add(usage);
+            None
+        };
+        self.usage.add(usage);
+        if let Some(earlier) = earlier {
+            self.usage.input -= earlier.input;
+            self.usage.cached_input -= earlier.cached_input;
+            self.usage.output -= earlier.output;
         }
-        let mut total = self.usage_folded;
-        for u in self.usage_by_message.values() {
-            total.add(*u);
-        }
-        self.usage = total;
         self.usage_changed = true;
     }
 

@@ -155,6 +155,10 @@ pub(super) async fn entries(shared: &Shared) -> Vec<QueueEntry> {
 
 /// The local queue as `status` shows it (no GitHub request).
 pub(super) fn local_entries(shared: &Shared) -> Vec<QueueEntry> {
+    // On every status reply: an empty queue costs nothing.
+    if shared.queue.is_empty() {
+        return Vec::new();
+    }
     plan(shared, None).into_iter().map(Into::into).collect()
 }
 
@@ -374,9 +378,6 @@ fn plan(shared: &Shared, board: Option<&BoardRead>) -> Vec<Planned> {
         (free, table.paused_llms(now), table.llm_names(), (held, busy_slots))
     };
     let (held, busy_slots) = held;
-    // The day budgets stop the board feeding new work, not the local queue (a person's explicit wish).
-    let spent: BTreeMap<String, String> =
-        llms.iter().filter_map(|l| Some((l.clone(), super::budget::day_over(shared, l)?))).collect();
     let waits_for = |llm: &str, free: &BTreeMap<String, usize>| -> Option<Wait> {
         if let Some(until) = paused.get(llm) {
             return Some(Wait::UsageLimit(*until));
@@ -421,6 +422,9 @@ fn plan(shared: &Shared, board: Option<&BoardRead>) -> Vec<Planned> {
         out.push(Planned { issue: q.issue, title, priority: None, llm, source: Source::Local(q.clone()), reason });
     }
     let Some(board) = board else { return out };
+    // The day budgets stop the board feeding new work, not the local queue (a person's explicit wish).
+    let spent: BTreeMap<String, String> =
+        llms.iter().filter_map(|l| Some((l.clone(), super::budget::day_over(shared, l)?))).collect();
     let refused = shared.autopilot.lock().unwrap_or_else(|e| e.into_inner()).refused.clone();
     let priority_order: Vec<String> = shared
         .github

@@ -178,6 +178,12 @@ struct Stored {
     sent: VecDeque<String>,
 }
 
+impl Default for Stored {
+    fn default() -> Self {
+        Stored { version: FORMAT_VERSION, pending: Vec::new(), sent: VecDeque::new() }
+    }
+}
+
 pub(super) struct Notifier {
     sinks: Vec<Sink>,
     path: PathBuf,
@@ -195,11 +201,7 @@ type HttpClient = hyper_util::client::legacy::Client<
 
 impl Notifier {
     pub(super) fn load(config: &NotificationsConfig, path: PathBuf) -> Notifier {
-        let stored = std::fs::read(&path)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<Stored>(&b).ok())
-            .filter(|s| s.version <= FORMAT_VERSION)
-            .unwrap_or(Stored { version: FORMAT_VERSION, pending: Vec::new(), sent: VecDeque::new() });
+        let stored = crate::ledger::load_versioned(&path, FORMAT_VERSION, |s: &Stored| s.version);
         Notifier {
             sinks: sinks(config),
             path,

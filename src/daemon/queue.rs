@@ -14,6 +14,8 @@ use crate::timefmt::rfc3339;
 
 /// The longest local queue: more is refused with a clear error.
 pub const MAX_QUEUED: usize = 1000;
+/// The prompts of queued tasks together at most (each may be 1 MiB; `queue.json` is rewritten on every change).
+const MAX_QUEUED_PROMPT_BYTES: usize = 16 << 20;
 /// Ended issues remembered (the newest).
 const MAX_ENDED: usize = 2000;
 const FORMAT_VERSION: u32 = 1;
@@ -63,24 +65,9 @@ pub struct Queue {
 }
 
 impl Queue {
-    /// Loads `queue.json`; one that cannot be read is moved aside (never overwritten) and an empty queue begins.
+    /// Loads `queue.json` (one that cannot be read, or of a newer format, is moved aside, never overwritten).
     pub fn load(path: PathBuf) -> Queue {
-        let stored = match std::fs::read(&path) {
-            Err(_) => Stored::default(),
-            Ok(bytes) => match serde_json::from_slice::<Stored>(&bytes) {
-                Ok(stored) if stored.version <= FORMAT_VERSION => stored,
-                other => {
-                    let why = match other {
-                        Ok(s) => format!("format version {} is newer than this autodevd understands", s.version),
-                        Err(e) => e.to_string(),
-                    };
-                    let aside = path.with_extension("json.unreadable");
-                    tracing::error!("{}: {why}; moved to {} and starting empty", path.display(), aside.display());
-                    let _ = std::fs::rename(&path, aside);
-                    Stored::default()
-                }
-            },
-        };
+        let stored = crate::ledger::load_versioned(&path, FORMAT_VERSION, |s: &Stored| s.version);
         Queue { path, stored: Mutex::new(stored), wake: Notify::new() }
     }
 
@@ -108,6 +95,14 @@ impl Queue {
         }
         if stored.queue.len() >= MAX_QUEUED {
             return Err(format!("the queue holds {MAX_QUEUED} tasks, its limit"));
+        }
+        let held: usize = stored.queue.iter().filter_map(|q| q.prompt.as_ref()).map(String::len).sum();
+        if held + prompt.map_or(0, str::len) > MAX_QUEUED_PROMPT_BYTES {
+            return Err(format!(
+                "the queued tasks' prompts would pass {} MiB together, the queue's limit: put long tasks in files \
+                 in the repository and point to them",
+                MAX_QUEUED_PROMPT_BYTES >> 20
+            ));
         }
         stored.queue.push(Queued {
             issue,
@@ -137,6 +132,10 @@ impl Queue {
             tracing::error!("cannot write {}: {e}", self.path.display());
         }
         removed
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lock().queue.is_empty()
     }
 
     pub fn queued(&self) -> Vec<Queued> {

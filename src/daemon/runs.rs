@@ -744,12 +744,13 @@ fn publish(shared: &Arc<Shared>, run_id: &str, preview: &Preview, findings: &mut
     let mut over_budget = false;
     let (new_session, revived, signals, slot) = {
         let mut table = shared.lock_table();
-        let pricing = table
-            .slots
-            .iter()
-            .find(|s| s.task.as_ref().is_some_and(|t| t.record.run_id == run_id))
-            .and_then(|s| table.providers[s.provider].pricing);
-        let Some(task) = table.task_of_run(run_id) else { return };
+        // One look for the run's slot per batch: its task, and its LLM's pricing.
+        let Some(index) = table.slots.iter().position(|s| s.task.as_ref().is_some_and(|t| t.record.run_id == run_id))
+        else {
+            return;
+        };
+        let pricing = table.providers[table.slots[index].provider].pricing;
+        let Some(task) = table.slots[index].task.as_mut() else { return };
         if findings.new_bytes == 0
             && findings.session_id.is_none()
             && findings.progress.is_none()

@@ -451,5 +451,8 @@ mod format_tests {
         std::fs::write(&path, r#"{"version":9,"owed":{},"last_error":null}"#).unwrap();
         assert!(super::load_outbox(&path).owed.is_empty());
         assert!(dir.path().join("github-sync.json.v9").exists(), "a newer outbox is kept aside, not overwritten");
+        std::fs::write(&path, "{\"version\": 1, \"owed\": {\"41\": tor").unwrap();
+        assert!(super::load_outbox(&path).owed.is_empty());
+        assert!(dir.path().join("github-sync.json.unreadable").exists(), "a torn outbox is kept for a person");
     }
 }
