@@ -236,6 +236,7 @@ impl SlotLockV1 {
             signal: None,
             asked_at: None,
             over_budget: false,
+            claim: None,
         }
     }
 }

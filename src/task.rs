@@ -80,6 +80,9 @@ pub enum EndCause {
     Blocked,
     /// The task spent its budget (`budget.perTaskUsd`): its run was stopped.
     Budget,
+    /// The fleet's claim on the issue is no longer this machine's (taken over, or not renewed in time): the run was
+    /// stopped and nothing more is written for the issue. Logs and worktree stay; a person may resume it.
+    ClaimLost,
 }
 
 impl EndCause {
@@ -103,6 +106,7 @@ impl EndCause {
             EndCause::PushFailed => "push_failed",
             EndCause::Blocked => "blocked",
             EndCause::Budget => "budget",
+            EndCause::ClaimLost => "claim_lost",
         }
     }
 
@@ -200,6 +204,8 @@ pub enum StopBy {
     Stale { reassign: bool },
     /// The task spent its budget: it ends `budget`, and is not run again unless a person says so.
     Budget { why: String },
+    /// The fleet's claim is lost: it ends `claim_lost`, writing nothing more for the issue.
+    ClaimLost { why: String },
 }
 
 /// Where a task is in its life. Serialized into the lockfile under `phase`.
@@ -519,6 +525,8 @@ pub enum Event {
     GiveUp { reason: String },
     /// The agent says something of its task from inside the run.
     Signal(AgentSignal),
+    /// The fleet's claim on the issue is no longer this machine's.
+    ClaimLost { why: String },
 }
 
 impl Event {
@@ -536,6 +544,7 @@ impl Event {
             Event::Release { .. } => "release",
             Event::GiveUp { .. } => "give up",
             Event::Signal(_) => "signal",
+            Event::ClaimLost { .. } => "claim lost",
         }
     }
 }
@@ -654,6 +663,10 @@ pub struct SlotLock {
     /// A person said to go on past `budget.perTaskUsd` (`resume --over-budget`): the task budget no longer stops it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub over_budget: bool,
+    /// With the fleet on: the version of the issue's claim this task holds (a claim commit, a NATS revision). After
+    /// a restart, a claim that is no longer at this version was lost meanwhile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim: Option<String>,
 }
 
 impl SlotLock {
@@ -695,6 +708,7 @@ impl SlotLock {
             signal: None,
             asked_at: None,
             over_budget: false,
+            claim: None,
         }
     }
 
@@ -821,6 +835,14 @@ impl SlotLock {
                 effects.extend(self.finish(cause, Some(by.into()), None));
                 effects
             }
+            (Phase::Running { stop, .. }, Event::ClaimLost { why }) => {
+                // Overrides any other stop: nothing of this run may reach the issue any more.
+                *stop = Some(StopBy::ClaimLost { why });
+                vec![WriteLock, SignalStop]
+            }
+            (Phase::Abandoned { .. } | Phase::Waiting { .. } | Phase::Starting, Event::ClaimLost { why }) => {
+                self.lose_claim(why)
+            }
             (Phase::Abandoned { .. } | Phase::Waiting { .. } | Phase::Starting, Event::GiveUp { reason }) => {
                 let cause = match &self.phase {
                     Phase::Waiting { after, .. } => *after,
@@ -841,10 +863,12 @@ impl SlotLock {
         use Effect::*;
         let stop = self.phase.stop().cloned();
         // What the agent said of its end wins over how the run ended, unless a person or a shutdown stopped it.
-        let said = self
-            .signal
-            .take()
-            .filter(|_| !matches!(stop, Some(StopBy::User | StopBy::Shutdown { .. } | StopBy::Budget { .. })));
+        let said = self.signal.take().filter(|_| {
+            !matches!(
+                stop,
+                Some(StopBy::User | StopBy::Shutdown { .. } | StopBy::Budget { .. } | StopBy::ClaimLost { .. })
+            )
+        });
         match said {
             Some(AgentSignal::NeedsInfo { question }) => {
                 self.phase = Phase::Waiting {
@@ -864,6 +888,10 @@ impl SlotLock {
                 return self.end(Verdict { cause: EndCause::Blocked, reason, ..v });
             }
             _ => {}
+        }
+        if let Some(StopBy::ClaimLost { why }) = &stop {
+            // Another machine has the issue now: whatever this run did stays here, unpublished.
+            return self.lose_claim(why.clone());
         }
         if v.cause == EndCause::Succeeded {
             // A run that finished its work just as a stop arrived is done: running it again would cost twice.
@@ -900,6 +928,7 @@ impl SlotLock {
             Some(StopBy::Budget { why }) => {
                 return self.end(Verdict { cause: EndCause::Budget, reason: Some(why), ..v });
             }
+            Some(StopBy::ClaimLost { why }) => return self.lose_claim(why),
             None if v.cause == EndCause::UsageLimit => {
                 let until = v.resets_at.filter(|t| *t > now).unwrap_or(now + USAGE_LIMIT_GUESS);
                 wait(
@@ -924,6 +953,13 @@ impl SlotLock {
             _ => now,
         };
         vec![RecordRun, WriteLock, WakeAt(until), Comment]
+    }
+
+    /// The claim is another machine's now: the task ends `claim_lost` and frees its slot, with no board, comment or
+    /// pull-request effect (the issue is no longer ours to write to) and its worktree left as it is.
+    fn lose_claim(&mut self, why: String) -> Vec<Effect> {
+        self.phase = Phase::Ended { cause: EndCause::ClaimLost, reason: Some(why), exit_code: None };
+        vec![Effect::RecordRun, Effect::FreeSlot]
     }
 
     /// Ends the task with its run's verdict.
@@ -1057,6 +1093,48 @@ mod tests {
                 Event::GiveUp { reason: "p".into() },
                 State::Failed,
                 free(BoardWish::Failed),
+            ), // The fleet's claim is lost: the run stops, then the task ends with no write for the issue, even when the
+            // run completed meanwhile; a task that is not running ends at once.
+            (
+                running(Some(StopBy::User)),
+                1,
+                Event::ClaimLost { why: "w".into() },
+                State::InProgress,
+                vec![WriteLock, SignalStop],
+            ),
+            (
+                running(Some(StopBy::ClaimLost { why: "w".into() })),
+                1,
+                done.clone(),
+                State::Failed,
+                vec![RecordRun, FreeSlot],
+            ),
+            (
+                running(Some(StopBy::ClaimLost { why: "w".into() })),
+                1,
+                fail(EndCause::Killed),
+                State::Failed,
+                vec![RecordRun, FreeSlot],
+            ),
+            (
+                Phase::Abandoned { reason: "r".into() },
+                1,
+                Event::ClaimLost { why: "w".into() },
+                State::Failed,
+                vec![RecordRun, FreeSlot],
+            ),
+            (
+                Phase::Waiting {
+                    until: None,
+                    waiting_for: WaitFor::Reply,
+                    after: EndCause::Succeeded,
+                    reason: "q".into(),
+                    fallback: false,
+                },
+                1,
+                Event::ClaimLost { why: "w".into() },
+                State::Failed,
+                vec![RecordRun, FreeSlot],
             ),
         ];
         for (i, (from, runs, event, state, effects)) in table.into_iter().enumerate() {
