@@ -38,6 +38,7 @@ pub struct RawConfig {
     pub status_comments: StatusCommentsConfig,
     pub retry: RetryConfig,
     pub autopilot: AutopilotConfig,
+    pub fleet: FleetConfig,
     pub budget: BudgetConfig,
     pub dashboard: DashboardConfig,
     pub workspace: WorkspaceConfig,
@@ -331,6 +332,89 @@ impl Default for AutopilotConfig {
     }
 }
 
+/// `fleet`: several machines share one board; a claim per issue that only one machine holds.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct FleetConfig {
+    pub enabled: bool,
+    /// This machine's name in claims and in Assigned Instance (`<slot>@<machine>`); default the host name. Must be
+    /// unique in the fleet.
+    pub machine: Option<String>,
+    /// One heartbeat per this many seconds for all of this machine's claims.
+    pub heartbeat_secs: f64,
+    /// A machine whose heartbeat has not changed for this long (plus a margin) loses its claims to others; one
+    /// that could not renew for this long (minus a margin) stops its runs first.
+    pub stale_after_secs: f64,
+    pub backend: FleetBackend,
+    pub nats: FleetNatsConfig,
+    /// `owner/name` of a separate coordination repository for the claim refs; default the project's repository.
+    pub repo: Option<String>,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        FleetConfig {
+            enabled: false,
+            machine: None,
+            heartbeat_secs: 60.0,
+            stale_after_secs: 300.0,
+            backend: FleetBackend::Github,
+            nats: FleetNatsConfig::default(),
+            repo: None,
+        }
+    }
+}
+
+/// Where the fleet's claims and heartbeats live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FleetBackend {
+    /// Git refs in a GitHub repository (compare-and-swap through `updateRefs`).
+    Github,
+    /// NATS JetStream key-value buckets.
+    Nats,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct FleetNatsConfig {
+    pub url: String,
+}
+
+impl Default for FleetNatsConfig {
+    fn default() -> Self {
+        FleetNatsConfig { url: "nats://127.0.0.1:4222".into() }
+    }
+}
+
+impl FleetConfig {
+    /// This machine's name: `fleet.machine`, else the host name made safe for a ref name.
+    pub fn machine_name(&self) -> String {
+        self.machine.clone().unwrap_or_else(|| {
+            let host = nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_default();
+            let safe: String = host
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '-' })
+                .take(63)
+                .collect();
+            let safe = safe.trim_start_matches(['-', '_']).to_string();
+            if safe.is_empty() { "machine".into() } else { safe }
+        })
+    }
+}
+
+/// Whether `name` can name a machine in a git ref and a NATS key: letters, digits, `-`, `_`, `.`, at most 63,
+/// starting with a letter or digit, never `..` or ending in `.lock` or `.`.
+pub fn valid_machine_name(name: &str) -> bool {
+    let first_ok = name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+    first_ok
+        && name.len() <= 63
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !name.contains("..")
+        && !name.ends_with(".lock")
+        && !name.ends_with('.')
+}
+
 /// `retry`: what happens to a failed task.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
@@ -391,6 +475,9 @@ pub struct GithubConfig {
     pub retry_max_secs: f64,
     /// How often the issue of a task waiting for an answer is checked for a new comment.
     pub reply_poll_secs: f64,
+    /// Seconds between two writes on one token (GitHub's secondary limits ask for one; GitHub Enterprise may allow
+    /// less).
+    pub write_spacing_secs: f64,
     /// The prompt built from an issue: `{number}`, `{title}`, `{body}`, `{url}`, `{slot}`, `{branch}`, `{labels}`.
     pub prompt_template: Option<String>,
     // Keys of the original tool that autodev accepts and does not act on.
@@ -410,6 +497,7 @@ impl Default for GithubConfig {
             api_url: "https://api.github.com".into(),
             timeout_secs: 20.0,
             reply_poll_secs: 60.0,
+            write_spacing_secs: 1.0,
             retry_max_secs: 300.0,
             prompt_template: None,
             assign_to_self: Value::Null,
@@ -746,6 +834,40 @@ impl Config {
                     format!("{llm:?} is not one of the configured LLMs"),
                 ));
             }
+        }
+        let fleet = &self.raw.fleet;
+        if fleet.enabled {
+            let machine = fleet.machine_name();
+            if !valid_machine_name(&machine) {
+                return Err(invalid(
+                    "fleet.machine".into(),
+                    format!(
+                        "{machine:?} cannot name a machine: use letters, digits, '-', '_' and '.', at most 63, \
+                         starting with a letter or digit"
+                    ),
+                ));
+            }
+            if !(0.2..=3600.0).contains(&fleet.heartbeat_secs) {
+                return Err(invalid("fleet.heartbeatSecs".into(), "must be between 0.2 and 3600".into()));
+            }
+            if !(fleet.stale_after_secs >= 3.0 * fleet.heartbeat_secs && fleet.stale_after_secs <= 86_400.0) {
+                return Err(invalid(
+                    "fleet.staleAfterSecs".into(),
+                    format!(
+                        "must be at least three heartbeats ({} s) and at most 86400: a holder must be able to miss \
+                         a beat and still stop its runs before anyone takes them over",
+                        3.0 * fleet.heartbeat_secs
+                    ),
+                ));
+            }
+            if let Some(repo) = &fleet.repo
+                && repo.split('/').filter(|p| !p.is_empty()).count() != 2
+            {
+                return Err(invalid("fleet.repo".into(), format!("{repo:?} is not owner/name")));
+            }
+        }
+        if !(0.0..=60.0).contains(&self.raw.github.write_spacing_secs) {
+            return Err(invalid("github.writeSpacingSecs".into(), "must be between 0 and 60".into()));
         }
         if !(1.0..=86_400.0).contains(&self.raw.github.reply_poll_secs) {
             return Err(invalid("github.replyPollSecs".into(), "must be between 1 and 86400".into()));

@@ -5,6 +5,7 @@ pub mod cgroup;
 pub mod config;
 pub mod ctl;
 pub mod daemon;
+pub mod fleet;
 pub mod github;
 pub mod input;
 pub mod ledger;

@@ -56,6 +56,8 @@ pub enum Request {
     },
     /// The GitHub side: project, fields, token, pending board updates.
     ProjectStatus,
+    /// The fleet: the machines seen, their heartbeats, their claims.
+    Fleet,
     Stop {
         slot: String,
     },
@@ -179,6 +181,7 @@ pub enum Reply {
         issue: u64,
     },
     Autopilot(AutopilotReport),
+    Fleet(FleetReport),
     SignalNoted {
         slot: String,
     },
@@ -372,6 +375,63 @@ pub struct StatusReport {
     /// Whether the autopilot feeds free slots from the board.
     #[serde(default)]
     pub autopilot: bool,
+    /// This machine in the fleet, when `fleet.enabled`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<FleetSummary>,
+}
+
+/// The fleet at a glance, for `status`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FleetSummary {
+    pub machine: String,
+    pub backend: String,
+    /// Machines seen (this one included).
+    pub machines: usize,
+    pub claims_here: usize,
+    pub claims_elsewhere: usize,
+    /// Seconds since this machine's heartbeat was last renewed; `None` before the first.
+    pub renewed_secs_ago: Option<u64>,
+    pub last_error: Option<String>,
+}
+
+/// `autodevctl fleet`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FleetReport {
+    pub summary: FleetSummary,
+    pub heartbeat_secs: f64,
+    pub stale_after_secs: f64,
+    pub machines: Vec<FleetMachine>,
+    pub claims: Vec<FleetClaim>,
+    /// When the store was last read (RFC 3339).
+    pub read_at: Option<String>,
+    /// Requests this machine sent to the store since autodevd started: writes, reads.
+    pub writes: u64,
+    pub reads: u64,
+    /// Seconds since autodevd started (for requests per hour).
+    pub uptime_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FleetMachine {
+    pub name: String,
+    /// Seconds this machine has seen its heartbeat unchanged (this machine: since its last renewal).
+    pub heartbeat_unchanged_secs: u64,
+    /// Its claims may be taken over (its heartbeat unchanged for `staleAfterSecs` plus a margin).
+    pub stale: bool,
+    pub this: bool,
+    /// Slots its claims name.
+    pub busy_slots: Vec<String>,
+    pub claims: Vec<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FleetClaim {
+    pub issue: u64,
+    pub machine: String,
+    pub slot: String,
+    pub epoch: u64,
+    /// `<slot>@<machine>`, as Assigned Instance shows it.
+    pub instance: String,
 }
 
 /// What `history --sum` groups by.
@@ -477,6 +537,9 @@ pub struct SlotStatus {
     /// The task's pull request, once one is opened or owed; `note` says what is pending or went wrong.
     #[serde(default)]
     pub pr: Option<PullRequestRef>,
+    /// With the fleet on: the issue's claim is held by another machine (`<slot>@<machine>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_elsewhere: Option<String>,
     pub pid: Option<u32>,
     /// The run was adopted after a restart of autodevd: its exit code cannot be known.
     pub adopted: bool,
@@ -549,6 +612,7 @@ impl SlotStatus {
             commits: None,
             changes: None,
             pr: None,
+            held_elsewhere: None,
             pid: None,
             adopted: false,
             started_at: None,

@@ -202,6 +202,22 @@ fn issue_branch(root: &Path, prefix: &str, issue: u64) -> Option<String> {
     listed.lines().map(str::to_string).find(|b| b == &exact || b.starts_with(&format!("{exact}-")))
 }
 
+/// The issue's branch on `origin`, fetched as `origin/<name>`, if there is one (bounded by the fetch timeout).
+fn origin_issue_branch(root: &Path, prefix: &str, issue: u64) -> Option<String> {
+    let exact = format!("{prefix}{issue}");
+    let patterns = [format!("refs/heads/{exact}"), format!("refs/heads/{exact}-*")];
+    let listed =
+        git_with_timeout(root, &["ls-remote", "--heads", "origin", &patterns[0], &patterns[1]], FETCH_TIMEOUT).ok()?;
+    let name = listed
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1)?.strip_prefix("refs/heads/"))
+        .find(|b| *b == exact || b.starts_with(&format!("{exact}-")))?
+        .to_string();
+    let spec = format!("+refs/heads/{name}:refs/remotes/origin/{name}");
+    git_with_timeout(root, &["fetch", "--quiet", "origin", &spec], FETCH_TIMEOUT).ok()?;
+    Some(name)
+}
+
 /// Whether `path` is a worktree of `root` (listed by git, not merely a directory).
 fn is_worktree(root: &Path, path: &Path) -> bool {
     let Ok(list) = git(root, &["worktree", "list", "--porcelain"]) else { return false };
@@ -449,7 +465,8 @@ mod secret_scan_tests {
 }
 
 /// Gets the worktree for a task of `issue` in `slot`: the slot's worktree reused when that loses nothing, else a
-/// fresh one; on the issue's existing branch, else on a new branch from the newest default branch.
+/// fresh one; on the issue's existing branch, else on a new branch from the newest default branch. `from_origin`
+/// (the fleet): an issue branch no local one matches is looked for on `origin` first (another machine's work so far).
 pub fn prepare(
     root: &Path,
     config: &WorktreeConfig,
@@ -457,11 +474,21 @@ pub fn prepare(
     issue: u64,
     title: &str,
     in_use: &[PathBuf],
+    from_origin: bool,
 ) -> Result<Prepared, String> {
     let mut notes = Vec::new();
     let base = base_dir(root, config);
     std::fs::create_dir_all(&base)
         .map_err(|e| format!("cannot create the worktree directory {}: {e}", base.display()))?;
+    if from_origin
+        && issue_branch(root, &config.branch_prefix, issue).is_none()
+        && let Some(name) = origin_issue_branch(root, &config.branch_prefix, issue)
+    {
+        match git(root, &["branch", "--no-track", &name, &format!("refs/remotes/origin/{name}")]) {
+            Ok(_) => notes.push(format!("continuing branch {name} from origin (the issue's work so far)")),
+            Err(e) => notes.push(format!("cannot take branch {name} from origin ({e}); starting afresh")),
+        }
+    }
     let existing = issue_branch(root, &config.branch_prefix, issue);
     let (mut branch, start) = match &existing {
         Some(b) => (b.clone(), None),

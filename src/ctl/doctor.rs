@@ -416,6 +416,10 @@ fn github(config: &Config, workspace: &Path) -> Vec<Check> {
                 return;
             }
         }
+        let gh = std::sync::Arc::new(gh);
+        if config.raw.fleet.enabled && config.raw.fleet.backend == crate::config::FleetBackend::Github {
+            checks.extend(fleet_on_github(config, gh.clone(), &owner, &repo).await);
+        }
         if !config.raw.project.enabled {
             return;
         }
@@ -431,11 +435,86 @@ fn github(config: &Config, workspace: &Path) -> Vec<Check> {
                         }
                     });
                 }
+                if config.raw.fleet.enabled
+                    && let Ok(field) = board.field(&fields.assigned_instance.field_name)
+                    && field.data_type == "SINGLE_SELECT"
+                {
+                    checks.push(instance_options(config, field));
+                }
             }
             Err(e) => {
                 checks.push(fail("project", e.to_string(), "check project.projectNumber and organizationProject"))
             }
         }
+    });
+    checks
+}
+
+/// With the fleet on, Assigned Instance says `<slot>@<machine>`: a single-select field needs those options.
+fn instance_options(config: &Config, field: &crate::github::board::Field) -> Check {
+    let machine = config.raw.fleet.machine_name();
+    let mut wanted = Vec::new();
+    for p in config.providers().iter().filter(|p| p.enabled) {
+        wanted.extend((1..=p.slots).map(|n| format!("{}-{n}@{machine}", p.name)));
+    }
+    let missing: Vec<&String> = wanted.iter().filter(|w| !field.options.iter().any(|o| &o.name == *w)).collect();
+    if missing.is_empty() {
+        return pass("fleet board", format!("Assigned Instance has an option for each slot here ({})", wanted.len()));
+    }
+    let list: Vec<&str> = missing.iter().map(|m| m.as_str()).collect();
+    fail(
+        "fleet board",
+        format!("Assigned Instance is a single-select field without the options {}", list.join(", ")),
+        "add them to the field on the board (or make it a text field)",
+    )
+}
+
+/// With the fleet's claims in git refs: the store answers, and the heartbeats of the machines seen stay under
+/// GitHub's limit for content-creating requests if they share one token.
+async fn fleet_on_github(config: &Config, gh: std::sync::Arc<GitHub>, owner: &str, repo: &str) -> Vec<Check> {
+    let fleet = &config.raw.fleet;
+    let (owner, repo) = match fleet.repo.as_deref().and_then(|r| r.split_once('/')) {
+        Some((o, r)) => (o.to_string(), r.to_string()),
+        None => (owner.to_string(), repo.to_string()),
+    };
+    let machine = fleet.machine_name();
+    let store = crate::fleet::github::GithubStore::new(gh, owner.clone(), repo.clone(), machine.clone());
+    use crate::fleet::Store;
+    let view = match store.read().await {
+        Ok(v) => v,
+        Err(e) => {
+            return vec![fail(
+                "fleet",
+                format!("cannot read the claims in {owner}/{repo}: {e}"),
+                "the token needs contents write on that repository (fleet.repo, default the project's)",
+            )];
+        }
+    };
+    let mut machines: std::collections::BTreeSet<&String> = view.beats.keys().collect();
+    machines.insert(&machine);
+    let per_hour = (machines.len() as f64 * 3600.0 / fleet.heartbeat_secs).round();
+    let mut checks = vec![pass(
+        "fleet",
+        format!(
+            "machine {machine}: {} machine(s) seen in {owner}/{repo}, {} claim(s)",
+            machines.len(),
+            view.claims.len()
+        ),
+    )];
+    checks.push(if per_hour > 400.0 {
+        fail(
+            "fleet heartbeats",
+            format!(
+                "{} machines beating every {}s send {per_hour} writes an hour: past 400, one shared token meets \
+                 GitHub's limit of about 500 content-creating requests an hour",
+                machines.len(),
+                fleet.heartbeat_secs
+            ),
+            "raise fleet.heartbeatSecs (and staleAfterSecs), give each machine its own token, or use \
+             fleet.backend \"nats\"",
+        )
+    } else {
+        pass("fleet heartbeats", format!("{per_hour} heartbeat writes an hour for the fleet (under 400)"))
     });
     checks
 }

@@ -118,6 +118,11 @@ pub enum Command {
         #[command(subcommand)]
         action: AutopilotAction,
     },
+    /// The fleet (several machines, one board): the machines seen, their heartbeats, busy slots and claims
+    Fleet {
+        #[arg(long)]
+        json: bool,
+    },
     /// The GitHub Projects v2 side: project, fields, token scopes, pending board updates
     Project {
         #[command(subcommand)]
@@ -611,6 +616,11 @@ pub fn run(cli: Cli) -> Result<(), CtlError> {
         },
         Command::Unqueue { issue } => match client.call(Request::Unqueue { issue })? {
             Reply::Unqueued { issue } => emit(&format!("✓ Issue #{issue} is out of the queue\n")),
+            other => Err(unexpected(other)),
+        },
+        Command::Fleet { json } => match client.call(Request::Fleet)? {
+            Reply::Fleet(report) if json => print_json(&report),
+            Reply::Fleet(report) => emit(&render::fleet(&report)),
             other => Err(unexpected(other)),
         },
         Command::Autopilot { action } => {

@@ -48,7 +48,11 @@ fn activity(row: &SlotStatus) -> String {
             }),
         },
     };
-    cut(&text.unwrap_or_default(), ACTIVITY_CHARS)
+    let text = match &row.held_elsewhere {
+        Some(holder) => format!("held by {holder}: {}", text.unwrap_or_default()),
+        None => text.unwrap_or_default(),
+    };
+    cut(&text, ACTIVITY_CHARS)
 }
 
 pub fn status(report: &StatusReport, with_preview: bool) -> String {
@@ -78,6 +82,9 @@ pub fn status(report: &StatusReport, with_preview: bool) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "{}   (autodevd pid {})", parts.join(" · "), report.daemon_pid);
     let _ = writeln!(out, "{}", overall(&report.summary));
+    if let Some(fleet) = &report.fleet {
+        let _ = writeln!(out, "{}", fleet_line(fleet));
+    }
     for warning in &report.warnings {
         let _ = writeln!(out, "! {warning}");
     }
@@ -347,6 +354,81 @@ pub fn queue(entries: &[crate::protocol::QueueEntry]) -> String {
             e.llm.as_deref().unwrap_or("any"),
         );
     }
+    out
+}
+
+/// The fleet at a glance: this machine, the others, the claims.
+fn fleet_line(f: &crate::protocol::FleetSummary) -> String {
+    let renewed = f.renewed_secs_ago.map_or("not renewed yet".to_string(), |s| format!("renewed {s}s ago"));
+    let mut line = format!(
+        "fleet {} ({}) · {} machines · claims {} here, {} elsewhere · heartbeat {renewed}",
+        f.machine, f.backend, f.machines, f.claims_here, f.claims_elsewhere
+    );
+    if let Some(e) = &f.last_error {
+        let _ = write!(line, " · ✗ {e}");
+    }
+    line
+}
+
+/// Columns padded to their widest cell; the last one is left as it is.
+fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String {
+    let mut widths = header.map(str::len);
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &[String]| {
+        let mut l = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                l.push_str(cell);
+            } else {
+                let _ = write!(l, "{cell:<w$}  ", w = widths[i]);
+            }
+        }
+        let _ = writeln!(out, "{}", l.trim_end());
+    };
+    line(&header.map(String::from));
+    for row in rows {
+        line(row);
+    }
+    out
+}
+
+/// `autodevctl fleet`.
+pub fn fleet(r: &crate::protocol::FleetReport) -> String {
+    let mut out = fleet_line(&r.summary);
+    let hours = (r.uptime_secs.max(1) as f64) / 3600.0;
+    let _ = writeln!(
+        out,
+        "\n  heartbeat every {}s; a machine unchanged for {}s (+ one heartbeat) may be taken over; this machine sent \
+         {} writes and {} reads ({:.0} writes/h)",
+        r.heartbeat_secs,
+        r.stale_after_secs,
+        r.writes,
+        r.reads,
+        r.writes as f64 / hours
+    );
+    let header = ["MACHINE", "HEARTBEAT", "STATE", "BUSY SLOTS", "CLAIMS"];
+    let rows: Vec<[String; 5]> = r
+        .machines
+        .iter()
+        .map(|m| {
+            let name = if m.this { format!("{} (this)", m.name) } else { m.name.clone() };
+            let state = if m.stale { "stale: claims may be taken over" } else { "live" };
+            let claims: Vec<String> = m.claims.iter().map(|c| format!("#{c}")).collect();
+            [
+                name,
+                format!("{}s unchanged", m.heartbeat_unchanged_secs),
+                state.to_string(),
+                if m.busy_slots.is_empty() { "-".into() } else { m.busy_slots.join(" ") },
+                if claims.is_empty() { "-".into() } else { claims.join(" ") },
+            ]
+        })
+        .collect();
+    out.push_str(&table(&header, &rows));
     out
 }
 

@@ -285,7 +285,13 @@ fn draw(f: &mut Frame, app: &mut App) {
                 Cell::from(r.memory_mb.map_or("-".into(), |m| format!("{m:.0}M"))),
                 Cell::from(heartbeat(r)),
                 Cell::from(pr),
-                Cell::from(r.progress_message.clone().or_else(|| r.reason.clone()).unwrap_or_default()),
+                Cell::from({
+                    let said = r.progress_message.clone().or_else(|| r.reason.clone()).unwrap_or_default();
+                    match &r.held_elsewhere {
+                        Some(holder) => format!("held by {holder}: {said}"),
+                        None => said,
+                    }
+                }),
             ])
         })
         .collect();

@@ -13,7 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use super::Shared;
-use super::handle::assign;
+use super::fleet::Claiming;
+use super::handle::{How, assign};
 use super::queue::{Queued, Retake, may_retake};
 use crate::github::board::{BoardItem, BoardRead};
 use crate::protocol::{AutopilotReport, ErrorKind, QueueEntry};
@@ -43,6 +44,8 @@ pub(super) struct Autopilot {
     failing: bool,
     /// Local tasks whose start failed, with when to try again and why.
     local_backoff: HashMap<u64, (Instant, String)>,
+    /// Takeovers that failed (another machine was first, the issue ended meanwhile): not before this.
+    takeover_backoff: HashMap<u64, (Instant, String)>,
 }
 
 /// How long a queued task whose start failed waits before the next try.
@@ -59,6 +62,8 @@ impl Autopilot {
 enum Source {
     Local(Queued),
     Board,
+    /// A stale machine's claim (the fleet), at this version.
+    Takeover(String),
 }
 
 /// Why an LLM cannot take a task now.
@@ -98,7 +103,12 @@ impl From<Planned> for QueueEntry {
             title: p.title,
             priority: p.priority,
             llm: p.llm,
-            source: if matches!(p.source, Source::Local(_)) { "local" } else { "board" }.into(),
+            source: match p.source {
+                Source::Local(_) => "local",
+                Source::Board => "board",
+                Source::Takeover(_) => "takeover",
+            }
+            .into(),
             reason: p.reason,
         }
     }
@@ -202,9 +212,20 @@ async fn take_what_fits(shared: &Arc<Shared>) {
             Source::Local(q) => {
                 // The LLM the plan chose (never one a usage limit pauses), unless the task named its slot.
                 let llm = if q.slot.is_some() { q.llm.as_deref() } else { next.llm.as_deref() };
-                assign(shared, q.issue, llm, q.slot.as_deref(), q.prompt.as_deref(), q.force, false).await
+                let how = How { force: q.force, ..How::default() };
+                assign(shared, q.issue, llm, q.slot.as_deref(), q.prompt.as_deref(), how).await
             }
-            Source::Board => assign(shared, next.issue, next.llm.as_deref(), None, None, false, false).await,
+            Source::Board => {
+                let claiming = Claiming::New { force: false, from_board: true };
+                let how = How { claiming: Some(claiming), ..How::default() };
+                assign(shared, next.issue, next.llm.as_deref(), None, None, how).await
+            }
+            // Assigned Instance names the stale holder: the claim, not the board, says it may be taken.
+            Source::Takeover(version) => {
+                let claiming = Claiming::Takeover { version: version.clone() };
+                let how = How { force: true, queue: false, claiming: Some(claiming) };
+                assign(shared, next.issue, next.llm.as_deref(), None, None, how).await
+            }
         };
         match (&next.source, started) {
             (Source::Local(_), Ok(_)) => {
@@ -236,6 +257,15 @@ async fn take_what_fits(shared: &Arc<Shared>) {
                     let mut state = shared.autopilot.lock().unwrap_or_else(|e| e.into_inner());
                     state.local_backoff.insert(q.issue, (Instant::now() + LOCAL_BACKOFF, e.message));
                 }
+            }
+            (Source::Takeover(_), Ok(_)) => {
+                tracing::info!(issue = next.issue, "autopilot took over a stale machine's issue")
+            }
+            (Source::Takeover(_), Err(e)) => {
+                tracing::warn!(issue = next.issue, "autopilot did not take it over: {}", e.message);
+                let again = Instant::now() + Duration::from_secs_f64(shared.config.raw.fleet.heartbeat_secs);
+                let mut state = shared.autopilot.lock().unwrap_or_else(|e| e.into_inner());
+                state.takeover_backoff.insert(next.issue, (again, e.message));
             }
             (Source::Board, Err(e)) => {
                 tracing::warn!(issue = next.issue, "autopilot did not take it: {}", e.message);
@@ -421,6 +451,36 @@ fn plan(shared: &Shared, board: Option<&BoardRead>) -> Vec<Planned> {
         let title = q.prompt.as_deref().and_then(|p| p.lines().find(|l| !l.trim().is_empty())).map(str::to_string);
         out.push(Planned { issue: q.issue, title, priority: None, llm, source: Source::Local(q.clone()), reason });
     }
+    // Stale machines' claims go on here before anything new from the board (only with the autopilot on).
+    if let Some(fleet) = shared.fleet.as_ref().filter(|_| in_force(shared).0) {
+        let backoff = shared.autopilot.lock().unwrap_or_else(|e| e.into_inner()).takeover_backoff.clone();
+        for claim in fleet.takeover_candidates() {
+            if held.contains_key(&claim.issue) || queued.iter().any(|q| q.issue == claim.issue) {
+                continue;
+            }
+            let llm = pick(None, &free);
+            let reason = match backoff.get(&claim.issue).filter(|(at, _)| *at > Instant::now()) {
+                Some((_, why)) => Some(format!("its takeover failed ({why}); tried again shortly")),
+                None => llm.as_deref().and_then(|l| Some(waits_for(l, &free)?.say(l))),
+            };
+            if reason.is_none()
+                && let Some(l) = &llm
+            {
+                free.entry(l.clone()).and_modify(|n| *n = n.saturating_sub(1));
+            }
+            out.push(Planned {
+                issue: claim.issue,
+                title: Some(format!(
+                    "taken over from {}@{} (its heartbeat stopped)",
+                    claim.holder.slot, claim.holder.machine
+                )),
+                priority: None,
+                llm,
+                source: Source::Takeover(claim.version),
+                reason,
+            });
+        }
+    }
     let Some(board) = board else { return out };
     // The day budgets stop the board feeding new work, not the local queue (a person's explicit wish).
     let spent: BTreeMap<String, String> =
@@ -462,8 +522,11 @@ fn plan(shared: &Shared, board: Option<&BoardRead>) -> Vec<Planned> {
         {
             (llm, wait) = (Some(other.clone()), None);
         }
+        let elsewhere = shared.fleet.as_ref().and_then(|f| f.holder_elsewhere(issue));
         let reason = if let Some(why) = refused.get(&issue) {
             Some(why.clone())
+        } else if let Some(holder) = elsewhere {
+            Some(format!("held by {holder} (the fleet's claim)"))
         } else if shared.queue.ended(issue).is_some() {
             Some("it ended here; move it back to Ready to run it again".into())
         } else {

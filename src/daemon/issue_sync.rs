@@ -141,6 +141,7 @@ pub(super) fn board_wants(shared: &Shared, issue: u64, slot: &str, target: Targe
     if let Ok(gh) = &shared.github
         && gh.sync_enabled
     {
-        gh.reconciler.want(issue, slot, target, takeover);
+        // With the fleet on, Assigned Instance says which machine too: `claude-1@build-2`.
+        gh.reconciler.want(issue, &shared.instance(slot), target, takeover);
     }
 }

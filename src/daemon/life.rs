@@ -158,7 +158,7 @@ fn pull_request(shared: &Arc<Shared>, slot: &str) {
             task_id: r.task_id.clone(),
             issue: r.issue,
             from_issue: r.from_issue,
-            slot: slot.to_string(),
+            slot: shared.instance(slot),
             branch,
             title: r.title.clone().filter(|t| !t.trim().is_empty()).unwrap_or_else(|| format!("autodev: #{}", r.issue)),
             number: r.pr,

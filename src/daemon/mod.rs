@@ -5,6 +5,7 @@ mod autopilot;
 mod budget;
 mod clients;
 mod dashboard;
+mod fleet;
 mod handle;
 mod health;
 mod issue_sync;
@@ -104,6 +105,8 @@ pub struct Shared {
     changes: tokio::sync::watch::Sender<u64>,
     /// The web dashboard's token and address, when `dashboard.listen` is set.
     dashboard: Option<Arc<dashboard::Dashboard>>,
+    /// This machine in the fleet, when `fleet.enabled`: the claims every run needs.
+    fleet: Option<Arc<fleet::Fleet>>,
 }
 
 /// How many finished runs the summary looks back on.
@@ -191,6 +194,14 @@ impl Shared {
     /// Something `status` shows may have changed (a transition, output, a sample, progress).
     fn changed(&self) {
         self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// The slot as the board and the fleet name it: `<slot>@<machine>` with the fleet on, else the slot.
+    fn instance(&self, slot: &str) -> String {
+        match &self.fleet {
+            Some(fleet) => fleet.instance(slot),
+            None => slot.to_string(),
+        }
     }
 
     /// `push.enabled`, which by default follows GitHub: a completed task's branch is pushed for review.
@@ -307,6 +318,14 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         ),
         Err(why) => tracing::warn!("containment: process groups only ({why})"),
     }
+    let fleet = fleet::Fleet::setup(&config, &github, &paths.state_dir).map_err(anyhow::Error::msg)?;
+    if let Some(fleet) = &fleet {
+        tracing::info!(machine = %fleet.machine, backend = ?config.raw.fleet.backend, "fleet: on");
+        if let Ok(gh) = &github {
+            // Every GitHub write for an issue asks first whether its claim is still ours.
+            gh.gh.set_guard(fleet.clone());
+        }
+    }
     let (start_next, due) = tokio::sync::mpsc::unbounded_channel();
     let push_on = config.raw.push.enabled.unwrap_or(github.is_ok());
     let pulls_on = github.as_ref().is_ok_and(|g| g.pull_requests);
@@ -346,11 +365,16 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         },
         notifier: Arc::new(notify::Notifier::load(&config.notifications(), paths.state_dir.join("notifications.json"))),
         paths: paths.clone(),
+        fleet,
         config,
     });
     // Before recovery: a task recovery finds at the end of its wait starts at once.
     tokio::spawn(start_next_runs(shared.clone(), due));
 
+    if let Some(fleet) = shared.fleet.clone() {
+        // Before recovery: what it resumes needs its claims, and adopted runs are checked at the first beat.
+        tokio::spawn(fleet::run(shared.clone(), fleet));
+    }
     // Every lockfile is settled before anyone can ask anything: no status reply shows a guess.
     let warnings = recovery::recover(&shared).await.map_err(anyhow::Error::msg)?;
     *shared.warnings.lock().unwrap_or_else(|e| e.into_inner()) = warnings;

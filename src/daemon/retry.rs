@@ -80,7 +80,13 @@ async fn move_to_fallback(shared: &Arc<Shared>, slot: &str) -> Result<(), String
     tracing::info!(from = slot, to = %target, issue, "task moved to a fallback LLM");
     // The old slot lets go of the task (its run's end is in the history already); the new one holds it.
     let _ = drive(shared, slot, Event::GiveUp { reason: format!("moved to {target} (retry on a fallback LLM)") });
-    match start_run(shared, &target, RunKind::Restart, &prompt).await {
+    let how = super::fleet::Claiming::Continue { version: super::fleet::recorded(shared, &target) };
+    let claimed = super::fleet::claim(shared, issue, &target, &how).await;
+    let started = match claimed {
+        Ok(()) => start_run(shared, &target, RunKind::Restart, &prompt).await,
+        Err(e) => Err(super::runs::Refused::NotStarted(e)),
+    };
+    match started {
         Ok(started) => {
             // The board named the old slot, which was ours: take it over.
             super::issue_sync::board_wants(

@@ -192,7 +192,8 @@ async fn handle(
         }
         Request::Instances => Reply::Instances { providers: shared.lock_table().usage() },
         Request::Assign { issue, llm, slot, prompt, force, queue } => {
-            handle::assign(shared, issue, llm.as_deref(), slot.as_deref(), prompt.as_deref(), force, queue)
+            let how = handle::How { force, queue, claiming: None };
+            handle::assign(shared, issue, llm.as_deref(), slot.as_deref(), prompt.as_deref(), how)
                 .await
                 .unwrap_or_else(Reply::Error)
         }
@@ -221,6 +222,14 @@ async fn handle(
             }
         }
         Request::ProjectStatus => Reply::ProjectStatus(project_status(shared).await),
+        Request::Fleet => match &shared.fleet {
+            Some(fleet) => Reply::Fleet(fleet.report(shared)),
+            None => Reply::Error(crate::protocol::refuse(
+                crate::protocol::ErrorKind::Conflict,
+                "the fleet is off on this machine".into(),
+                Some("set fleet.enabled to true in the config (README: Several machines)".into()),
+            )),
+        },
         Request::Progress { slot, run_id, percent, message } => {
             let peer = stream.peer_cred().ok().and_then(|c| c.pid());
             handle::progress(shared, &slot, &run_id, percent, &message, peer).unwrap_or_else(Reply::Error)
@@ -254,6 +263,11 @@ async fn handle(
 pub(super) fn status_report(shared: &Shared) -> StatusReport {
     // Its own statement: the table lock must be released before summary() takes it again.
     let mut slots = shared.lock_table().status_rows(&shared.policy.allowance);
+    if let Some(fleet) = &shared.fleet {
+        for row in &mut slots {
+            row.held_elsewhere = row.issue.and_then(|issue| fleet.holder_elsewhere(issue));
+        }
+    }
     if let Ok(github) = &shared.github {
         for row in &mut slots {
             row.pr = row.task_id.as_deref().and_then(|id| github.posts.of_task(id)).map(Into::into);
@@ -274,6 +288,7 @@ pub(super) fn status_report(shared: &Shared) -> StatusReport {
         cgroup_controllers: shared.cgroups.as_ref().map(|c| c.controllers.clone()).unwrap_or_default(),
         queued: super::autopilot::local_entries(shared),
         autopilot: super::autopilot::in_force(shared).0,
+        fleet: shared.fleet.as_ref().map(|f| f.summary()),
     }
 }
 

@@ -507,6 +507,7 @@ impl SlotTable {
             commits: t.commits,
             changes: t.changes,
             pr: None,
+            held_elsewhere: None,
             pid: t.record.pid.filter(|_| running),
             adopted: t.adopted,
             started_at: Some(rfc3339(t.run_started_at)),

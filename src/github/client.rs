@@ -16,6 +16,10 @@ use crate::config::GithubConfig;
 pub struct Token(String);
 
 impl Token {
+    pub fn new(token: String) -> Token {
+        Token(token)
+    }
+
     pub fn expose(&self) -> &str {
         &self.0
     }
@@ -104,6 +108,8 @@ pub enum GhError {
     Unavailable(String),
     /// Any other error GitHub returned.
     Other(String),
+    /// Not sent: the fleet's claim on the issue is not this machine's (any more), so nothing is written for it.
+    NotOurs(String),
 }
 
 impl fmt::Display for GhError {
@@ -120,6 +126,7 @@ impl fmt::Display for GhError {
             GhError::Invalid(m) => write!(f, "GitHub refused the request (422): {m}"),
             GhError::Unavailable(m) => write!(f, "GitHub is unavailable: {m}"),
             GhError::Other(m) => write!(f, "GitHub error: {m}"),
+            GhError::NotOurs(m) => write!(f, "not written: {m}"),
         }
     }
 }
@@ -149,6 +156,12 @@ pub struct GqlError {
     pub path: Vec<String>,
 }
 
+/// Asked before every write for an issue. With the fleet on: does this machine still hold the issue's claim?
+/// `Err(NotOurs)` drops the write for good; other errors are tried again like a failed write.
+pub trait WriteGuard: Send + Sync {
+    fn check(&self, issue: u64) -> std::pin::Pin<Box<dyn Future<Output = Result<(), GhError>> + Send + '_>>;
+}
+
 pub struct GitHub {
     rest: Octocrab,
     gql: Octocrab,
@@ -157,6 +170,9 @@ pub struct GitHub {
     /// When the next write may go: GitHub asks for a second between mutations, counted for the token, whichever
     /// worker (board, pull requests, notes) sends it.
     next_write: std::sync::Mutex<std::time::Instant>,
+    write_spacing: Duration,
+    /// The fleet's claim check, once the fleet is set up.
+    guard: std::sync::OnceLock<std::sync::Arc<dyn WriteGuard>>,
 }
 
 impl GitHub {
@@ -180,15 +196,31 @@ impl GitHub {
             gql: build(gql_base)?,
             scopes: std::sync::Mutex::new(None),
             next_write: std::sync::Mutex::new(std::time::Instant::now()),
+            guard: std::sync::OnceLock::new(),
+            write_spacing: Duration::from_secs_f64(config.write_spacing_secs),
         })
     }
 
-    /// Waits for this token's next write slot (a second after the last one: GitHub's secondary limits).
+    /// Makes every write for an issue ask `guard` first.
+    pub fn set_guard(&self, guard: std::sync::Arc<dyn WriteGuard>) {
+        let _ = self.guard.set(guard);
+    }
+
+    /// Whether a write for `issue` may go (always, without a fleet).
+    pub async fn guard(&self, issue: u64) -> Result<(), GhError> {
+        match self.guard.get() {
+            Some(guard) => guard.check(issue).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Waits for this token's next write slot (`github.writeSpacingSecs` after the last one: GitHub's secondary
+    /// limits).
     pub async fn pace_write(&self) {
         let at = {
             let mut next = self.next_write.lock().unwrap_or_else(|e| e.into_inner());
             let at = (*next).max(std::time::Instant::now());
-            *next = at + Duration::from_secs(1);
+            *next = at + self.write_spacing;
             at
         };
         tokio::time::sleep_until(at.into()).await;

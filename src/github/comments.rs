@@ -134,6 +134,10 @@ impl Comments {
                                     entry.snapshot.urgent = false;
                                 }
                             }
+                            Err(GhError::NotOurs(why)) => {
+                                tracing::info!(issue = snapshot.issue, "status comment {why}");
+                                entry.written = entry.version;
+                            }
                             Err(GhError::NotFound(what)) if entry.comment_id.is_none() => {
                                 // The issue is not on GitHub (a task given with --prompt): nothing to comment on.
                                 tracing::info!(issue = snapshot.issue, "no status comment: {what}");
@@ -173,6 +177,7 @@ impl Comments {
             Some(id) => Some(id),
             None => self.find(snapshot.issue, task_id).await?,
         };
+        self.gh.guard(snapshot.issue).await?;
         let id = match id {
             Some(id) => {
                 let reply = self

@@ -267,6 +267,12 @@ impl Posts {
                 }
                 Some(opened)
             }
+            // Another machine holds the issue now: no pull request from here, and no board write.
+            Err(GhError::NotOurs(why)) => {
+                tracing::warn!(issue = wish.issue, branch = %wish.branch, "no pull request: {why}");
+                target = Target::Failed;
+                Some(Opened { number: None, url: None, note: Some(format!("not opened: {why}")), created: false })
+            }
             // The request itself is wrong (no commits between the branches, a base that does not exist): asking
             // again would get the same answer.
             Err(GhError::Invalid(why)) => {
@@ -333,7 +339,7 @@ impl Posts {
                 return Ok(());
             }
         }
-        self.mutation_slot().await;
+        self.mutation_slot(note.issue).await?;
         self.gh.rest_send("POST", &path, &json!({ "body": format!("{}\n\n{marker}", note.body) })).await?;
         Ok(())
     }
@@ -346,8 +352,8 @@ impl Posts {
                 state.outbox.notes.remove(&note.key);
                 state.retry_at.remove(&slot);
             }
-            // The issue is gone or the request is wrong: the note can never be posted.
-            Err(e @ (GhError::NotFound(_) | GhError::Invalid(_))) => {
+            // The issue is gone, the request is wrong, or the issue is another machine's now: never posted.
+            Err(e @ (GhError::NotFound(_) | GhError::Invalid(_) | GhError::NotOurs(_))) => {
                 tracing::warn!(issue = note.issue, "comment not posted: {e}");
                 state.outbox.notes.remove(&note.key);
                 state.retry_at.remove(&slot);
@@ -371,8 +377,10 @@ impl Posts {
     }
 
     /// Waits until a mutation may be sent (secondary limits, shared with every writer of the token).
-    async fn mutation_slot(&self) {
+    async fn mutation_slot(&self, issue: u64) -> Result<(), GhError> {
+        self.gh.guard(issue).await?;
         self.gh.pace_write().await;
+        Ok(())
     }
 
     async fn default_branch(&self) -> Result<String, GhError> {
@@ -408,25 +416,25 @@ impl Posts {
         let section = render_section(wish);
         let pulls = format!("/repos/{}/{}/pulls", self.owner, self.repo);
         if let Some(pr) = self.existing(wish).await? {
-            return self.update(&pr, &section).await;
+            return self.update(wish.issue, &pr, &section).await;
         }
         let base = self.default_branch().await?;
         let mut request = json!({ "title": wish.title, "head": wish.branch, "base": base, "body": section,
                                   "draft": self.draft });
-        self.mutation_slot().await;
+        self.mutation_slot(wish.issue).await?;
         let mut note = None;
         let created = match self.gh.rest_send("POST", &pulls, &request).await {
             Err(GhError::Invalid(why)) => {
                 // It may exist after all (an answer lost on the way, a list that lagged): then it is updated.
                 if let Some(pr) = self.existing(wish).await? {
-                    return self.update(&pr, &section).await;
+                    return self.update(wish.issue, &pr, &section).await;
                 }
                 if !self.draft {
                     return Err(GhError::Invalid(why));
                 }
                 // Drafts are not available for every repository (private ones on some plans): a ready one.
                 request["draft"] = json!(false);
-                self.mutation_slot().await;
+                self.mutation_slot(wish.issue).await?;
                 let created = self.gh.rest_send("POST", &pulls, &request).await?;
                 note = Some(format!("GitHub refused a draft ({why}); opened a ready pull request"));
                 created
@@ -439,11 +447,11 @@ impl Posts {
     }
 
     /// Replaces autodev's section of an open pull request's body.
-    async fn update(&self, pr: &Value, section: &str) -> Result<Opened, GhError> {
+    async fn update(&self, issue: u64, pr: &Value, section: &str) -> Result<Opened, GhError> {
         let number = pr["number"].as_u64().ok_or_else(|| GhError::Other("a pull request without a number".into()))?;
         let body = with_section(pr["body"].as_str().unwrap_or_default(), section);
         let path = format!("/repos/{}/{}/pulls/{number}", self.owner, self.repo);
-        self.mutation_slot().await;
+        self.mutation_slot(issue).await?;
         let updated = self.gh.rest_send("PATCH", &path, &json!({ "body": body })).await?;
         Ok(opened(&updated, number, None))
     }

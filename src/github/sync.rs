@@ -301,7 +301,11 @@ impl Reconciler {
             };
             let (due, later) = next;
             for owed in due {
-                let result = self.apply(&owed).await;
+                let result = match self.apply(&owed).await {
+                    // Another machine holds the issue now: the wish is dropped, never sent.
+                    Err(GhError::NotOurs(why)) => Ok(Some(format!("issue #{}: {why}", owed.issue))),
+                    other => other,
+                };
                 let mut state = self.lock();
                 // Only settle the wish that was applied: a newer wish for the issue stays owed.
                 let current = state.outbox.owed.get(&owed.issue).cloned();
@@ -352,9 +356,11 @@ impl Reconciler {
     }
 
     /// Waits until a mutation may be sent (secondary limits), and counts it.
-    async fn mutation_slot(&self) {
+    async fn mutation_slot(&self, issue: u64) -> Result<(), GhError> {
+        self.gh.guard(issue).await?;
         self.lock().requests += 1;
         self.gh.pace_write().await;
+        Ok(())
     }
 
     /// Brings the board in line with one wish. `Ok(Some(note))`: done, but something was left alone on purpose.
@@ -381,7 +387,7 @@ impl Reconciler {
         let item = match &view.item {
             Some(item) => item.clone(),
             None => {
-                self.mutation_slot().await;
+                self.mutation_slot(owed.issue).await?;
                 let reply = self
                     .gh
                     .graphql(board::ADD_ITEM, json!({ "project": board.project_id, "content": view.node_id }))
@@ -426,7 +432,7 @@ impl Reconciler {
                 )));
             }
         };
-        self.mutation_slot().await;
+        self.mutation_slot(owed.issue).await?;
         let reply = self.gh.graphql(document, vars).await?;
         if let Some(e) = reply.errors.first() {
             // A batched mutation can partly succeed; field updates are idempotent, so trying the whole again is safe.

@@ -34,7 +34,9 @@ function card(s) {
   const pr = s.pr && s.pr.url ? el("a", { href: s.pr.url, textContent: `PR #${s.pr.number}`, rel: "noreferrer" }) : "";
   const c = el("div", { class: "card", "data-slot": s.slot },
     el("h2", {}, s.slot, el("span", { class: `state ${s.state}`, textContent: s.state.replace("_", " ") })),
-    el("div", { class: "task", textContent: s.issue ? `#${s.issue} ${s.progress_message || s.reason || ""}` : "free" }),
+    el("div", { class: "task", textContent: s.issue
+      ? `#${s.issue} ${s.held_elsewhere ? `held by ${s.held_elsewhere}: ` : ""}${s.progress_message || s.reason || ""}`
+      : "free" }),
     el("div", { class: "bar" }, el("div", { style: `width:${s.progress || 0}%` })),
     el("div", { class: "facts", textContent:
       `cpu ${s.cpu_percent == null ? "-" : s.cpu_percent.toFixed(0) + "%"} · mem ${s.memory_mb == null ? "-" : s.memory_mb.toFixed(0) + "M"} · beat ${ago(s.heartbeat_at)} · ` +

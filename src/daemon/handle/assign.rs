@@ -6,6 +6,7 @@ use std::time::SystemTime;
 
 use super::internal;
 use crate::daemon::Shared;
+use crate::daemon::fleet::Claiming;
 use crate::daemon::issue_sync::{board_wants, intake};
 use crate::daemon::runs::{Refused, RunKind, start_run};
 use crate::daemon::slots::{SlotRequest, Task};
@@ -25,6 +26,18 @@ question>\"` (or write a line `AUTONOMOUS_SIGNAL:NEEDS_INFO:<your question>`) an
 back in this conversation. If you cannot go on at all, run `autodevctl signal blocked \"<why>\"` (or write \
 `AUTONOMOUS_SIGNAL:BLOCKED:<why>`). If you opened a pull request yourself, write `AUTONOMOUS_SIGNAL:PR:<number>`.\n";
 
+/// How an assignment is made, beyond what it asks for.
+#[derive(Debug, Clone, Default)]
+pub(in crate::daemon) struct How {
+    /// Take over an issue whose Assigned Instance names someone else (or a stale machine's claim), and ignore
+    /// label rules.
+    pub force: bool,
+    /// With no free slot, wait in the local queue instead of being refused.
+    pub queue: bool,
+    /// How the fleet's claim is taken; `None`: as a new task (`force` as given).
+    pub claiming: Option<Claiming>,
+}
+
 /// Handles `assign`: reserves a slot and starts the first run of a new task in it.
 pub(in crate::daemon) async fn assign(
     shared: &Arc<Shared>,
@@ -32,9 +45,9 @@ pub(in crate::daemon) async fn assign(
     llm: Option<&str>,
     slot: Option<&str>,
     prompt: Option<&str>,
-    force: bool,
-    queue: bool,
+    how: How,
 ) -> Result<Reply, ErrorReply> {
+    let How { force, queue, claiming } = how;
     if issue == 0 {
         return Err(refuse(ErrorKind::BadRequest, "issue numbers start at 1".into(), None));
     }
@@ -79,6 +92,14 @@ pub(in crate::daemon) async fn assign(
         (None, Some(p)) => p.lines().find(|l| !l.trim().is_empty()).unwrap_or_default().to_string(),
         (None, None) => String::new(),
     };
+    // The fleet's claim before anything is made for the task: only one machine ever runs an issue.
+    let claiming = claiming.unwrap_or(Claiming::New { force, from_board: false });
+    if let Err(e) = crate::daemon::fleet::claim(shared, issue, &slot_name, &claiming).await {
+        if let Some(slot) = shared.lock_table().get_mut(&slot_name) {
+            slot.task = previous;
+        }
+        return Err(e);
+    }
     let worktree = match prepare_worktree(shared, &slot_name, issue, &title).await {
         Ok(w) => w,
         Err(e) => {
@@ -144,6 +165,8 @@ async fn prepare_worktree(
     }
     let workspace = shared.workspace.clone();
     let (slot_name, title) = (slot.to_string(), title.to_string());
+    // With the fleet, another machine may have pushed the issue's branch (a takeover continues it).
+    let from_origin = shared.fleet.is_some();
     // Worktrees other tasks work in (a task moved to a fallback slot keeps its own) are never touched.
     let in_use: Vec<PathBuf> = shared
         .lock_table()
@@ -154,7 +177,7 @@ async fn prepare_worktree(
         .collect();
     let prepared = tokio::task::spawn_blocking(move || {
         let Some(root) = workspace::repo_root(&workspace) else { return Ok(None) };
-        workspace::prepare(&root, &config, &slot_name, issue, &title, &in_use).map(Some)
+        workspace::prepare(&root, &config, &slot_name, issue, &title, &in_use, from_origin).map(Some)
     })
     .await
     .map_err(|e| format!("internal error: {e}"))??;

@@ -11,7 +11,7 @@ mod signal;
 mod stop;
 mod workspaces;
 
-pub(super) use assign::assign;
+pub(super) use assign::{How, assign};
 pub(super) use history::{history, history_sum};
 pub(super) use progress::progress;
 pub(super) use release::release;

@@ -5,6 +5,7 @@ use std::time::SystemTime;
 
 use super::internal;
 use crate::daemon::Shared;
+use crate::daemon::fleet::Claiming;
 use crate::daemon::issue_sync::board_wants;
 use crate::daemon::life::drive;
 use crate::daemon::runs::{Refused, RunKind, start_run};
@@ -146,6 +147,23 @@ pub(in crate::daemon) async fn resume(shared: &Arc<Shared>, slot: &str, by: Resu
             }
         },
     };
+    // The claim is taken (or found still ours) before any run starts. A person may take up a task whose claim was
+    // lost once nobody holds the issue; a policy only goes on with the very claim the task recorded.
+    let how = match by {
+        ResumeBy::Person { .. } => Claiming::New { force: false, from_board: false },
+        _ => Claiming::Continue { version: previous.claim.clone() },
+    };
+    if let Err(e) = crate::daemon::fleet::claim(shared, issue, slot, &how).await {
+        let policy = !matches!(by, ResumeBy::Person { .. });
+        if let Some(task) = shared.lock_table().get_mut(slot).and_then(|s| s.task.as_mut()) {
+            *task = Task::idle(previous);
+        }
+        if policy && e.kind == ErrorKind::Conflict {
+            // Another machine has the issue: this task ends here, writing nothing more for it.
+            let _ = drive(shared, slot, Event::ClaimLost { why: e.message.clone() });
+        }
+        return Err(e);
+    }
     match start_run(shared, slot, kind, &prompt).await {
         Ok(resumed) => {
             board_wants(shared, resumed.issue, slot, Target::InProgress, false);
