@@ -79,6 +79,8 @@ pub struct Logged {
     pub method: String,
     pub path: String,
     pub operation: Option<String>,
+    /// The token the request carried.
+    pub token: Option<String>,
 }
 
 /// The fake's clock as GitHub writes times: distinct for every change, even within one real second.
@@ -114,6 +116,34 @@ pub struct State {
     /// Ticks on every change of the board; the project's updatedAt is its last change.
     pub clock: u64,
     pub project_updated: u64,
+    /// Tokens the fake accepts (the daemon's `TOKEN` first); one in `refused` gets 401, as a revoked token would.
+    pub tokens: Vec<String>,
+    pub refused: Vec<String>,
+    /// Git refs by full name → object id, and the objects made through the API (commits: message, parents).
+    pub refs: BTreeMap<String, String>,
+    pub commits: BTreeMap<String, (String, Vec<String>)>,
+    pub trees: Vec<String>,
+    pub next_object: u64,
+}
+
+impl State {
+    fn new_object(&mut self) -> String {
+        self.next_object += 1;
+        format!("{:040x}", 0xa000_0000_u64 + self.next_object)
+    }
+
+    /// The fleet's claims as the fake holds them: issue → (machine, slot, epoch) from the claim commits.
+    pub fn claims(&self) -> BTreeMap<u64, (String, String, u64)> {
+        self.refs
+            .iter()
+            .filter_map(|(name, sha)| {
+                let issue = name.strip_prefix("refs/autodev/claims/")?.parse().ok()?;
+                let message = &self.commits.get(sha)?.0;
+                let field = |f: &str| message.lines().find_map(|l| l.strip_prefix(f)).map(|v| v.trim().to_string());
+                Some((issue, (field("machine:")?, field("slot:")?, field("epoch:")?.parse().ok()?)))
+            })
+            .collect()
+    }
 }
 
 impl State {
@@ -198,6 +228,12 @@ impl FakeGitHub {
             fail_mutations: false,
             clock: 0,
             project_updated: 0,
+            tokens: vec![TOKEN.to_string()],
+            refused: Vec::new(),
+            refs: BTreeMap::new(),
+            commits: BTreeMap::new(),
+            trees: Vec::new(),
+            next_object: 0,
         }));
         let shared = state.clone();
         std::thread::spawn(move || {
@@ -348,6 +384,109 @@ fn serve(stream: TcpStream, state: Arc<Mutex<State>>) {
     }
 }
 
+fn route_of(path: &str) -> &str {
+    path.split('?').next().unwrap_or("")
+}
+
+const ZEROS: &str = "0000000000000000000000000000000000000000";
+
+/// The git database endpoints the fleet's claims use: trees, commits, refs.
+fn git_data(s: &mut State, method: &str, route: &str, body: &Value) -> Option<(u16, Value)> {
+    let rest = route.strip_prefix("/repos/octo/widgets/git/")?;
+    Some(match (method, rest) {
+        ("POST", "trees") => {
+            let sha = s.new_object();
+            s.trees.push(sha.clone());
+            (201, json!({ "sha": sha }))
+        }
+        ("POST", "commits") => {
+            let tree = body["tree"].as_str().unwrap_or_default();
+            let parents: Vec<String> =
+                body["parents"].as_array().into_iter().flatten().filter_map(|p| p.as_str().map(String::from)).collect();
+            if !s.trees.iter().any(|t| t == tree) || parents.iter().any(|p| !s.commits.contains_key(p)) {
+                return Some((422, json!({ "message": "Tree SHA does not exist" })));
+            }
+            let sha = s.new_object();
+            s.commits.insert(sha.clone(), (body["message"].as_str().unwrap_or_default().to_string(), parents));
+            (201, json!({ "sha": sha }))
+        }
+        ("POST", "refs") => {
+            let name = body["ref"].as_str().unwrap_or_default().to_string();
+            let sha = body["sha"].as_str().unwrap_or_default().to_string();
+            if !name.starts_with("refs/") || name.matches('/').count() < 2 || !s.commits.contains_key(&sha) {
+                return Some((422, json!({ "message": "Reference update failed" })));
+            }
+            if s.refs.contains_key(&name) {
+                return Some((422, json!({ "message": "Reference already exists" })));
+            }
+            s.refs.insert(name.clone(), sha.clone());
+            (201, json!({ "ref": name, "object": { "sha": sha, "type": "commit" } }))
+        }
+        ("GET", rest) if rest.starts_with("ref/") => {
+            let name = format!("refs/{}", &rest[4..]);
+            match s.refs.get(&name) {
+                Some(sha) => (200, json!({ "ref": name, "object": { "sha": sha, "type": "commit" } })),
+                None => (404, json!({ "message": "Not Found" })),
+            }
+        }
+        _ => return None,
+    })
+}
+
+/// GraphQL `updateRefs`: all or nothing, each update's `beforeOid` checked first.
+fn update_refs(s: &mut State, updates: &[Value]) -> Value {
+    for u in updates {
+        let name = u["name"].as_str().unwrap_or_default();
+        let current = s.refs.get(name).map(String::as_str).unwrap_or(ZEROS);
+        if let Some(before) = u["beforeOid"].as_str()
+            && before != current
+        {
+            return json!({ "data": { "updateRefs": null },
+                           "errors": [{ "type": "UNPROCESSABLE", "message": format!("ref {name} is at {current}, not {before}"), "path": ["updateRefs"] }] });
+        }
+        let after = u["afterOid"].as_str().unwrap_or_default();
+        if after != ZEROS && !s.commits.contains_key(after) {
+            return json!({ "data": { "updateRefs": null },
+                           "errors": [{ "type": "UNPROCESSABLE", "message": format!("no object {after}") }] });
+        }
+    }
+    for u in updates {
+        let name = u["name"].as_str().unwrap_or_default().to_string();
+        match u["afterOid"].as_str().unwrap_or_default() {
+            ZEROS => {
+                s.refs.remove(&name);
+            }
+            after => {
+                s.refs.insert(name, after.to_string());
+            }
+        }
+    }
+    json!({ "data": { "updateRefs": { "clientMutationId": null } } })
+}
+
+/// GraphQL `FleetRefs`: refs under two prefixes (names relative to them), claims in pages of 100.
+fn fleet_refs(s: &State, vars: &Value) -> Value {
+    let listed = |prefix: &str| -> Vec<Value> {
+        s.refs
+            .iter()
+            .filter_map(|(name, sha)| {
+                let short = name.strip_prefix(prefix)?;
+                let message = s.commits.get(sha).map(|c| c.0.clone()).unwrap_or_default();
+                Some(json!({ "name": short, "target": { "oid": sha, "message": message } }))
+            })
+            .collect()
+    };
+    let claims = listed(vars["claims"].as_str().unwrap_or("-"));
+    let start: usize = vars["after"].as_str().and_then(|c| c.parse().ok()).unwrap_or(0);
+    let page: Vec<Value> = claims.iter().skip(start).take(100).cloned().collect();
+    let more = start + page.len() < claims.len();
+    json!({ "data": { "repository": {
+        "id": "R_widgets",
+        "claims": { "pageInfo": { "hasNextPage": more, "endCursor": (start + page.len()).to_string() }, "nodes": page },
+        "machines": { "nodes": listed(vars["machines"].as_str().unwrap_or("-")) }
+    } } })
+}
+
 fn operation_of(query: &str) -> Option<String> {
     let rest = query.lines().map(str::trim).find(|l| l.starts_with("query ") || l.starts_with("mutation "))?;
     let name = rest.split_whitespace().nth(1)?;
@@ -356,9 +495,24 @@ fn operation_of(query: &str) -> Option<String> {
 
 fn handle(state: &Mutex<State>, method: &str, path: &str, headers: &str, body: &Value) -> (u16, String, Value) {
     let operation = body["query"].as_str().and_then(operation_of);
+    let token = headers.lines().find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        let value = value.trim();
+        name.eq_ignore_ascii_case("authorization").then_some(())?;
+        value
+            .strip_prefix("Bearer ")
+            .or_else(|| value.strip_prefix("bearer "))
+            .or_else(|| value.strip_prefix("token "))
+            .map(str::to_string)
+    });
     let failure = {
         let mut s = state.lock().unwrap();
-        s.log.push(Logged { method: method.into(), path: path.into(), operation: operation.clone() });
+        s.log.push(Logged {
+            method: method.into(),
+            path: path.into(),
+            operation: operation.clone(),
+            token: token.clone(),
+        });
         s.seen.push(format!("{headers}\n{body}"));
         s.failures.pop_front().or_else(|| s.failing.clone())
     };
@@ -397,13 +551,15 @@ fn handle(state: &Mutex<State>, method: &str, path: &str, headers: &str, body: &
         }
         None => {}
     }
-    if !headers.to_ascii_lowercase().contains(&format!("authorization: bearer {TOKEN}").to_ascii_lowercase())
-        && !headers.contains(&format!("token {TOKEN}"))
-    {
+    let mut s = state.lock().unwrap();
+    if !token.as_ref().is_some_and(|t| s.tokens.contains(t) && !s.refused.contains(t)) {
         return (401, String::new(), json!({ "message": "Bad credentials" }));
     }
     let scopes = "x-oauth-scopes: repo, project\r\n".to_string();
-    let mut s = state.lock().unwrap();
+    if let Some(reply) = git_data(&mut s, method, route_of(path), body) {
+        let (status, value) = reply;
+        return (status, scopes, value);
+    }
     let route = path.split('?').next().unwrap_or("");
     let query = path.split_once('?').map_or("", |(_, q)| q);
     let issue_of = |p: &str| {
@@ -515,6 +671,14 @@ fn handle(state: &Mutex<State>, method: &str, path: &str, headers: &str, body: &
         && body["query"].as_str().is_some_and(|q| q.trim_start().starts_with("mutation") || q.contains("\nmutation "))
     {
         return (502, String::new(), json!({ "message": "upstream trouble" }));
+    }
+    match operation.as_deref() {
+        Some("FleetRefs") => return (200, String::new(), fleet_refs(&s, vars)),
+        Some("UpdateRefs") => {
+            let updates = vars["updates"].as_array().cloned().unwrap_or_default();
+            return (200, String::new(), update_refs(&mut s, &updates));
+        }
+        _ => {}
     }
     let data = match operation.as_deref() {
         Some("ProjectFields") => {
