@@ -475,12 +475,13 @@ fn worktree_reuse(report: &mut Vec<String>) {
     git(&repo, &["fetch", "--quiet", "origin"]);
     git(&repo, &["remote", "set-head", "origin", "main"]);
     let config = autodev::config::WorktreeConfig::default();
-    let first = autodev::workspace::prepare(&repo, &config, "claude-1", 1, "first task", &[]).unwrap();
+    let first = autodev::workspace::prepare(&repo, &config, "claude-1", 1, "first task", &[], false).unwrap();
     let rounds = if quick() { 3 } else { 15 };
     let mut times = Vec::new();
     for i in 0..rounds {
         let start = Instant::now();
-        let p = autodev::workspace::prepare(&repo, &config, "claude-1", 2 + i, &format!("task {i}"), &[]).unwrap();
+        let p =
+            autodev::workspace::prepare(&repo, &config, "claude-1", 2 + i, &format!("task {i}"), &[], false).unwrap();
         times.push(start.elapsed().as_secs_f64() * 1000.0);
         assert_eq!(p.path, first.path, "the clean worktree is reused");
     }
@@ -583,6 +584,82 @@ fn autopilot_requests(report: &mut Vec<String>) {
             ));
         }
     }
+}
+
+/// What the fleet (GitHub backend) costs one machine in GitHub requests: at idle, per heartbeat (scaled to the
+/// default 60 s), and for one task's claim, checks and release.
+fn fleet_requests(report: &mut Vec<String>) {
+    use common::fake_github::FakeGitHub;
+    let fake = FakeGitHub::start("TEXT");
+    for n in 1..=100 {
+        fake.add_issue(n, &format!("Issue {n}"), true);
+        fake.set_value(n, "Status", "Done");
+    }
+    let mut c = common::fake_config(1);
+    c["github"] = json!({ "owner": "octo", "repo": "widgets", "apiUrl": fake.url, "timeoutSecs": 5,
+                          "writeSpacingSecs": 0 });
+    c["statusComments"] = json!({ "enabled": true, "intervalSecs": 60 });
+    c["push"] = json!({ "enabled": false });
+    c["project"] = json!({ "enabled": true, "projectNumber": 5, "organizationProject": true,
+        "fields": { "status": { "fieldName": "Status", "readyValues": ["Ready"], "inProgressValue": "In Progress",
+                                "doneValue": "Done", "blockedValue": "Blocked" },
+                    "assignedInstance": { "fieldName": "Assigned Instance" } } });
+    c["autopilot"] = json!({ "enabled": true, "pollSecs": 0.2 });
+    let beat = 0.2;
+    c["fleet"] = json!({ "enabled": true, "machine": "bench", "heartbeatSecs": beat, "staleAfterSecs": 3 });
+    let d = Daemon::start(&c);
+    let fleet_ops = |from: usize| -> (usize, usize, Vec<String>) {
+        let s = fake.lock();
+        let mut texts = Vec::new();
+        let (mut writes, mut reads) = (0, 0);
+        for (l, seen) in s.log[from..].iter().zip(&s.seen[from..]) {
+            let op = l.operation.clone().unwrap_or_else(|| format!("{} {}", l.method, l.path));
+            let fleet = matches!(l.operation.as_deref(), Some("FleetRefs" | "UpdateRefs")) || l.path.contains("/git/");
+            if fleet {
+                if l.method == "GET" || l.operation.as_deref() == Some("FleetRefs") {
+                    reads += 1;
+                } else {
+                    writes += 1;
+                }
+                if seen.contains("claims/7") || seen.contains("claim #7") || l.path.contains("claims/7") {
+                    texts.push(op);
+                }
+            }
+        }
+        (writes, reads, texts)
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let beats = if quick() { 25.0 } else { 150.0 };
+    let from = fake.lock().log.len();
+    let began = Instant::now();
+    std::thread::sleep(Duration::from_secs_f64(beats * beat));
+    let (writes, reads, _) = fleet_ops(from);
+    let intervals = began.elapsed().as_secs_f64() / beat;
+    report.push(format!(
+        "| fleet (github) at idle, one machine | **{:.2} writes and {:.2} reads per heartbeat → {:.0} writes and {:.0} reads an hour** at the default heartbeat of 60 s ({writes} writes, {reads} reads in {:.0} heartbeats of {beat} s) |",
+        writes as f64 / intervals,
+        reads as f64 / intervals,
+        writes as f64 / intervals * 60.0,
+        reads as f64 / intervals * 60.0,
+        intervals
+    ));
+    // One task's life from the board: what its claim costs besides the heartbeats.
+    fake.set_value(7, "Status", "Ready");
+    fake.lock().issues.get_mut(&7).unwrap().body = "@say done".into();
+    let from = fake.lock().log.len();
+    common::wait_until("#7 to be done and its claim released", || {
+        let released = !fake.lock().refs.keys().any(|r| r.ends_with("claims/7"));
+        (fake.value(7, "Status").as_deref() == Some("Done") && released && !fake.lock().refs.is_empty()).then_some(())
+    });
+    let (_, _, claim_ops) = fleet_ops(from);
+    let checks = claim_ops.iter().filter(|o| o.starts_with("GET")).count();
+    report.push(format!(
+        "| one task's claim from the board (status comments on), besides heartbeats | **{} requests**: {} write(s) to claim and release, {checks} check(s) before the task's GitHub writes ({}) |",
+        claim_ops.len(),
+        claim_ops.len() - checks,
+        claim_ops.join(", ")
+    ));
+    drop(d);
 }
 
 /// The live feed with 64 busy slots, each printing 100 lines a second: frames and bytes per second a subscriber
@@ -695,7 +772,7 @@ fn main() {
     if let Some(i) = args.iter().position(|a| a == "--writer") {
         return writer(&args[i + 1]);
     }
-    // BENCH_ONLY=capture,status,memory,idle,latency,recovery,worktree,health,stop,socket,logs,autopilot,feed runs only
+    // BENCH_ONLY=capture,status,memory,idle,latency,recovery,worktree,health,stop,socket,logs,autopilot,feed,fleet runs only
     // those sections.
     let only = std::env::var("BENCH_ONLY").ok();
     let wanted = |name: &str| only.as_deref().is_none_or(|o| o.split(',').any(|x| x == name));
@@ -753,6 +830,9 @@ fn main() {
     }
     if wanted("feed") {
         feed_cost(&mut other);
+    }
+    if wanted("fleet") {
+        fleet_requests(&mut other);
     }
 
     println!("\n## Capture cost (medians of {rounds} alternating rounds)\n");
