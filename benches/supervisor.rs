@@ -606,7 +606,7 @@ fn fleet_requests(report: &mut Vec<String>) {
                     "assignedInstance": { "fieldName": "Assigned Instance" } } });
     c["autopilot"] = json!({ "enabled": true, "pollSecs": 0.2 });
     let beat = 0.2;
-    c["fleet"] = json!({ "enabled": true, "machine": "bench", "heartbeatSecs": beat, "staleAfterSecs": 3 });
+    c["fleet"] = json!({ "enabled": true, "machine": "bench", "heartbeatSecs": beat, "staleAfterSecs": 4 });
     let d = Daemon::start(&c);
     let fleet_ops = |from: usize| -> (usize, usize, Vec<String>) {
         let s = fake.lock();

@@ -850,13 +850,14 @@ impl Config {
             if !(0.2..=3600.0).contains(&fleet.heartbeat_secs) {
                 return Err(invalid("fleet.heartbeatSecs".into(), "must be between 0.2 and 3600".into()));
             }
-            if !(fleet.stale_after_secs >= 3.0 * fleet.heartbeat_secs && fleet.stale_after_secs <= 86_400.0) {
+            let least = 3.0 * fleet.heartbeat_secs + self.raw.supervisor.stop_grace_secs;
+            if !(fleet.stale_after_secs >= least && fleet.stale_after_secs <= 86_400.0) {
                 return Err(invalid(
                     "fleet.staleAfterSecs".into(),
                     format!(
-                        "must be at least three heartbeats ({} s) and at most 86400: a holder must be able to miss \
-                         a beat and still stop its runs before anyone takes them over",
-                        3.0 * fleet.heartbeat_secs
+                        "must be at least three heartbeats plus supervisor.stopGraceSecs ({least} s) and at most \
+                         86400: a holder must be able to miss a beat and still have stopped its runs before anyone \
+                         takes them over"
                     ),
                 ));
             }

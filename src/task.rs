@@ -972,6 +972,11 @@ impl SlotLock {
     /// The task is over: the slot goes free once the end is recorded.
     fn finish(&mut self, cause: EndCause, reason: Option<String>, exit_code: Option<i32>) -> Vec<Effect> {
         use Effect::*;
+        if cause == EndCause::ClaimLost {
+            // However it came (a run that found its push refused by the claim): nothing written, nothing removed.
+            self.phase = Phase::Ended { cause, reason, exit_code };
+            return vec![FreeSlot];
+        }
         self.phase = Phase::Ended { cause, reason, exit_code };
         let wish = if cause == EndCause::Succeeded { BoardWish::Completed } else { BoardWish::Failed };
         vec![Board(wish), FreeSlot, Comment, CleanupWorktree]

@@ -144,7 +144,7 @@ fn config(fake: &FakeGitHub, machine: &str, nats: Option<&Nats>) -> Value {
         }
     });
     c["autopilot"] = json!({ "enabled": true, "pollSecs": 0.3 });
-    c["fleet"] = json!({ "enabled": true, "machine": machine, "heartbeatSecs": 0.5, "staleAfterSecs": 3 });
+    c["fleet"] = json!({ "enabled": true, "machine": machine, "heartbeatSecs": 0.5, "staleAfterSecs": 4 });
     if let Some(nats) = nats {
         c["fleet"]["backend"] = json!("nats");
         c["fleet"]["nats"] = json!({ "url": nats.url });
@@ -328,6 +328,26 @@ fn a_killed_machine_is_taken_over_and_after_a_restart_runs_and_writes_nothing_of
 #[test]
 fn a_killed_machine_is_taken_over_and_after_a_restart_runs_and_writes_nothing_of_it_nats() {
     a_dead_machine_is_taken_over(Backend::Nats);
+}
+
+#[test]
+fn the_runs_of_a_dead_daemon_end_before_another_machine_takes_them() {
+    let fake = FakeGitHub::start("TEXT");
+    ready_items(&fake, 1..=4, "@sleep 60");
+    let mut a = machine(&fake, "m-a", None);
+    let b = machine(&fake, "m-b", None);
+    let on_a = wait_until("each machine to run two items", || {
+        let (on_a, on_b) = (running(&a), running(&b));
+        (on_a.len() == 2 && on_b.len() == 2).then_some(on_a)
+    });
+    let pids: Vec<i64> = on_a.iter().map(|(slot, _)| a.slot(slot)["pid"].as_i64().unwrap()).collect();
+    // The daemon dies; its agents run on (as after an OOM kill), and only its lease keeper is left to end them.
+    a.kill9();
+    assert!(pids.iter().all(|p| common::alive(*p)), "the runs outlive the daemon at first");
+    let c = machine(&fake, "m-c", None);
+    let (_, issue) = on_a[0];
+    wait_until("a live machine to take one over", || running(&c).iter().any(|(_, i)| *i == issue).then_some(()));
+    assert!(pids.iter().all(|p| !common::alive(*p)), "the dead daemon's runs had ended before the takeover");
 }
 
 fn a_cut_off_machine_stops_first(backend: Backend) {

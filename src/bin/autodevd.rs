@@ -24,6 +24,14 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // The fleet's lease keeper: the same binary, started by the daemon (see autodev::fleet::keeper).
+    let raw: Vec<String> = std::env::args().skip(1).collect();
+    if raw.first().map(String::as_str) == Some("--lease-keeper") {
+        return match autodev::fleet::keeper::main_from_args(&raw[1..]) {
+            Some(()) => ExitCode::SUCCESS,
+            None => ExitCode::from(2),
+        };
+    }
     let args = Args::parse();
     let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
     let user_config = directories::ProjectDirs::from("", "", "autodev").map(|d| d.config_dir().to_path_buf());

@@ -263,6 +263,12 @@ async fn take_what_fits(shared: &Arc<Shared>) {
             }
             (Source::Takeover(_), Err(e)) => {
                 tracing::warn!(issue = next.issue, "autopilot did not take it over: {}", e.message);
+                if e.kind == ErrorKind::Conflict
+                    && let Some(fleet) = &shared.fleet
+                {
+                    // Refused for good (closed, done meanwhile): a claim taken over for it is let go.
+                    fleet.forget_pending(next.issue);
+                }
                 let again = Instant::now() + Duration::from_secs_f64(shared.config.raw.fleet.heartbeat_secs);
                 let mut state = shared.autopilot.lock().unwrap_or_else(|e| e.into_inner());
                 state.takeover_backoff.insert(next.issue, (again, e.message));

@@ -40,6 +40,9 @@ pub(super) struct Fleet {
     path: PathBuf,
     state: Mutex<State>,
     wake: tokio::sync::Notify,
+    /// Taking and letting go of claims, one at a time on this machine: a release never lands under a new claim
+    /// of the same issue made here meanwhile.
+    claim_ops: tokio::sync::Mutex<()>,
 }
 
 #[derive(Default)]
@@ -54,6 +57,9 @@ struct State {
     /// When the last successful renewal was sent.
     renewed: Option<Instant>,
     last_error: Option<String>,
+    /// Issues taken over whose task has not started here yet (no slot, a failed read): kept, not let go, and
+    /// offered to the autopilot again, so a taken-over issue is never left without anyone.
+    pending: std::collections::BTreeSet<u64>,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -91,6 +97,7 @@ impl Fleet {
         let lease = Lease {
             heartbeat: Duration::from_secs_f64(settings.heartbeat_secs),
             stale: Duration::from_secs_f64(settings.stale_after_secs),
+            grace: Duration::from_secs_f64(config.raw.supervisor.stop_grace_secs),
         };
         let path = state_dir.join("fleet.json");
         // The last renewal before a restart counts: a daemon down for longer than the lease stops what it adopted.
@@ -109,6 +116,7 @@ impl Fleet {
             path,
             state: Mutex::new(state),
             wake: tokio::sync::Notify::new(),
+            claim_ops: tokio::sync::Mutex::new(()),
         })))
     }
 
@@ -149,7 +157,7 @@ impl Fleet {
         };
         let now = Instant::now();
         let holders: Vec<String> = view.claims.values().map(|c| c.holder.machine.clone()).collect();
-        state.watch.observe(&view.beats, holders.iter(), now);
+        state.watch.observe(&view.beats, holders.iter(), sent);
         for (issue, claim) in &view.claims {
             if claim.holder.machine == self.machine && !state.mine.contains_key(issue) {
                 // Ours by name: made before a restart, or an answer that was lost.
@@ -190,6 +198,7 @@ impl Fleet {
         slot: &str,
         how: &Claiming,
     ) -> Result<Claim, ErrorReply> {
+        let _one_at_a_time = self.claim_ops.lock().await;
         let unavailable = |e: StoreError| {
             refuse(
                 ErrorKind::Failed,
@@ -261,20 +270,44 @@ impl Fleet {
             },
         }?;
         tracing::info!(issue, slot, epoch = taken.holder.epoch, "fleet: claimed issue #{issue}");
-        self.lock().mine.insert(issue, (taken.clone(), Instant::now()));
+        {
+            let mut state = self.lock();
+            state.mine.insert(issue, (taken.clone(), Instant::now()));
+            if taken.holder.epoch > 1 {
+                // Taken over: the issue is this machine's to finish until its task runs here.
+                state.pending.insert(issue);
+            }
+        }
         let recheck = match how {
             Claiming::New { from_board: true, .. } => Some(Recheck::Ready),
             Claiming::Takeover { .. } => Some(Recheck::InProgress),
             _ => None,
         };
-        if let Some(recheck) = recheck
-            && let Some(why) = still_wanted(shared, issue, recheck).await
-        {
-            // Someone ran it meanwhile (and let go of its claim), or it ended before its holder died: not again.
-            self.let_go(issue).await;
-            return Err(refuse(ErrorKind::Conflict, why, None));
+        if let Some(recheck) = recheck {
+            match still_wanted(shared, issue, recheck).await {
+                Wanted::Yes => {}
+                // Someone ran it meanwhile (and let go of its claim), or it ended before its holder died: not again.
+                Wanted::No(why) => {
+                    self.lock().pending.remove(&issue);
+                    self.let_go_locked(issue).await;
+                    return Err(refuse(ErrorKind::Conflict, why, None));
+                }
+                // Unknown for now: a taken-over claim is kept and offered again (never left to nobody); a new one
+                // is let go at the next read, and the board offers the item again.
+                Wanted::Unknown(why) => return Err(refuse(ErrorKind::Failed, why, None)),
+            }
         }
         Ok(taken)
+    }
+
+    /// The task of `issue` runs here now: a taken-over issue is no longer pending.
+    pub(super) fn started(&self, issue: u64) {
+        self.lock().pending.remove(&issue);
+    }
+
+    /// A taken-over issue that will not run here after all (refused for good): its claim may be let go.
+    pub(super) fn forget_pending(&self, issue: u64) {
+        self.lock().pending.remove(&issue);
     }
 
     /// Takes a stale machine's claim at `version`, if this machine has seen its heartbeat unchanged long enough.
@@ -283,6 +316,10 @@ impl Fleet {
     }
 
     async fn take_over(&self, issue: u64, version: &str, slot: &str) -> Result<Claim, ErrorReply> {
+        // Judged on a read made now, never on old news.
+        if let Err(e) = self.read().await {
+            return Err(refuse(ErrorKind::Failed, format!("cannot take over issue #{issue}: {e}"), None));
+        }
         let current = self.lock().view.as_ref().and_then(|v| v.claims.get(&issue).cloned());
         let Some(current) = current.filter(|c| c.version == version) else {
             return Err(refuse(ErrorKind::Conflict, format!("the claim on issue #{issue} moved meanwhile"), None));
@@ -290,7 +327,7 @@ impl Fleet {
         if !self.is_stale(&current.holder.machine) {
             return Err(self.held_elsewhere(&current));
         }
-        match self.store.swap(issue, version, &self.holder(slot, current.holder.epoch + 1)).await {
+        match self.store.swap(issue, version, &self.holder(slot, current.holder.epoch.saturating_add(1))).await {
             Ok(claim) => {
                 tracing::warn!(
                     issue,
@@ -300,6 +337,13 @@ impl Fleet {
                 Ok(claim)
             }
             Err(StoreError::Conflict(why)) => {
+                // Perhaps it was ours, and only the answer was lost.
+                if self.read().await.is_ok()
+                    && let Some(c) = self.lock().view.as_ref().and_then(|v| v.claims.get(&issue).cloned())
+                    && c.holder.machine == self.machine
+                {
+                    return Ok(c);
+                }
                 Err(refuse(ErrorKind::Conflict, format!("another machine took issue #{issue} first: {why}"), None))
             }
             Err(e) => Err(refuse(ErrorKind::Failed, format!("cannot take over issue #{issue}: {e}"), None)),
@@ -307,12 +351,11 @@ impl Fleet {
     }
 
     fn is_stale(&self, machine: &str) -> bool {
-        machine != self.machine
-            && self.lock().watch.unchanged_for(machine, Instant::now()) >= self.lease.takeover_after()
+        machine != self.machine && self.lock().watch.unchanged_for(machine) >= self.lease.takeover_after()
     }
 
     fn held_elsewhere(&self, claim: &Claim) -> ErrorReply {
-        let seen = self.lock().watch.unchanged_for(&claim.holder.machine, Instant::now()).as_secs();
+        let seen = self.lock().watch.unchanged_for(&claim.holder.machine).as_secs();
         refuse(
             ErrorKind::Conflict,
             format!(
@@ -329,8 +372,19 @@ impl Fleet {
         )
     }
 
-    /// Releases this machine's claim on `issue` (compare-and-swap: never another's).
-    async fn let_go(&self, issue: u64) {
+    /// Releases the claim on `issue` if no task holds the issue here, nothing is owed to GitHub for it, and it is
+    /// not a takeover waiting to start; checked again under the claim lock, right before the release.
+    async fn release_if_idle(&self, shared: &Shared, issue: u64) {
+        let _one_at_a_time = self.claim_ops.lock().await;
+        let pending = self.lock().pending.contains(&issue);
+        if pending || held_issues(shared, true).contains(&issue) || owed(shared, issue) {
+            return;
+        }
+        self.let_go_locked(issue).await;
+    }
+
+    /// Releases this machine's claim on `issue` (compare-and-swap: never another's). Under `claim_ops`.
+    async fn let_go_locked(&self, issue: u64) {
         let Some((claim, _)) = self.lock().mine.get(&issue).cloned() else { return };
         match self.store.release(issue, &claim.version).await {
             Ok(()) | Err(StoreError::Conflict(_)) => {
@@ -344,17 +398,21 @@ impl Fleet {
         }
     }
 
-    /// Stale machines' claims, oldest issue first, that this machine could take over now.
+    /// Stale machines' claims, oldest issue first, that this machine could take over now; and its own taken-over
+    /// claims whose task did not start yet.
     pub(super) fn takeover_candidates(&self) -> Vec<Claim> {
         let state = self.lock();
         let Some(view) = &state.view else { return Vec::new() };
-        let now = Instant::now();
-        view.claims
+        let mut out: Vec<Claim> = view
+            .claims
             .values()
             .filter(|c| c.holder.machine != self.machine)
-            .filter(|c| state.watch.unchanged_for(&c.holder.machine, now) >= self.lease.takeover_after())
+            .filter(|c| state.watch.unchanged_for(&c.holder.machine) >= self.lease.takeover_after())
             .cloned()
-            .collect()
+            .collect();
+        out.extend(state.pending.iter().filter_map(|i| state.mine.get(i).map(|(c, _)| c.clone())));
+        out.sort_by_key(|c| c.issue);
+        out
     }
 
     /// Who holds `issue` elsewhere, as `<slot>@<machine>`, from the last read.
@@ -390,11 +448,10 @@ impl Fleet {
     pub(super) fn report(&self, shared: &Shared) -> FleetReport {
         let summary = self.summary();
         let state = self.lock();
-        let now = Instant::now();
         let empty = View::default();
         let view = state.view.as_ref().unwrap_or(&empty);
         let mut machines: BTreeMap<String, FleetMachine> = BTreeMap::new();
-        for (name, _, unchanged) in state.watch.machines(now) {
+        for (name, _, unchanged) in state.watch.machines() {
             let this = name == self.machine;
             machines.insert(
                 name.clone(),
@@ -475,8 +532,8 @@ impl Fleet {
         }
     }
 
-    fn persist_renewal(&self) {
-        let record = Persisted { renewed_at: rfc3339(SystemTime::now()) };
+    fn persist_renewal(&self, sent: SystemTime) {
+        let record = Persisted { renewed_at: rfc3339(sent) };
         if let Err(e) = crate::ledger::write_json(&self.path, &record) {
             tracing::warn!("fleet: cannot note the renewal in {}: {e}", self.path.display());
         }
@@ -497,15 +554,23 @@ enum Recheck {
     InProgress,
 }
 
-/// Whether the issue is still to be run once the claim is ours: `Some(why)` when not. Without a board, yes.
-async fn still_wanted(shared: &Shared, issue: u64, recheck: Recheck) -> Option<String> {
-    let github = shared.github.as_ref().ok().filter(|g| g.sync_enabled)?;
+/// Whether an issue is still to be run once its claim is ours.
+enum Wanted {
+    Yes,
+    No(String),
+    /// GitHub could not say: ask again later.
+    Unknown(String),
+}
+
+/// Whether the issue is still to be run once the claim is ours. Without a board, yes.
+async fn still_wanted(shared: &Shared, issue: u64, recheck: Recheck) -> Wanted {
+    let Some(github) = shared.github.as_ref().ok().filter(|g| g.sync_enabled) else { return Wanted::Yes };
     let view = match github.reconciler.read_issue(issue).await {
         Ok(v) => v,
-        Err(e) => return Some(format!("cannot read issue #{issue} to check it is still to be done: {e}")),
+        Err(e) => return Wanted::Unknown(format!("cannot read issue #{issue} to check it is still to be done: {e}")),
     };
     if !view.open {
-        return Some(format!("issue #{issue} is closed"));
+        return Wanted::No(format!("issue #{issue} is closed"));
     }
     let status = view.item.as_ref().and_then(|i| i.status.clone());
     let fields = &shared.config.raw.project.fields.status;
@@ -517,7 +582,20 @@ async fn still_wanted(shared: &Shared, issue: u64, recheck: Recheck) -> Option<S
                 || fields.needs_more_info_value.as_str() == Some(s)
         }),
     };
-    (!ok).then(|| format!("issue #{issue} is {:?} on the board now: not run again", status.unwrap_or_default()))
+    match ok {
+        true => Wanted::Yes,
+        false => {
+            Wanted::No(format!("issue #{issue} is {:?} on the board now: not run again", status.unwrap_or_default()))
+        }
+    }
+}
+
+/// Whether something is still owed to GitHub for `issue` (board fields, the pull request, notes, the status
+/// comment): its claim is kept until it is written.
+fn owed(shared: &Shared, issue: u64) -> bool {
+    shared.github.as_ref().is_ok_and(|g| {
+        g.reconciler.owes(issue) || g.posts.owes_issue(issue) || g.comments.as_ref().is_some_and(|c| c.owes(issue))
+    })
 }
 
 /// Takes the claim for a run of `issue` in `slot` when the fleet is on (without it there is nothing to take), and
@@ -538,32 +616,62 @@ pub(super) fn recorded(shared: &Shared, slot: &str) -> Option<String> {
     shared.lock_table().get(slot).and_then(|s| s.task.as_ref()).and_then(|t| t.record.claim.clone())
 }
 
-/// Runs while the daemon does: one heartbeat and one read per `fleet.heartbeatSecs` (or sooner when a write found a
-/// claim lost), then whatever follows from them.
+/// Whether a completed run's branch may be pushed: `Err(why)` when the issue is another machine's now (a push is a
+/// write too). When the store cannot be asked, a machine whose lease holds still pushes (never forced).
+pub(super) async fn may_push(shared: &Shared, run_id: &str) -> Result<(), String> {
+    let task = shared.lock_table().task_of_run(run_id).map(|t| (t.issue(), t.record.phase.stop().cloned()));
+    let Some((issue, stop)) = task else { return Ok(()) };
+    if let Some(crate::task::StopBy::ClaimLost { why }) = stop {
+        return Err(why);
+    }
+    let Some(fleet) = &shared.fleet else { return Ok(()) };
+    match fleet.may_write(issue).await {
+        Ok(()) => Ok(()),
+        Err(GhError::NotOurs(why)) => Err(why),
+        Err(_) if fleet.lease_ok() => Ok(()),
+        Err(e) => Err(format!("the fleet's claim on #{issue} cannot be confirmed ({e}) and the lease ran out")),
+    }
+}
+
+/// Runs while the daemon does: the heartbeat on its own timer (a slow read must not delay it), and one read per
+/// `fleet.heartbeatSecs` (or sooner when a write found a claim lost) with what follows from it.
 pub(super) async fn run(shared: Arc<Shared>, fleet: Arc<Fleet>) {
-    let mut first = true;
+    // Runs outlive a dead daemon; the keeper sees they do not outlive its claims.
+    match crate::fleet::keeper::spawn(&shared.paths.state_dir, fleet.lease.stop_after()) {
+        Ok(pid) => tracing::info!(pid, "fleet: lease keeper started"),
+        Err(e) => tracing::warn!("fleet: cannot start the lease keeper ({e}): runs would outlive a dead autodevd"),
+    }
+    tokio::spawn(beat(shared.clone(), fleet.clone()));
     loop {
         tick(&shared, &fleet).await;
-        if std::mem::take(&mut first) {
-            // After the first beat was tried: runs adopted at start-up are judged by it, not by its absence.
-            tokio::spawn(watch_lease(shared.clone(), fleet.clone()));
-        }
         let _ = tokio::time::timeout(fleet.lease.heartbeat, fleet.wake.notified()).await;
     }
 }
 
-async fn tick(shared: &Arc<Shared>, fleet: &Arc<Fleet>) {
-    let sent = Instant::now();
-    match fleet.store.beat().await {
-        Ok(()) => {
-            fleet.lock().renewed = Some(sent);
-            fleet.persist_renewal();
+/// One renewal per heartbeat for all of this machine's claims. After the first attempt, the lease watch starts:
+/// runs adopted at start-up are judged by that beat, not by its absence.
+async fn beat(shared: Arc<Shared>, fleet: Arc<Fleet>) {
+    let mut first = true;
+    loop {
+        let (sent, wall) = (Instant::now(), SystemTime::now());
+        match fleet.store.beat().await {
+            Ok(()) => {
+                fleet.lock().renewed = Some(sent);
+                fleet.persist_renewal(wall);
+            }
+            Err(e) => {
+                tracing::warn!("fleet: heartbeat not renewed: {e}");
+                fleet.lock().last_error = Some(e.to_string());
+            }
         }
-        Err(e) => {
-            tracing::warn!("fleet: heartbeat not renewed: {e}");
-            fleet.lock().last_error = Some(e.to_string());
+        if std::mem::take(&mut first) {
+            tokio::spawn(watch_lease(shared.clone(), fleet.clone()));
         }
+        tokio::time::sleep_until((sent + fleet.lease.heartbeat).into()).await;
     }
+}
+
+async fn tick(shared: &Arc<Shared>, fleet: &Arc<Fleet>) {
     if let Err(e) = fleet.read().await {
         tracing::warn!("fleet: cannot read the claims: {e}");
     }
@@ -575,7 +683,11 @@ async fn tick(shared: &Arc<Shared>, fleet: &Arc<Fleet>) {
     if fleet.lease_ok() {
         claim_unclaimed(shared, fleet).await;
     }
-    release_finished(shared, fleet).await;
+    let held = held_issues(shared, true);
+    let mine: Vec<u64> = fleet.lock().mine.keys().copied().collect();
+    for issue in mine.into_iter().filter(|i| !held.contains(i)) {
+        fleet.release_if_idle(shared, issue).await;
+    }
     if !fleet.takeover_candidates().is_empty() {
         shared.queue.wake.notify_one();
     }
@@ -583,9 +695,10 @@ async fn tick(shared: &Arc<Shared>, fleet: &Arc<Fleet>) {
 }
 
 /// The holder's side of the lease, on its own timer (a beat that hangs must not delay it): once the last renewal
-/// was sent `staleAfterSecs` minus a margin ago, every run here stops before another machine may take its issue.
+/// was sent `staleAfterSecs` minus a heartbeat and the stop's grace ago, every run here stops before another
+/// machine may take its issue.
 async fn watch_lease(shared: Arc<Shared>, fleet: Arc<Fleet>) {
-    let limit = fleet.lease.stale.saturating_sub(fleet.lease.margin());
+    let limit = fleet.lease.stop_after();
     loop {
         let since = fleet.since_renewal(Instant::now());
         if since < limit {
@@ -605,7 +718,7 @@ async fn watch_lease(shared: Arc<Shared>, fleet: Arc<Fleet>) {
     }
 }
 
-/// Issues of tasks that hold their slot here (`starting`: also those whose first run is being set up).
+/// Issues of tasks that hold their slot here (`starting`: also those whose run is being set up).
 fn held_issues(shared: &Shared, starting: bool) -> Vec<u64> {
     let table = shared.lock_table();
     table
@@ -618,17 +731,19 @@ fn held_issues(shared: &Shared, starting: bool) -> Vec<u64> {
         .collect()
 }
 
+/// The slot whose task holds `issue` here.
+fn slot_of(shared: &Shared, issue: u64) -> Option<String> {
+    let table = shared.lock_table();
+    table
+        .slots
+        .iter()
+        .find(|s| s.is_held() && s.task.as_ref().is_some_and(|t| t.issue() == issue))
+        .map(|s| s.name.clone())
+}
+
 /// Ends (or stops) the task of `issue` here: its claim is lost.
 fn lose(shared: &Arc<Shared>, issue: u64, why: &str) {
-    let slot = {
-        let table = shared.lock_table();
-        table
-            .slots
-            .iter()
-            .find(|s| s.is_held() && s.task.as_ref().is_some_and(|t| t.issue() == issue))
-            .map(|s| s.name.clone())
-    };
-    let Some(slot) = slot else { return };
+    let Some(slot) = slot_of(shared, issue) else { return };
     // A run being set up passed its claim check a moment ago and is caught once it runs (its assign or resume is
     // still working on it); one stopping for this already needs nothing more.
     let skip = shared.lock_table().get(&slot).and_then(|s| s.task.as_ref()).is_some_and(|t| {
@@ -647,53 +762,23 @@ fn lose(shared: &Arc<Shared>, issue: u64, why: &str) {
     }
 }
 
-/// Tasks held here without a claim (adopted after a restart with the fleet newly on, a claim whose answer was lost)
-/// claim their issue now, or stop if someone else holds it.
+/// Tasks held here that this machine does not know as claimed (after a restart, or with the fleet newly on) find
+/// their claim as they recorded it, or claim their issue if they recorded none; otherwise they stop.
 async fn claim_unclaimed(shared: &Arc<Shared>, fleet: &Arc<Fleet>) {
     if fleet.lock().view.is_none() {
         return;
     }
     for issue in held_issues(shared, false) {
-        let (mine, other) = {
-            let state = fleet.lock();
-            let other =
-                state.view.as_ref().and_then(|v| v.claims.get(&issue)).filter(|c| c.holder.machine != fleet.machine);
-            (state.mine.contains_key(&issue), other.map(|c| format!("{}@{}", c.holder.slot, c.holder.machine)))
-        };
-        if mine {
+        if fleet.lock().mine.contains_key(&issue) {
             continue;
         }
-        if let Some(other) = other {
-            lose(shared, issue, &format!("the fleet's claim on #{issue} is held by {other}"));
-            continue;
-        }
-        let slot = {
-            let table = shared.lock_table();
-            table
-                .slots
-                .iter()
-                .find(|s| s.is_held() && s.task.as_ref().is_some_and(|t| t.issue() == issue))
-                .map(|s| s.name.clone())
-        };
-        let Some(slot) = slot else { continue };
+        let Some(slot) = slot_of(shared, issue) else { continue };
         // A task that recorded its claim must find it as it was; one from before the fleet claims its issue now.
         let how = Claiming::Continue { version: recorded(shared, &slot) };
         match claim(shared, issue, &slot, &how).await {
-            Ok(()) => {}
+            Ok(()) => fleet.started(issue),
             Err(e) if e.kind == ErrorKind::Conflict => lose(shared, issue, &e.message),
             Err(e) => tracing::warn!(issue, "fleet: {}", e.message),
-        }
-    }
-}
-
-/// Lets go of the claims whose tasks ended here once nothing is owed to GitHub for their issue.
-async fn release_finished(shared: &Arc<Shared>, fleet: &Arc<Fleet>) {
-    let held = held_issues(shared, true);
-    let mine: Vec<u64> = fleet.lock().mine.keys().copied().collect();
-    for issue in mine.into_iter().filter(|i| !held.contains(i)) {
-        let owed = shared.github.as_ref().is_ok_and(|g| g.reconciler.owes(issue) || g.posts.owes_issue(issue));
-        if !owed {
-            fleet.let_go(issue).await;
         }
     }
 }

@@ -531,7 +531,11 @@ async fn follow_run(
             judge_changes(&shared, &run_id, &mut verdict).await;
         }
         if verdict.cause == EndCause::Succeeded && shared.push_enabled() {
-            push_branch(&shared, &run_id, &mut verdict).await;
+            // A push is a write for the issue too: only while the fleet's claim is ours.
+            match super::fleet::may_push(&shared, &run_id).await {
+                Ok(()) => push_branch(&shared, &run_id, &mut verdict).await,
+                Err(why) => fail_verdict(&mut verdict, EndCause::ClaimLost, format!("not pushed: {why}")),
+            }
         }
     }
     let slot = {

@@ -23,7 +23,7 @@ pub const MACHINES: &str = "refs/autodev/machines/";
 const FLEET_REFS: &str = include_str!("../github/graphql/FleetRefs.graphql");
 const UPDATE_REFS: &str = include_str!("../github/graphql/UpdateRefs.graphql");
 const ZEROS: &str = "0000000000000000000000000000000000000000";
-/// Pages of 100 claims read at most (a fleet past 10,000 open claims wants the NATS store).
+/// Pages of 100 claims (and of 100 heartbeats) read at most: a fleet past 10,000 open claims wants the NATS store.
 const MAX_PAGES: usize = 100;
 
 pub struct GithubStore {
@@ -135,11 +135,13 @@ impl GithubStore {
 
     async fn read_view(&self) -> Result<View, StoreError> {
         let mut view = View::default();
-        let mut after: Option<String> = None;
+        let (mut after, mut machines_after): (Option<String>, Option<String>) = (None, None);
+        let mut mine: Option<(u64, String)> = None;
+        let mut complete = false;
         for _ in 0..MAX_PAGES {
             self.reads.fetch_add(1, Ordering::Relaxed);
             let vars = json!({ "owner": self.owner, "name": self.repo, "claims": CLAIMS, "machines": MACHINES,
-                               "after": after });
+                               "after": after, "machinesAfter": machines_after });
             let reply = self.gh.graphql(FLEET_REFS, vars).await.map_err(gh_error)?;
             let repo = &reply.data["repository"];
             if repo.is_null() {
@@ -155,34 +157,48 @@ impl GithubStore {
                 let Some(holder) = node["target"]["message"].as_str().and_then(parse_record) else { continue };
                 view.claims.insert(issue, Claim { issue, holder, version: oid.to_string() });
             }
-            if after.is_none() {
-                let mut mine: Option<(u64, String)> = None;
-                for node in repo["machines"]["nodes"].as_array().into_iter().flatten() {
-                    let (Some(name), Some(oid)) = (node["name"].as_str(), node["target"]["oid"].as_str()) else {
-                        continue;
-                    };
-                    let Some((machine, n)) = name.trim_start_matches(MACHINES).rsplit_once('/') else { continue };
-                    let Ok(n) = n.parse::<u64>() else { continue };
-                    // Two refs of one machine (a beat half-seen): the higher counter is its heartbeat.
-                    let token = format!("{n}");
-                    let entry = view.beats.entry(machine.to_string()).or_insert_with(|| token.clone());
-                    if entry.parse::<u64>().is_ok_and(|old| old < n) {
-                        *entry = token;
-                    }
-                    if machine == self.machine && mine.as_ref().is_none_or(|(m, _)| *m < n) {
-                        mine = Some((n, oid.to_string()));
-                    }
+            for node in repo["machines"]["nodes"].as_array().into_iter().flatten() {
+                let (Some(name), Some(oid)) = (node["name"].as_str(), node["target"]["oid"].as_str()) else {
+                    continue;
+                };
+                let Some((machine, n)) = name.trim_start_matches(MACHINES).rsplit_once('/') else { continue };
+                let Ok(n) = n.parse::<u64>() else { continue };
+                // Two refs of one machine (a beat half-seen): the higher counter is its heartbeat.
+                let token = format!("{n}");
+                let entry = view.beats.entry(machine.to_string()).or_insert_with(|| token.clone());
+                if entry.parse::<u64>().is_ok_and(|old| old < n) {
+                    *entry = token;
                 }
-                let mut setup = self.setup();
-                setup.beat = mine;
-                setup.beat_unknown = false;
+                if machine == self.machine && mine.as_ref().is_none_or(|(m, _)| *m < n) {
+                    mine = Some((n, oid.to_string()));
+                }
             }
-            let page = &repo["claims"]["pageInfo"];
-            match page["endCursor"].as_str() {
-                Some(cursor) if page["hasNextPage"].as_bool() == Some(true) => after = Some(cursor.to_string()),
-                _ => break,
+            let next = |list: &str| {
+                let page = &repo[list]["pageInfo"];
+                page["endCursor"].as_str().filter(|_| page["hasNextPage"].as_bool() == Some(true)).map(str::to_string)
+            };
+            let (claims_next, machines_next) = (next("claims"), next("machines"));
+            if claims_next.is_none() && machines_next.is_none() {
+                complete = true;
+                break;
             }
+            // A list read to its end stays at its end (its next pages are empty).
+            after = claims_next.or_else(|| repo["claims"]["pageInfo"]["endCursor"].as_str().map(str::to_string));
+            machines_after =
+                machines_next.or_else(|| repo["machines"]["pageInfo"]["endCursor"].as_str().map(str::to_string));
         }
+        if !complete {
+            // Missing heartbeats would make live machines look stale: a partial read is no read.
+            return Err(StoreError::Unavailable(format!("more than {MAX_PAGES} pages of fleet refs")));
+        }
+        // Only forward: a read that ran beside a beat may have seen the counter before it.
+        let mut setup = self.setup();
+        let known = setup.beat.as_ref().map(|(n, _)| *n);
+        if setup.beat_unknown || mine.as_ref().map(|(n, _)| Some(*n) > known).unwrap_or(known.is_none()) {
+            setup.beat = mine;
+        }
+        setup.beat_unknown = false;
+        drop(setup);
         Ok(view)
     }
 

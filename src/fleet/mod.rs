@@ -4,6 +4,7 @@
 //! them. The board only shows what the claims decide.
 
 pub mod github;
+pub mod keeper;
 pub mod lease;
 pub mod nats;
 

@@ -74,6 +74,17 @@ impl NatsStore {
         let js = async_nats::jetstream::new(client);
         let claims = bucket(&js, CLAIMS, 5, Duration::ZERO).await?;
         let machines = bucket(&js, MACHINES, 1, self.stale).await?;
+        // Made by the first machine with its staleAfterSecs: a shorter one would let heartbeats expire between
+        // beats of machines that beat less often, and a machine that only looks gone may be taken over.
+        let kept = machines.stream.cached_info().config.max_age;
+        if !kept.is_zero() && kept < self.stale {
+            return Err(StoreError::Refused(format!(
+                "the NATS bucket {MACHINES} keeps heartbeats for {kept:?}, less than this machine's \
+                 fleet.staleAfterSecs ({:?}): give every machine the same staleAfterSecs, or delete the bucket \
+                 (nats kv del {MACHINES}) to have it made again",
+                self.stale
+            )));
+        }
         *held = Some((claims.clone(), machines.clone()));
         Ok((claims, machines))
     }

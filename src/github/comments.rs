@@ -73,6 +73,11 @@ impl Comments {
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Whether a status comment of `issue` waits to be written (one that is being retried counts).
+    pub fn owes(&self, issue: u64) -> bool {
+        self.lock().values().any(|e| e.snapshot.issue == issue && e.written < e.version)
+    }
+
     /// Asks for the task's comment to show `snapshot`; `known_id` is the comment id the task record has.
     pub fn update(&self, snapshot: Snapshot, known_id: Option<u64>) {
         let urgent = snapshot.urgent;

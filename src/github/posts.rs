@@ -181,7 +181,8 @@ impl Posts {
 
     /// Whether a pull request (and so a board write) is still owed for `issue`.
     pub fn owes_issue(&self, issue: u64) -> bool {
-        self.lock().outbox.owed.values().any(|w| w.issue == issue)
+        let state = self.lock();
+        state.outbox.owed.values().any(|w| w.issue == issue) || state.outbox.notes.values().any(|n| n.issue == issue)
     }
 
     /// Owes a comment and wakes the worker.
@@ -378,9 +379,9 @@ impl Posts {
 
     /// Waits until a mutation may be sent (secondary limits, shared with every writer of the token).
     async fn mutation_slot(&self, issue: u64) -> Result<(), GhError> {
-        self.gh.guard(issue).await?;
         self.gh.pace_write().await;
-        Ok(())
+        // After the pace: the claim is checked right before the write.
+        self.gh.guard(issue).await
     }
 
     async fn default_branch(&self) -> Result<String, GhError> {

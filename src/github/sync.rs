@@ -357,10 +357,10 @@ impl Reconciler {
 
     /// Waits until a mutation may be sent (secondary limits), and counts it.
     async fn mutation_slot(&self, issue: u64) -> Result<(), GhError> {
-        self.gh.guard(issue).await?;
         self.lock().requests += 1;
         self.gh.pace_write().await;
-        Ok(())
+        // After the pace: the claim is checked right before the write.
+        self.gh.guard(issue).await
     }
 
     /// Brings the board in line with one wish. `Ok(Some(note))`: done, but something was left alone on purpose.

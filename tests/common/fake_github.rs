@@ -476,14 +476,16 @@ fn fleet_refs(s: &State, vars: &Value) -> Value {
             })
             .collect()
     };
-    let claims = listed(vars["claims"].as_str().unwrap_or("-"));
-    let start: usize = vars["after"].as_str().and_then(|c| c.parse().ok()).unwrap_or(0);
-    let page: Vec<Value> = claims.iter().skip(start).take(100).cloned().collect();
-    let more = start + page.len() < claims.len();
+    let page = |list: Vec<Value>, after: &Value| {
+        let start: usize = after.as_str().and_then(|c| c.parse().ok()).unwrap_or(0);
+        let nodes: Vec<Value> = list.iter().skip(start).take(100).cloned().collect();
+        let more = start + nodes.len() < list.len();
+        json!({ "pageInfo": { "hasNextPage": more, "endCursor": (start + nodes.len()).to_string() }, "nodes": nodes })
+    };
     json!({ "data": { "repository": {
         "id": "R_widgets",
-        "claims": { "pageInfo": { "hasNextPage": more, "endCursor": (start + page.len()).to_string() }, "nodes": page },
-        "machines": { "nodes": listed(vars["machines"].as_str().unwrap_or("-")) }
+        "claims": page(listed(vars["claims"].as_str().unwrap_or("-")), &vars["after"]),
+        "machines": page(listed(vars["machines"].as_str().unwrap_or("-")), &vars["machinesAfter"]),
     } } })
 }
 

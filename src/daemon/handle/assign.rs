@@ -145,6 +145,9 @@ pub(in crate::daemon) async fn assign(
         Err(Refused::Ended(e)) => return Err(e),
         Ok(assigned) => assigned,
     };
+    if let Some(fleet) = &shared.fleet {
+        fleet.started(issue);
+    }
     board_wants(shared, issue, &slot_name, Target::InProgress, force);
     // Taken by hand (or by the queue itself): it waits no more.
     shared.queue.remove(issue);
