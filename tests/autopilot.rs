@@ -72,7 +72,11 @@ fn runs_of(d: &Daemon, issue: u64) -> usize {
     std::fs::read_dir(&d.records)
         .unwrap()
         .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("fake-record-"))
+        .filter(|e| {
+            // A record being written is `….json.tmp` until its rename: only finished ones count.
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with("fake-record-") && name.ends_with(".json")
+        })
         .map(|e| read(&e.path()))
         .filter(|r| r["env"]["AUTODEV_ISSUE"].as_str() == Some(issue.to_string().as_str()))
         .count()

@@ -184,7 +184,11 @@ fn runs_of(machines: &[&Daemon], issue: u64) -> usize {
     machines
         .iter()
         .flat_map(|d| std::fs::read_dir(&d.records).unwrap().flatten())
-        .filter(|e| e.file_name().to_string_lossy().starts_with("fake-record-"))
+        .filter(|e| {
+            // A record being written is `….json.tmp` until its rename: only finished ones count.
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with("fake-record-") && name.ends_with(".json")
+        })
         .filter_map(|e| serde_json::from_str::<Value>(&std::fs::read_to_string(e.path()).ok()?).ok())
         .filter(|r| r["env"]["AUTODEV_ISSUE"].as_str() == Some(issue.to_string().as_str()))
         .count()
@@ -264,6 +268,14 @@ fn each_ready_item_runs_exactly_once_on_three_machines_nats() {
     each_item_runs_exactly_once(Backend::Nats);
 }
 
+/// Waits until each of two machines runs two items; returns what the first one runs.
+fn two_each(a: &Daemon, b: &Daemon) -> Vec<(String, u64)> {
+    wait_until("each machine to run two items", || {
+        let (on_a, on_b) = (running(a), running(b));
+        (on_a.len() == 2 && on_b.len() == 2).then_some(on_a)
+    })
+}
+
 /// Kills a daemon and every process of its runs, as a machine dying would.
 fn kill_machine(d: &mut Daemon) {
     let pids: Vec<i32> =
@@ -281,10 +293,7 @@ fn a_dead_machine_is_taken_over(backend: Backend) {
     ready_items(&fake, 1..=4, "@sleep 2");
     let mut a = machine(&fake, "m-a", nats.as_ref());
     let b = machine(&fake, "m-b", nats.as_ref());
-    let on_a = wait_until("each machine to run two items", || {
-        let (on_a, on_b) = (running(&a), running(&b));
-        (on_a.len() == 2 && on_b.len() == 2).then_some(on_a)
-    });
+    let on_a = two_each(&a, &b);
     // Their CLIs are running (each has written its record), not only spawned.
     wait_until("the first machine's runs to be under way", || {
         on_a.iter().all(|(_, issue)| runs_of(&[&a], *issue) == 1).then_some(())
@@ -336,10 +345,7 @@ fn the_runs_of_a_dead_daemon_end_before_another_machine_takes_them() {
     ready_items(&fake, 1..=4, "@sleep 60");
     let mut a = machine(&fake, "m-a", None);
     let b = machine(&fake, "m-b", None);
-    let on_a = wait_until("each machine to run two items", || {
-        let (on_a, on_b) = (running(&a), running(&b));
-        (on_a.len() == 2 && on_b.len() == 2).then_some(on_a)
-    });
+    let on_a = two_each(&a, &b);
     let pids: Vec<i64> = on_a.iter().map(|(slot, _)| a.slot(slot)["pid"].as_i64().unwrap()).collect();
     // The daemon dies; its agents run on (as after an OOM kill), and only its lease keeper is left to end them.
     a.kill9();
@@ -357,10 +363,7 @@ fn a_cut_off_machine_stops_first(backend: Backend) {
     let relay = nats.as_ref().map(Relay::to);
     let a = machine_via(&fake, "m-a", nats.as_ref(), relay.as_ref());
     let b = machine(&fake, "m-b", nats.as_ref());
-    let on_a = wait_until("each machine to run two items", || {
-        let (on_a, on_b) = (running(&a), running(&b));
-        (on_a.len() == 2 && on_b.len() == 2).then_some(on_a)
-    });
+    let on_a = two_each(&a, &b);
     let token = token_of("m-a");
     // Cut off from the store: GitHub refuses its token, or its way to NATS is cut.
     match &relay {

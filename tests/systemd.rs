@@ -50,10 +50,10 @@ fn systemd_hears_ready_after_recovery_then_status_watchdog_and_stopping() {
     assert!(d.terminate().success());
     collect(&socket, &mut seen, "STOPPING=1", |s| s.iter().any(|m| m.contains("STOPPING=1")));
     // The child's environment never carries NOTIFY_SOCKET.
-    let row_env = std::fs::read_dir(&d.records)
-        .unwrap()
-        .flatten()
-        .find(|e| e.file_name().to_string_lossy().starts_with("fake-record-"));
+    let row_env = std::fs::read_dir(&d.records).unwrap().flatten().find(|e| {
+        let name = e.file_name().to_string_lossy().into_owned();
+        name.starts_with("fake-record-") && name.ends_with(".json")
+    });
     let record: Value = serde_json::from_slice(&std::fs::read(row_env.unwrap().path()).unwrap()).unwrap();
     assert!(record["env"].get("NOTIFY_SOCKET").is_none());
 }

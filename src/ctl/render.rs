@@ -113,23 +113,8 @@ pub fn status(report: &StatusReport, with_preview: bool) -> String {
             ]
         })
         .collect();
-    let mut widths = header.map(str::len);
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let line = |cells: &[String]| {
-        let mut l = String::new();
-        for (i, cell) in cells.iter().enumerate() {
-            if i + 1 == cells.len() {
-                l.push_str(cell);
-            } else {
-                let _ = write!(l, "{cell:<w$}  ", w = widths[i]);
-            }
-        }
-        l.trim_end().to_string()
-    };
+    let widths = widths_of(&header, &rows);
+    let line = |cells: &[String]| padded(cells, &widths);
     let _ = writeln!(out, "{}", line(&header.map(String::from)));
     for (row, slot) in rows.iter().zip(&report.slots) {
         let _ = writeln!(out, "{}", line(row));
@@ -370,29 +355,37 @@ fn fleet_line(f: &crate::protocol::FleetSummary) -> String {
     line
 }
 
-/// Columns padded to their widest cell; the last one is left as it is.
-fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String {
+/// The width of each column: its widest cell, header included.
+fn widths_of<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> [usize; N] {
     let mut widths = header.map(str::len);
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
     }
-    let mut out = String::new();
-    let mut line = |cells: &[String]| {
-        let mut l = String::new();
-        for (i, cell) in cells.iter().enumerate() {
-            if i + 1 == cells.len() {
-                l.push_str(cell);
-            } else {
-                let _ = write!(l, "{cell:<w$}  ", w = widths[i]);
-            }
+    widths
+}
+
+/// One line of a table: each cell padded to its column's width, the last one left as it is.
+fn padded(cells: &[String], widths: &[usize]) -> String {
+    let mut l = String::new();
+    for (i, cell) in cells.iter().enumerate() {
+        if i + 1 == cells.len() {
+            l.push_str(cell);
+        } else {
+            let _ = write!(l, "{cell:<w$}  ", w = widths[i]);
         }
-        let _ = writeln!(out, "{}", l.trim_end());
-    };
-    line(&header.map(String::from));
+    }
+    l.trim_end().to_string()
+}
+
+/// A whole table: the header, then the rows.
+fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String {
+    let widths = widths_of(header, rows);
+    let mut out = String::new();
+    let _ = writeln!(out, "{}", padded(&header.map(String::from), &widths));
     for row in rows {
-        line(row);
+        let _ = writeln!(out, "{}", padded(row, &widths));
     }
     out
 }

@@ -43,6 +43,8 @@ pub(super) struct Fleet {
     /// Taking and letting go of claims, one at a time on this machine: a release never lands under a new claim
     /// of the same issue made here meanwhile.
     claim_ops: tokio::sync::Mutex<()>,
+    /// Set once the first heartbeat was tried: a claim asked for just after start-up waits for it.
+    first_beat: tokio::sync::watch::Sender<bool>,
 }
 
 #[derive(Default)]
@@ -117,6 +119,7 @@ impl Fleet {
             state: Mutex::new(state),
             wake: tokio::sync::Notify::new(),
             claim_ops: tokio::sync::Mutex::new(()),
+            first_beat: tokio::sync::watch::Sender::new(false),
         })))
     }
 
@@ -208,6 +211,12 @@ impl Fleet {
         };
         if self.lock().view.is_none() {
             self.read().await.map_err(unavailable)?;
+        }
+        if !self.lease_ok() {
+            // Just started: the first beat is on its way (bounded by the store's own deadlines).
+            let mut tried = self.first_beat.subscribe();
+            let wait = self.lease.heartbeat + Duration::from_secs(30);
+            let _ = tokio::time::timeout(wait, tried.wait_for(|t| *t)).await;
         }
         if !self.lease_ok() {
             return Err(refuse(
@@ -665,6 +674,7 @@ async fn beat(shared: Arc<Shared>, fleet: Arc<Fleet>) {
             }
         }
         if std::mem::take(&mut first) {
+            fleet.first_beat.send_replace(true);
             tokio::spawn(watch_lease(shared.clone(), fleet.clone()));
         }
         tokio::time::sleep_until((sent + fleet.lease.heartbeat).into()).await;
