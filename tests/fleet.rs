@@ -144,7 +144,7 @@ fn config(fake: &FakeGitHub, machine: &str, nats: Option<&Nats>) -> Value {
         }
     });
     c["autopilot"] = json!({ "enabled": true, "pollSecs": 0.3 });
-    c["fleet"] = json!({ "enabled": true, "machine": machine, "heartbeatSecs": 0.5, "staleAfterSecs": 4 });
+    c["fleet"] = json!({ "enabled": true, "machine": machine, "heartbeatSecs": 0.5, "staleAfterSecs": 5 });
     if let Some(nats) = nats {
         c["fleet"]["backend"] = json!("nats");
         c["fleet"]["nats"] = json!({ "url": nats.url });
@@ -207,6 +207,11 @@ fn running(d: &Daemon) -> Vec<(String, u64)> {
 
 fn done(fake: &FakeGitHub, issue: u64) -> bool {
     fake.value(issue, "Status").as_deref() == Some("Done")
+}
+
+/// Requests the fake got with `token`.
+fn requests_by(fake: &FakeGitHub, token: &str) -> usize {
+    fake.lock().log.iter().filter(|l| l.token.as_deref() == Some(token)).count()
 }
 
 /// Board writes, comments and pull requests sent with `token` since log entry `from`.
@@ -300,9 +305,13 @@ fn a_dead_machine_is_taken_over(backend: Backend) {
     });
     kill_machine(&mut a);
     let killed_at = Instant::now();
+    // Taken over only once the other machine has seen the heartbeat unchanged for staleAfterSecs plus a heartbeat
+    // (5.5 s here, less the up to 0.5 s between the last beat and the kill), then run again from the issue.
+    let first = on_a[0].1;
+    wait_until("the other machine to take one over", || running(&b).iter().any(|(_, i)| *i == first).then_some(()));
+    let waited = killed_at.elapsed();
+    assert!(waited >= Duration::from_millis(4500), "taken over after {waited:?}: before the lease ran out");
     wait_until("all four items to be done", || (1..=4).all(|n| done(&fake, n)).then_some(()));
-    // Taken over after staleAfterSecs plus a margin, then run again from the issue.
-    assert!(killed_at.elapsed() >= Duration::from_secs(3), "not before the lease ran out");
     for (_, issue) in &on_a {
         assert_eq!(runs_of(&[&a, &b], *issue), 2, "#{issue}: the killed run, then the takeover");
     }
@@ -316,9 +325,10 @@ fn a_dead_machine_is_taken_over(backend: Backend) {
         let lost = slots.iter().filter(|s| s["end_cause"] == "claim_lost").count();
         (lost == on_a.len()).then_some(())
     });
-    let reads_before = fake.lock().log.len();
-    wait_until("a few more heartbeats of the restarted machine", || {
-        (fake.lock().log.len() > reads_before + 10).then_some(())
+    let token = token_of("m-a");
+    let before = requests_by(&fake, &token);
+    wait_until("a few more requests of the restarted machine", || {
+        (requests_by(&fake, &token) > before + 10).then_some(())
     });
     for (_, issue) in &on_a {
         assert_eq!(runs_of(&[&a, &b], *issue), 2, "#{issue} did not run again on the restarted machine");
@@ -359,7 +369,7 @@ fn the_runs_of_a_dead_daemon_end_before_another_machine_takes_them() {
 fn a_cut_off_machine_stops_first(backend: Backend) {
     let Some(nats) = store(backend) else { return };
     let fake = FakeGitHub::start("TEXT");
-    ready_items(&fake, 1..=4, "@sleep 6");
+    ready_items(&fake, 1..=4, "@sleep 8");
     let relay = nats.as_ref().map(Relay::to);
     let a = machine_via(&fake, "m-a", nats.as_ref(), relay.as_ref());
     let b = machine(&fake, "m-b", nats.as_ref());
@@ -388,8 +398,10 @@ fn a_cut_off_machine_stops_first(backend: Backend) {
         let report: Value = serde_json::from_str(&a.ctl(&["fleet", "--json"])).ok()?;
         report["summary"]["last_error"].is_null().then_some(())
     });
-    let later = fake.lock().log.len();
-    wait_until("a few more requests", || (fake.lock().log.len() > later + 10).then_some(()));
+    let before = requests_by(&fake, &token);
+    wait_until("a few more requests of the cut-off machine", || {
+        (requests_by(&fake, &token) > before + 10).then_some(())
+    });
     let writes = issue_writes(&fake, &token, from);
     assert!(writes.is_empty(), "the cut-off machine wrote for issues it lost: {writes:?}");
     let status = b.ctl(&["status"]);

@@ -263,11 +263,19 @@ async fn take_what_fits(shared: &Arc<Shared>) {
             }
             (Source::Takeover(_), Err(e)) => {
                 tracing::warn!(issue = next.issue, "autopilot did not take it over: {}", e.message);
-                if e.kind == ErrorKind::Conflict
-                    && let Some(fleet) = &shared.fleet
-                {
-                    // Refused for good (closed, done meanwhile): a claim taken over for it is let go.
-                    fleet.forget_pending(next.issue);
+                if let Some(fleet) = &shared.fleet {
+                    // Refused for good (closed, done meanwhile), or a task that ended at once (a missing CLI): a
+                    // claim taken over for it is let go; other failures are tried again, a few times.
+                    let became_task = shared
+                        .lock_table()
+                        .slots
+                        .iter()
+                        .any(|s| s.task.as_ref().is_some_and(|t| t.issue() == next.issue && !t.holds_slot()));
+                    if e.kind == ErrorKind::Conflict || became_task {
+                        fleet.forget_pending(next.issue);
+                    } else {
+                        fleet.pending_failed(next.issue);
+                    }
                 }
                 let again = Instant::now() + Duration::from_secs_f64(shared.config.raw.fleet.heartbeat_secs);
                 let mut state = shared.autopilot.lock().unwrap_or_else(|e| e.into_inner());

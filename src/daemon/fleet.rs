@@ -17,6 +17,9 @@ use crate::protocol::{ErrorKind, ErrorReply, FleetClaim, FleetMachine, FleetRepo
 use crate::task::Event;
 use crate::timefmt::rfc3339;
 
+/// Tries a taken-over issue gets to start here before it is let go.
+const MAX_PENDING_TRIES: u32 = 5;
+
 /// How a run takes its issue's claim.
 #[derive(Debug, Clone, PartialEq)]
 pub(super) enum Claiming {
@@ -61,12 +64,21 @@ struct State {
     last_error: Option<String>,
     /// Issues taken over whose task has not started here yet (no slot, a failed read): kept, not let go, and
     /// offered to the autopilot again, so a taken-over issue is never left without anyone.
-    pending: std::collections::BTreeSet<u64>,
+    pending: BTreeMap<u64, u32>,
+    /// Own taken-over claims found at start-up were made pending (they have no task here after a restart).
+    adopted_pending: bool,
 }
 
+/// `fleet.json`: when the last renewal was sent, for a restart and for the lease keeper.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Persisted {
+    /// By the wall clock (for people, and across a reboot).
     renewed_at: String,
+    /// By the boot-time clock of this boot, which never steps back.
+    #[serde(default)]
+    boot_id: String,
+    #[serde(default)]
+    boottime_ms: u64,
 }
 
 impl Fleet {
@@ -106,8 +118,13 @@ impl Fleet {
         let renewed = std::fs::read(&path)
             .ok()
             .and_then(|b| serde_json::from_slice::<Persisted>(&b).ok())
-            .and_then(|p| crate::timefmt::parse_rfc3339(&p.renewed_at))
-            .and_then(|at| SystemTime::now().duration_since(at).ok())
+            .and_then(|p| {
+                if p.boot_id == crate::ledger::boot_id() && p.boottime_ms > 0 {
+                    let now = crate::fleet::keeper::boottime();
+                    return Some(now.saturating_sub(Duration::from_millis(p.boottime_ms)));
+                }
+                SystemTime::now().duration_since(crate::timefmt::parse_rfc3339(&p.renewed_at)?).ok()
+            })
             .and_then(|ago| Instant::now().checked_sub(ago));
         let state = State { renewed, ..State::default() };
         Ok(Some(Arc::new(Fleet {
@@ -201,7 +218,42 @@ impl Fleet {
         slot: &str,
         how: &Claiming,
     ) -> Result<Claim, ErrorReply> {
-        let _one_at_a_time = self.claim_ops.lock().await;
+        if !self.lease_ok() {
+            // Just started: the first beat is on its way (bounded by the store's own deadlines).
+            let mut tried = self.first_beat.subscribe();
+            let wait = self.lease.heartbeat + Duration::from_secs(30);
+            let _ = tokio::time::timeout(wait, tried.wait_for(|t| *t)).await;
+        }
+        let taken = {
+            let _one_at_a_time = self.claim_ops.lock().await;
+            self.acquire_locked(issue, slot, how).await?
+        };
+        let recheck = match how {
+            Claiming::New { from_board: true, .. } => Some(Recheck::Ready),
+            Claiming::Takeover { .. } => Some(Recheck::InProgress),
+            _ => None,
+        };
+        // Outside the claim lock (a GitHub read): the slot is held as starting meanwhile, so no release takes it.
+        if let Some(recheck) = recheck {
+            match still_wanted(shared, issue, recheck).await {
+                Wanted::Yes => {}
+                // Someone ran it meanwhile (and let go of its claim), or it ended before its holder died: not again.
+                Wanted::No(why) => {
+                    let _one_at_a_time = self.claim_ops.lock().await;
+                    self.lock().pending.remove(&issue);
+                    self.let_go_locked(issue).await;
+                    return Err(refuse(ErrorKind::Conflict, why, None));
+                }
+                // Unknown for now: a taken-over claim is kept and offered again (never left to nobody); a new one
+                // is let go at the next read, and the board offers the item again.
+                Wanted::Unknown(why) => return Err(refuse(ErrorKind::Failed, why, None)),
+            }
+        }
+        Ok(taken)
+    }
+
+    /// The claim itself, under `claim_ops`.
+    async fn acquire_locked(&self, issue: u64, slot: &str, how: &Claiming) -> Result<Claim, ErrorReply> {
         let unavailable = |e: StoreError| {
             refuse(
                 ErrorKind::Failed,
@@ -211,12 +263,6 @@ impl Fleet {
         };
         if self.lock().view.is_none() {
             self.read().await.map_err(unavailable)?;
-        }
-        if !self.lease_ok() {
-            // Just started: the first beat is on its way (bounded by the store's own deadlines).
-            let mut tried = self.first_beat.subscribe();
-            let wait = self.lease.heartbeat + Duration::from_secs(30);
-            let _ = tokio::time::timeout(wait, tried.wait_for(|t| *t)).await;
         }
         if !self.lease_ok() {
             return Err(refuse(
@@ -279,32 +325,11 @@ impl Fleet {
             },
         }?;
         tracing::info!(issue, slot, epoch = taken.holder.epoch, "fleet: claimed issue #{issue}");
-        {
-            let mut state = self.lock();
-            state.mine.insert(issue, (taken.clone(), Instant::now()));
-            if taken.holder.epoch > 1 {
-                // Taken over: the issue is this machine's to finish until its task runs here.
-                state.pending.insert(issue);
-            }
-        }
-        let recheck = match how {
-            Claiming::New { from_board: true, .. } => Some(Recheck::Ready),
-            Claiming::Takeover { .. } => Some(Recheck::InProgress),
-            _ => None,
-        };
-        if let Some(recheck) = recheck {
-            match still_wanted(shared, issue, recheck).await {
-                Wanted::Yes => {}
-                // Someone ran it meanwhile (and let go of its claim), or it ended before its holder died: not again.
-                Wanted::No(why) => {
-                    self.lock().pending.remove(&issue);
-                    self.let_go_locked(issue).await;
-                    return Err(refuse(ErrorKind::Conflict, why, None));
-                }
-                // Unknown for now: a taken-over claim is kept and offered again (never left to nobody); a new one
-                // is let go at the next read, and the board offers the item again.
-                Wanted::Unknown(why) => return Err(refuse(ErrorKind::Failed, why, None)),
-            }
+        let mut state = self.lock();
+        state.mine.insert(issue, (taken.clone(), Instant::now()));
+        if matches!(how, Claiming::Takeover { .. }) {
+            // Taken over by the autopilot: this machine's to finish; offered again until its task runs here.
+            state.pending.entry(issue).or_insert(0);
         }
         Ok(taken)
     }
@@ -317,6 +342,28 @@ impl Fleet {
     /// A taken-over issue that will not run here after all (refused for good): its claim may be let go.
     pub(super) fn forget_pending(&self, issue: u64) {
         self.lock().pending.remove(&issue);
+    }
+
+    /// A taken-over issue failed to start again; after a few tries it is let go (with a warning) rather than held
+    /// by a live machine that cannot run it, which nobody else could take.
+    pub(super) fn pending_failed(&self, issue: u64) {
+        let mut state = self.lock();
+        let Some(tries) = state.pending.get_mut(&issue) else { return };
+        *tries += 1;
+        if *tries >= MAX_PENDING_TRIES {
+            state.pending.remove(&issue);
+            tracing::warn!(
+                issue,
+                "fleet: a taken-over issue did not start in {MAX_PENDING_TRIES} tries: letting it go"
+            );
+        }
+    }
+
+    /// Whether this machine still holds `issue` at `version` with its lease in force: the last look before a run
+    /// starts (no request; a claim lost since the check is caught here).
+    pub(super) fn still_holds(&self, issue: u64, version: Option<&str>) -> bool {
+        let held = self.lock().mine.get(&issue).map(|(c, _)| c.version.clone());
+        self.lease_ok() && held.is_some() && held.as_deref() == version
     }
 
     /// Takes a stale machine's claim at `version`, if this machine has seen its heartbeat unchanged long enough.
@@ -385,7 +432,7 @@ impl Fleet {
     /// not a takeover waiting to start; checked again under the claim lock, right before the release.
     async fn release_if_idle(&self, shared: &Shared, issue: u64) {
         let _one_at_a_time = self.claim_ops.lock().await;
-        let pending = self.lock().pending.contains(&issue);
+        let pending = self.lock().pending.contains_key(&issue);
         if pending || held_issues(shared, true).contains(&issue) || owed(shared, issue) {
             return;
         }
@@ -419,7 +466,7 @@ impl Fleet {
             .filter(|c| state.watch.unchanged_for(&c.holder.machine) >= self.lease.takeover_after())
             .cloned()
             .collect();
-        out.extend(state.pending.iter().filter_map(|i| state.mine.get(i).map(|(c, _)| c.clone())));
+        out.extend(state.pending.keys().filter_map(|i| state.mine.get(i).map(|(c, _)| c.clone())));
         out.sort_by_key(|c| c.issue);
         out
     }
@@ -541,8 +588,12 @@ impl Fleet {
         }
     }
 
-    fn persist_renewal(&self, sent: SystemTime) {
-        let record = Persisted { renewed_at: rfc3339(sent) };
+    fn persist_renewal(&self, sent: SystemTime, boottime: Duration) {
+        let record = Persisted {
+            renewed_at: rfc3339(sent),
+            boot_id: crate::ledger::boot_id(),
+            boottime_ms: boottime.as_millis() as u64,
+        };
         if let Err(e) = crate::ledger::write_json(&self.path, &record) {
             tracing::warn!("fleet: cannot note the renewal in {}: {e}", self.path.display());
         }
@@ -662,11 +713,11 @@ pub(super) async fn run(shared: Arc<Shared>, fleet: Arc<Fleet>) {
 async fn beat(shared: Arc<Shared>, fleet: Arc<Fleet>) {
     let mut first = true;
     loop {
-        let (sent, wall) = (Instant::now(), SystemTime::now());
+        let (sent, wall, boot) = (Instant::now(), SystemTime::now(), crate::fleet::keeper::boottime());
         match fleet.store.beat().await {
             Ok(()) => {
                 fleet.lock().renewed = Some(sent);
-                fleet.persist_renewal(wall);
+                fleet.persist_renewal(wall, boot);
             }
             Err(e) => {
                 tracing::warn!("fleet: heartbeat not renewed: {e}");
@@ -684,6 +735,26 @@ async fn beat(shared: Arc<Shared>, fleet: Arc<Fleet>) {
 async fn tick(shared: &Arc<Shared>, fleet: &Arc<Fleet>) {
     if let Err(e) = fleet.read().await {
         tracing::warn!("fleet: cannot read the claims: {e}");
+    }
+    let first_read = {
+        let mut state = fleet.lock();
+        let first = state.view.is_some() && !state.adopted_pending;
+        state.adopted_pending |= first;
+        first
+    };
+    if first_read {
+        // After a restart: issues this machine took over and whose task never started here are still its to run.
+        let held = held_issues(shared, true);
+        let mut state = fleet.lock();
+        let taken_over: Vec<u64> = state
+            .mine
+            .iter()
+            .filter(|(issue, (claim, _))| claim.holder.epoch > 1 && !held.contains(issue))
+            .map(|(issue, _)| *issue)
+            .collect();
+        for issue in taken_over {
+            state.pending.entry(issue).or_insert(0);
+        }
     }
     // Tasks whose claim moved stop, writing nothing more for their issue.
     let lost = std::mem::take(&mut fleet.lock().lost);

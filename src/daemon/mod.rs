@@ -319,6 +319,10 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         Err(why) => tracing::warn!("containment: process groups only ({why})"),
     }
     let fleet = fleet::Fleet::setup(&config, &github, &paths.state_dir).map_err(anyhow::Error::msg)?;
+    if fleet.is_none() {
+        // A lease keeper left from when the fleet was on must not judge this daemon's runs by an old renewal.
+        crate::fleet::keeper::retire(&paths.state_dir);
+    }
     if let Some(fleet) = &fleet {
         tracing::info!(machine = %fleet.machine, backend = ?config.raw.fleet.backend, "fleet: on");
         if let Ok(gh) = &github {

@@ -77,6 +77,16 @@ pub(super) async fn start_run(
         let reason = "autodevd is shutting down; assign or resume again once it is back".to_string();
         return Err(Refused::NotStarted(refuse(ErrorKind::Failed, reason, None)));
     }
+    // The claim was taken before the worktree was made (which may take a while): still ours, lease in force?
+    if let Some(fleet) = &shared.fleet
+        && !fleet.still_holds(record.issue, record.claim.as_deref())
+    {
+        let reason = format!(
+            "the fleet's claim on issue #{} is no longer held here, or this machine's lease ran out meanwhile",
+            record.issue
+        );
+        return Err(Refused::NotStarted(refuse(ErrorKind::Conflict, reason, None)));
+    }
     let note = matches!(kind, RunKind::Restart)
         .then(|| "no session was captured for this task: restarted it with its original prompt".to_string());
     match launch(shared, &provider, &mut record, prompt, &kind) {

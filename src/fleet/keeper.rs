@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use nix::sys::signal::Signal;
 
-use crate::supervisor::{proc_stat, signal_group};
+use crate::supervisor::{proc_stat, run_lock_holders, signal_group};
 use crate::task::Phase;
 
 /// How often the keeper looks.
@@ -53,55 +53,84 @@ impl Keeper {
         }
     }
 
-    /// Whether the daemon of this state dir runs: the pid in `daemon.lock` is a live autodevd.
+    /// Whether the daemon of this state dir runs: some process holds the flock on its `daemon.lock` (read from
+    /// `/proc/locks`, never by taking the lock, which would keep a starting daemon out).
     fn daemon_alive(&self) -> bool {
-        let pid = std::fs::read_to_string(self.state_dir.join("daemon.lock"))
-            .ok()
-            .and_then(|t| t.trim().parse::<i32>().ok())
-            .filter(|p| *p > 0);
-        let Some(pid) = pid else { return false };
-        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        proc_stat(pid).is_some_and(|s| s.state != 'Z') && comm.trim() == "autodevd"
+        use std::os::unix::fs::MetadataExt;
+        let Ok(meta) = std::fs::metadata(self.state_dir.join("daemon.lock")) else { return false };
+        let (major, minor, inode) = (libc::major(meta.dev()) as u64, libc::minor(meta.dev()) as u64, meta.ino());
+        let Ok(locks) = std::fs::read_to_string("/proc/locks") else { return true };
+        locks.lines().any(|line| {
+            // "1: FLOCK  ADVISORY  WRITE 1234 08:01:131 0 EOF": the device in hex, the inode in decimal.
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let Some(id) = fields.get(5) else { return false };
+            let parts: Vec<&str> = id.split(':').collect();
+            fields.get(1) == Some(&"FLOCK")
+                && parts.len() == 3
+                && u64::from_str_radix(parts[0], 16).ok() == Some(major)
+                && u64::from_str_radix(parts[1], 16).ok() == Some(minor)
+                && parts[2].parse::<u64>().ok() == Some(inode)
+        })
     }
 
-    /// How long ago the daemon's last renewal was sent, by the wall clock of this machine (`fleet.json`).
+    /// How long ago the daemon's last renewal was sent: by the boot-time clock when it was noted in this boot
+    /// (a wall clock stepped back cannot delay the kill), else by the wall clock.
     fn renewal_age(&self) -> Option<Duration> {
         let text = std::fs::read_to_string(self.state_dir.join("fleet.json")).ok()?;
         let value: serde_json::Value = serde_json::from_str(&text).ok()?;
+        if value["boot_id"].as_str() == Some(crate::ledger::boot_id().as_str())
+            && let Some(at) = value["boottime_ms"].as_u64()
+        {
+            return Some(boottime().saturating_sub(Duration::from_millis(at)));
+        }
         let at = crate::timefmt::parse_rfc3339(value["renewed_at"].as_str()?)?;
         Some(SystemTime::now().duration_since(at).unwrap_or_default())
     }
 
-    /// The runs the lockfiles say are running whose processes still live.
+    /// The runs the lockfiles name (running, or being started) that still have a process. Lockfiles are only read
+    /// here, never moved: the daemon's recovery decides about broken ones.
     fn live_runs(&self) -> Vec<LiveRun> {
-        let Ok((locks, _)) = crate::ledger::read_slot_locks(&self.state_dir.join("slots")) else { return Vec::new() };
+        let Ok(entries) = std::fs::read_dir(self.state_dir.join("slots")) else { return Vec::new() };
         let boot = crate::ledger::boot_id();
-        locks
-            .into_iter()
-            .filter(|l| matches!(l.phase, Phase::Running { .. }) && l.boot_id == boot)
+        entries
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".lock"))
+            .filter_map(|e| serde_json::from_slice::<crate::task::SlotLock>(&std::fs::read(e.path()).ok()?).ok())
+            .filter(|l| matches!(l.phase, Phase::Running { .. } | Phase::Starting) && l.boot_id == boot)
+            .filter(|l| !l.run_id.is_empty() && !l.run_id.contains('/') && !l.run_id.starts_with('.'))
             .filter_map(|l| {
-                let leader = l.pgid.or(l.pid)? as i32;
-                // Only the very process the run started (a pid reused since is someone else's).
-                let alive = proc_stat(leader)
-                    .is_some_and(|s| s.state != 'Z' && Some(s.start_time) == l.start_time && s.pgrp == leader);
-                // A cgroup is only ours when it is named after the run.
-                let cgroup = l.cgroup.filter(|c| c.file_name().is_some_and(|n| n == l.run_id.as_str()));
-                let populated = cgroup.as_ref().is_some_and(|c| {
-                    std::fs::read_to_string(c.join("cgroup.procs")).is_ok_and(|p| !p.trim().is_empty())
+                // The leader only while it is the very process the run started (a pid reused since is another's).
+                let leader = l.pgid.or(l.pid).map(|p| p as i32).filter(|leader| {
+                    proc_stat(*leader)
+                        .is_some_and(|s| s.state != 'Z' && Some(s.start_time) == l.start_time && s.pgrp == *leader)
                 });
-                (alive || populated).then_some(LiveRun { leader, cgroup: cgroup.filter(|_| populated) })
+                // Whatever holds the run's lock file (its children inherit it, also those that left the group).
+                let lock = self.state_dir.join("runs").join(&l.run_id).join(crate::ledger::RUN_LOCK);
+                let holders = run_lock_holders(&lock, None);
+                // A cgroup is only the run's when it is named after it.
+                let cgroup = l
+                    .cgroup
+                    .filter(|c| c.file_name().is_some_and(|n| n == l.run_id.as_str()))
+                    .filter(|c| std::fs::read_to_string(c.join("cgroup.procs")).is_ok_and(|p| !p.trim().is_empty()));
+                (leader.is_some() || !holders.is_empty() || cgroup.is_some()).then_some(LiveRun {
+                    leader,
+                    holders,
+                    cgroup,
+                })
             })
             .collect()
     }
 }
 
 struct LiveRun {
-    leader: i32,
+    leader: Option<i32>,
+    holders: Vec<i32>,
     cgroup: Option<PathBuf>,
 }
 
 impl LiveRun {
-    /// SIGKILL to all of the run: its cgroup at once where it has one, and its process group.
+    /// SIGKILL to all of the run: its cgroup at once where it has one, its process group while its leader is the
+    /// run's, and every process holding its run lock.
     fn kill(&self) {
         if let Some(cgroup) = &self.cgroup
             && std::fs::write(cgroup.join("cgroup.kill"), "1").is_err()
@@ -111,8 +140,27 @@ impl LiveRun {
                 let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
             }
         }
-        signal_group(self.leader, Signal::SIGKILL);
+        if let Some(leader) = self.leader {
+            signal_group(leader, Signal::SIGKILL);
+        }
+        for pid in &self.holders {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), Signal::SIGKILL);
+        }
     }
+}
+
+/// The time since boot, suspend included (`CLOCK_BOOTTIME`): it never steps back.
+pub fn boottime() -> Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into the timespec given, which lives for the call.
+    let ok = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) } == 0;
+    if ok { Duration::new(ts.tv_sec.max(0) as u64, ts.tv_nsec.clamp(0, 999_999_999) as u32) } else { Duration::ZERO }
+}
+
+/// Makes any keeper of `state_dir` leave (the fleet is off here now): its token is gone, and so is the last renewal.
+pub fn retire(state_dir: &Path) {
+    let _ = std::fs::remove_file(token_file(state_dir));
+    let _ = std::fs::remove_file(state_dir.join("fleet.json"));
 }
 
 /// Starts the keeper of `state_dir` beside the daemon, in a session of its own so it outlives the daemon.
