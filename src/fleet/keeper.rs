@@ -59,18 +59,9 @@ impl Keeper {
         use std::os::unix::fs::MetadataExt;
         let Ok(meta) = std::fs::metadata(self.state_dir.join("daemon.lock")) else { return false };
         let (major, minor, inode) = (libc::major(meta.dev()) as u64, libc::minor(meta.dev()) as u64, meta.ino());
+        // Unreadable: as if alive (never kill on a guess).
         let Ok(locks) = std::fs::read_to_string("/proc/locks") else { return true };
-        locks.lines().any(|line| {
-            // "1: FLOCK  ADVISORY  WRITE 1234 08:01:131 0 EOF": the device in hex, the inode in decimal.
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let Some(id) = fields.get(5) else { return false };
-            let parts: Vec<&str> = id.split(':').collect();
-            fields.get(1) == Some(&"FLOCK")
-                && parts.len() == 3
-                && u64::from_str_radix(parts[0], 16).ok() == Some(major)
-                && u64::from_str_radix(parts[1], 16).ok() == Some(minor)
-                && parts[2].parse::<u64>().ok() == Some(inode)
-        })
+        flock_held(&locks, major, minor, inode)
     }
 
     /// How long ago the daemon's last renewal was sent: by the boot-time clock when it was noted in this boot
@@ -120,6 +111,23 @@ impl Keeper {
             })
             .collect()
     }
+}
+
+/// Whether `/proc/locks` lists a flock on the file `major:minor:inode`. A line reads
+/// "1: FLOCK  ADVISORY  WRITE 1234 08:01:131 0 EOF": the device in hex, the inode in decimal; a blocked waiter's
+/// line has "->" after the number.
+fn flock_held(locks: &str, major: u64, minor: u64, inode: u64) -> bool {
+    locks.lines().any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().filter(|f| *f != "->").collect();
+        let Some(id) = fields.get(5) else { return false };
+        let parts: Vec<&str> = id.split(':').collect();
+        fields.get(1) == Some(&"FLOCK")
+            && !line.contains("->")
+            && parts.len() == 3
+            && u64::from_str_radix(parts[0], 16).ok() == Some(major)
+            && u64::from_str_radix(parts[1], 16).ok() == Some(minor)
+            && parts[2].parse::<u64>().ok() == Some(inode)
+    })
 }
 
 struct LiveRun {
@@ -199,4 +207,22 @@ pub fn main_from_args(args: &[String]) -> Option<()> {
     let stop_after = Duration::from_millis(args.get(2)?.parse().ok()?);
     Keeper { state_dir, token, stop_after }.run();
     Some(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_daemon_lives_while_its_flock_is_listed() {
+        let locks = "1: POSIX  ADVISORY  WRITE 900 08:01:131 0 EOF\n\
+                     2: FLOCK  ADVISORY  WRITE 1234 103:0a:4096 0 EOF\n\
+                     2: -> FLOCK  ADVISORY  WRITE 1300 00:2d:777 0 EOF\n";
+        // (major, minor, inode, held?)
+        for (major, minor, inode, held) in
+            [(0x103, 0x0a, 4096, true), (8, 1, 131, false), (0x103, 0x0a, 4097, false), (0, 0x2d, 777, false)]
+        {
+            assert_eq!(super::flock_held(locks, major, minor, inode), held, "{major:x}:{minor:x}:{inode}");
+        }
+        assert!(!super::flock_held("", 1, 1, 1));
+        assert!(!super::flock_held("garbage\n: : :\n", 1, 1, 1));
+    }
 }
