@@ -163,8 +163,9 @@ impl Fleet {
         !self.lease.holder_must_stop(self.since_renewal(Instant::now()))
     }
 
-    /// Reads the store and takes in what it says. `sent`: when the read was sent (claims learnt after it stand).
-    async fn read(&self) -> Result<(), StoreError> {
+    /// Reads the store and takes in what it says (claims learnt after the read was sent stand). `Ok(true)` when
+    /// what `status` shows of the fleet changed: the claims or the machines, not merely their beats.
+    async fn read(&self) -> Result<bool, StoreError> {
         let sent = Instant::now();
         let view = self.store.read().await;
         let mut state = self.lock();
@@ -204,10 +205,12 @@ impl Fleet {
             state.mine.remove(&issue);
             state.lost.insert(issue, why);
         }
+        let shown = |v: &View| (v.claims.clone(), v.beats.keys().cloned().collect::<Vec<_>>());
+        let changed = state.last_error.is_some() || state.view.as_ref().map(shown) != Some(shown(&view));
         state.view = Some(view);
         state.read_at = Some(SystemTime::now());
         state.last_error = None;
-        Ok(())
+        Ok(changed)
     }
 
     /// Takes the claim for a run of `issue` in `slot`, or says why it cannot be had. Before any run starts.
@@ -733,9 +736,13 @@ async fn beat(shared: Arc<Shared>, fleet: Arc<Fleet>) {
 }
 
 async fn tick(shared: &Arc<Shared>, fleet: &Arc<Fleet>) {
-    if let Err(e) = fleet.read().await {
-        tracing::warn!("fleet: cannot read the claims: {e}");
-    }
+    let shown_changed = match fleet.read().await {
+        Ok(changed) => changed,
+        Err(e) => {
+            tracing::warn!("fleet: cannot read the claims: {e}");
+            true
+        }
+    };
     let first_read = {
         let mut state = fleet.lock();
         let first = state.view.is_some() && !state.adopted_pending;
@@ -772,7 +779,10 @@ async fn tick(shared: &Arc<Shared>, fleet: &Arc<Fleet>) {
     if !fleet.takeover_candidates().is_empty() {
         shared.queue.wake.notify_one();
     }
-    shared.changed();
+    // Subscribers (top, the dashboard) hear of the fleet only when what they show of it changed, not every beat.
+    if shown_changed {
+        shared.changed();
+    }
 }
 
 /// The holder's side of the lease, on its own timer (a beat that hangs must not delay it): once the last renewal
