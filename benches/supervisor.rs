@@ -793,46 +793,33 @@ fn main() {
     }
 
     let mut other = vec!["| figure | result |".to_string(), "|---|---|".to_string()];
-    if wanted("status") {
-        status_latency(&mut other, 64);
-    }
-    if wanted("memory") {
-        flood_memory(&mut other, 64, if quick() { 4 << 20 } else { 64 << 20 });
-    }
-    if wanted("idle") {
-        idle_cpu(&mut other, 64, if quick() { 5 } else { 60 });
-    }
-    if wanted("latency") {
-        start_to_finished(&mut other);
-    }
-    if wanted("recovery") {
-        recovery_startup(&mut other, false);
-        recovery_startup(&mut other, true);
-    }
-    if wanted("worktree") {
-        worktree_reuse(&mut other);
-    }
-    if wanted("health") {
-        health_sampling(&mut other);
-    }
-    if wanted("logs") {
-        logs_memory(&mut other);
-    }
-    if wanted("socket") {
-        stalled_clients(&mut other);
-    }
-    if wanted("stop") {
-        stop_tree(&mut other, false);
-        stop_tree(&mut other, true);
-    }
-    if wanted("autopilot") {
-        autopilot_requests(&mut other);
-    }
-    if wanted("feed") {
-        feed_cost(&mut other);
-    }
-    if wanted("fleet") {
-        fleet_requests(&mut other);
+    // Each section by its BENCH_ONLY name, in the order the report lists them.
+    type Section = fn(&mut Vec<String>);
+    let sections: [(&str, Section); 13] = [
+        ("status", |o| status_latency(o, 64)),
+        ("memory", |o| flood_memory(o, 64, if quick() { 4 << 20 } else { 64 << 20 })),
+        ("idle", |o| idle_cpu(o, 64, if quick() { 5 } else { 60 })),
+        ("latency", start_to_finished),
+        ("recovery", |o| {
+            recovery_startup(o, false);
+            recovery_startup(o, true);
+        }),
+        ("worktree", worktree_reuse),
+        ("health", health_sampling),
+        ("logs", logs_memory),
+        ("socket", stalled_clients),
+        ("stop", |o| {
+            stop_tree(o, false);
+            stop_tree(o, true);
+        }),
+        ("autopilot", autopilot_requests),
+        ("feed", feed_cost),
+        ("fleet", fleet_requests),
+    ];
+    for (name, run) in sections {
+        if wanted(name) {
+            run(&mut other);
+        }
     }
 
     println!("\n## Capture cost (medians of {rounds} alternating rounds)\n");

@@ -7,25 +7,15 @@
 mod common;
 
 use common::fake_github::FakeGitHub;
-use common::{Daemon, fake_config, wait_until};
+use common::{Daemon, wait_until};
 use serde_json::{Value, json};
 
 /// Two LLMs of one slot each (claude, codex), a board, the autopilot polling fast.
 fn config(fake: &FakeGitHub, enabled: bool) -> Value {
-    let mut c = fake_config(1);
+    let mut c = fake.board_config(1);
     c["llms"]["gemini"]["enabled"] = json!(false);
-    c["github"] = json!({ "owner": "octo", "repo": "widgets", "apiUrl": fake.url, "timeoutSecs": 2, "retryMaxSecs": 1,
-                          "excludeLabels": ["wontfix"] });
-    c["statusComments"] = json!({ "enabled": false });
-    c["project"] = json!({
-        "enabled": true, "projectNumber": 5, "organizationProject": true,
-        "fields": {
-            "status": { "fieldName": "Status", "readyValues": ["Ready"], "inProgressValue": "In Progress",
-                        "doneValue": "Done", "blockedValue": "Blocked" },
-            "assignedInstance": { "fieldName": "Assigned Instance" },
-            "priority": { "fieldName": "Priority" }
-        }
-    });
+    c["github"]["excludeLabels"] = json!(["wontfix"]);
+    c["project"]["fields"]["priority"] = json!({ "fieldName": "Priority" });
     c["autopilot"] = json!({ "enabled": enabled, "pollSecs": 0.3, "llmLabels": { "llm:codex": "codex" } });
     c
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::fake_github::{FakeGitHub, TOKEN};
-use common::{Daemon, fake_config, wait_until};
+use common::{Daemon, wait_until};
 use serde_json::{Value, json};
 
 /// A real `nats-server -js` on 127.0.0.1, stopped when dropped. `None` (the test says SKIPPED) without the binary.
@@ -130,19 +130,9 @@ fn store(backend: Backend) -> Option<Option<Nats>> {
 
 /// One machine: claude and codex with one slot each, the autopilot on, the fleet on with a fast heartbeat.
 fn config(fake: &FakeGitHub, machine: &str, nats: Option<&Nats>) -> Value {
-    let mut c = fake_config(1);
+    let mut c = fake.board_config(1);
     c["llms"]["gemini"]["enabled"] = json!(false);
-    c["github"] = json!({ "owner": "octo", "repo": "widgets", "apiUrl": fake.url, "timeoutSecs": 2, "retryMaxSecs": 1,
-                          "writeSpacingSecs": 0 });
-    c["statusComments"] = json!({ "enabled": false });
-    c["project"] = json!({
-        "enabled": true, "projectNumber": 5, "organizationProject": true,
-        "fields": {
-            "status": { "fieldName": "Status", "readyValues": ["Ready"], "inProgressValue": "In Progress",
-                        "doneValue": "Done", "blockedValue": "Blocked" },
-            "assignedInstance": { "fieldName": "Assigned Instance" }
-        }
-    });
+    c["github"]["writeSpacingSecs"] = json!(0);
     c["autopilot"] = json!({ "enabled": true, "pollSecs": 0.3 });
     c["fleet"] = json!({ "enabled": true, "machine": machine, "heartbeatSecs": 0.5, "staleAfterSecs": 5 });
     if let Some(nats) = nats {

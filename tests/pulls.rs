@@ -8,23 +8,11 @@ use std::path::Path;
 
 use common::fake_github::{Failure, FakeGitHub};
 use common::git::{git, repo_with_origin};
-use common::{Daemon, fake_config, wait_until};
+use common::{Daemon, wait_until};
 use serde_json::{Value, json};
 
 fn config(fake: &FakeGitHub) -> Value {
-    let mut c = fake_config(2);
-    c["github"] =
-        json!({ "owner": "octo", "repo": "widgets", "apiUrl": fake.url, "timeoutSecs": 2, "retryMaxSecs": 1 });
-    c["statusComments"] = json!({ "enabled": false });
-    c["project"] = json!({
-        "enabled": true, "projectNumber": 5, "organizationProject": true,
-        "fields": {
-            "status": { "fieldName": "Status", "readyValues": ["Ready"], "inProgressValue": "In Progress",
-                        "reviewValue": "In Review", "doneValue": "Done", "blockedValue": "Blocked" },
-            "assignedInstance": { "fieldName": "Assigned Instance" }
-        }
-    });
-    c
+    fake.board_config(2)
 }
 
 fn set_body(fake: &FakeGitHub, issue: u64, body: &str) {

@@ -6,23 +6,13 @@ mod common;
 
 use common::fake_github::FakeGitHub;
 use common::git::repo_with_origin;
-use common::{Daemon, fake_config, wait_until};
+use common::{Daemon, wait_until};
 use serde_json::{Value, json};
 
 fn config(fake: &FakeGitHub) -> Value {
-    let mut c = fake_config(2);
-    c["github"] = json!({ "owner": "octo", "repo": "widgets", "apiUrl": fake.url, "timeoutSecs": 2, "retryMaxSecs": 1,
-                          "replyPollSecs": 1 });
-    c["statusComments"] = json!({ "enabled": false });
-    c["project"] = json!({
-        "enabled": true, "projectNumber": 5, "organizationProject": true,
-        "fields": {
-            "status": { "fieldName": "Status", "readyValues": ["Ready"], "inProgressValue": "In Progress",
-                        "reviewValue": "In Review", "doneValue": "Done", "blockedValue": "Blocked",
-                        "needsMoreInfoValue": "Needs Info" },
-            "assignedInstance": { "fieldName": "Assigned Instance" }
-        }
-    });
+    let mut c = fake.board_config(2);
+    c["github"]["replyPollSecs"] = json!(1);
+    c["project"]["fields"]["status"]["needsMoreInfoValue"] = json!("Needs Info");
     for llm in ["claude", "gemini", "codex"] {
         c["llms"][llm]["env"]["AUTODEVCTL"] = json!(env!("CARGO_BIN_EXE_autodevctl"));
     }

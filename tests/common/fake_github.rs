@@ -245,6 +245,24 @@ impl FakeGitHub {
         FakeGitHub { url, state }
     }
 
+    /// A config of the fake CLIs (`slots` each) with GitHub on this fake: octo/widgets, quick timeouts, no status
+    /// comments, and the board of project #5 with its usual Status values and Assigned Instance. Tests add to it.
+    pub fn board_config(&self, slots: u32) -> Value {
+        let mut c = super::fake_config(slots);
+        c["github"] =
+            json!({ "owner": "octo", "repo": "widgets", "apiUrl": self.url, "timeoutSecs": 2, "retryMaxSecs": 1 });
+        c["statusComments"] = json!({ "enabled": false });
+        c["project"] = json!({
+            "enabled": true, "projectNumber": 5, "organizationProject": true,
+            "fields": {
+                "status": { "fieldName": "Status", "readyValues": ["Ready"], "inProgressValue": "In Progress",
+                            "reviewValue": "In Review", "doneValue": "Done", "blockedValue": "Blocked" },
+                "assignedInstance": { "fieldName": "Assigned Instance" }
+            }
+        });
+        c
+    }
+
     pub fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap()
     }
