@@ -144,14 +144,16 @@ fn run_app(
 fn merge(app: &mut App, full: bool, report: StatusReport) {
     match (&mut app.report, full) {
         (Some(shown), false) => {
-            for row in report.slots {
-                match shown.slots.iter_mut().find(|r| r.slot == row.slot) {
+            // An update carries the whole header and only the rows that changed: the header is taken whole.
+            let mut report = report;
+            let changed = std::mem::replace(&mut report.slots, std::mem::take(&mut shown.slots));
+            for row in changed {
+                match report.slots.iter_mut().find(|r| r.slot == row.slot) {
                     Some(old) => *old = row,
-                    None => shown.slots.push(row),
+                    None => report.slots.push(row),
                 }
             }
-            (shown.summary, shown.warnings, shown.queued, shown.autopilot) =
-                (report.summary, report.warnings, report.queued, report.autopilot);
+            *shown = report;
         }
         _ => app.report = Some(report),
     }

@@ -189,6 +189,7 @@ impl Shared {
     /// A warning for `status` that belongs to no slot.
     fn warn(&self, warning: String) {
         self.warnings.lock().unwrap_or_else(|e| e.into_inner()).push(warning);
+        self.changed();
     }
 
     /// Something `status` shows may have changed (a transition, output, a sample, progress).
@@ -331,6 +332,7 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         }
     }
     let (start_next, due) = tokio::sync::mpsc::unbounded_channel();
+    let changes = tokio::sync::watch::Sender::new(0);
     let push_on = config.raw.push.enabled.unwrap_or(github.is_ok());
     let pulls_on = github.as_ref().is_ok_and(|g| g.pull_requests);
     let shared = Arc::new(Shared {
@@ -353,10 +355,10 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         cgroups,
         clients: Arc::new(clients::Clients::new(sup.max_clients, sup.max_streams)),
         git_identity: std::sync::OnceLock::new(),
-        queue: queue::Queue::load(paths.state_dir.join("queue.json")),
+        queue: queue::Queue::load(paths.state_dir.join("queue.json"), changes.clone()),
         autopilot: autopilot::Autopilot::new(),
         spend: budget::Spend::load(&paths.history_file()),
-        changes: tokio::sync::watch::Sender::new(0),
+        changes,
         dashboard: match &config.raw.dashboard.listen {
             None => None,
             Some(listen) => match dashboard::Dashboard::load(&paths.state_dir, listen.clone()) {

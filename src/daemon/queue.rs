@@ -62,13 +62,21 @@ pub struct Queue {
     stored: Mutex<Stored>,
     /// Woken when a slot may have come free or the queue changed.
     pub wake: Notify,
+    /// The daemon's change counter: what `status` shows of the queue and the switch changed (the live feed).
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl Queue {
     /// Loads `queue.json` (one that cannot be read, or of a newer format, is moved aside, never overwritten).
-    pub fn load(path: PathBuf) -> Queue {
+    pub fn load(path: PathBuf, changes: tokio::sync::watch::Sender<u64>) -> Queue {
         let stored = crate::ledger::load_versioned(&path, FORMAT_VERSION, |s: &Stored| s.version);
-        Queue { path, stored: Mutex::new(stored), wake: Notify::new() }
+        Queue { path, stored: Mutex::new(stored), wake: Notify::new(), changes }
+    }
+
+    /// The queue or the switch changed: the autopilot looks again, and subscribers see it.
+    fn changed(&self) {
+        self.wake.notify_one();
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Stored> {
@@ -118,7 +126,7 @@ impl Queue {
         }
         let place = stored.queue.len();
         drop(stored);
-        self.wake.notify_one();
+        self.changed();
         Ok(place)
     }
 
@@ -130,6 +138,10 @@ impl Queue {
         let removed = stored.queue.len() != before;
         if removed && let Err(e) = self.persist(&stored) {
             tracing::error!("cannot write {}: {e}", self.path.display());
+        }
+        drop(stored);
+        if removed {
+            self.changed();
         }
         removed
     }
@@ -154,7 +166,7 @@ impl Queue {
             return Err(format!("cannot write {}: {e}", self.path.display()));
         }
         drop(stored);
-        self.wake.notify_one();
+        self.changed();
         Ok(())
     }
 

@@ -180,7 +180,13 @@ async fn handle(
                 "the dashboard is off: set dashboard.listen (e.g. \"127.0.0.1:7777\") and restart autodevd".into(),
             ),
             Some(dashboard) => match dashboard.url(rotate) {
-                Ok(url) => Reply::DashboardUrl { url },
+                Ok(url) => {
+                    if rotate {
+                        // Wakes the open streams, which end on finding their session revoked.
+                        shared.changed();
+                    }
+                    Reply::DashboardUrl { url }
+                }
                 Err(e) => error(ErrorKind::Failed, format!("cannot write the new token: {e}")),
             },
         },

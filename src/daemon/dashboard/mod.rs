@@ -212,7 +212,11 @@ async fn respond(shared: &Arc<Shared>, dashboard: &Dashboard, req: Request<Incom
         (&Method::GET, "/app.js") => full(StatusCode::OK, "text/javascript", SCRIPT),
         (&Method::GET, "/api/status") => json(&super::server::status_report(shared)),
         (&Method::GET, "/api/history") => {
-            let issue = query_value(&req, "issue").and_then(|i| i.parse().ok());
+            let issue = match query_value(&req, "issue").map(|i| i.parse::<u64>()) {
+                None => None,
+                Some(Ok(n)) => Some(n),
+                Some(Err(_)) => return full(StatusCode::BAD_REQUEST, "text/plain", "issue must be a number"),
+            };
             match super::handle::history(shared, issue, Some(50)).await {
                 Ok(crate::protocol::Reply::History { runs }) => json(&runs),
                 Ok(_) => full(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", "unexpected reply"),
@@ -240,7 +244,15 @@ async fn respond(shared: &Arc<Shared>, dashboard: &Dashboard, req: Request<Incom
             };
             match done {
                 Ok(_) => full(StatusCode::OK, "text/plain", "ok"),
-                Err(e) => full(StatusCode::CONFLICT, "text/plain", e.message),
+                Err(e) => {
+                    let status = match e.kind {
+                        crate::protocol::ErrorKind::NotFound => StatusCode::NOT_FOUND,
+                        crate::protocol::ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+                        crate::protocol::ErrorKind::Conflict => StatusCode::CONFLICT,
+                        _ => StatusCode::INTERNAL_SERVER_ERROR,
+                    };
+                    full(status, "text/plain", e.message)
+                }
             }
         }
         _ => full(StatusCode::NOT_FOUND, "text/plain", "not found"),
