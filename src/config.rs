@@ -835,6 +835,27 @@ impl Config {
                 ));
             }
         }
+        // A budget of zero, below it or not a number would stop all work without a word: refused instead.
+        let budgets = [
+            ("budget.perTaskUsd".to_string(), self.raw.budget.per_task_usd),
+            ("budget.perDayUsd".to_string(), self.raw.budget.per_day_usd),
+        ]
+        .into_iter()
+        .chain(
+            self.providers()
+                .into_iter()
+                .map(|p| (format!("llms.{}.budget.perDayUsd", p.name), p.llm.budget.per_day_usd)),
+        );
+        for (key, value) in budgets {
+            if let Some(v) = value
+                && !(v.is_finite() && v > 0.0)
+            {
+                return Err(invalid(
+                    key,
+                    format!("{v} is no budget: give an amount of dollars above 0, or leave it out"),
+                ));
+            }
+        }
         let fleet = &self.raw.fleet;
         if fleet.enabled {
             let machine = fleet.machine_name();

@@ -119,7 +119,19 @@ pub fn load_versioned<T: serde::de::DeserializeOwned + Default>(
     known: u32,
     version: impl Fn(&T) -> u32,
 ) -> T {
-    let Ok(bytes) = std::fs::read(path) else { return T::default() };
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return T::default(),
+        // Unreadable now (permissions, I/O): kept aside like a torn file, so the next write destroys nothing.
+        Err(e) => {
+            let aside = path.with_extension("json.unreadable");
+            tracing::error!("cannot read {} ({e}); moved to {} and starting empty", path.display(), aside.display());
+            if let Err(e) = std::fs::rename(path, &aside) {
+                tracing::error!("cannot move {} aside ({e}): the next write replaces it", path.display());
+            }
+            return T::default();
+        }
+    };
     match serde_json::from_slice::<T>(&bytes) {
         Ok(value) if version(&value) <= known => value,
         Ok(value) => {

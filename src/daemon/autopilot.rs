@@ -311,7 +311,11 @@ async fn fresh_board(shared: &Shared, cached_ok: bool) -> Option<BoardRead> {
         Ok(board) => board.project_id,
         Err(e) => return note_error(shared, e, cached.filter(|_| cached_ok)),
     };
-    if probe && let Some(previous) = &cached {
+    // After a failed read only a whole read counts again: an unchanged probe must not revive the old board.
+    if probe
+        && !failing
+        && let Some(previous) = &cached
+    {
         reconciler.count_request();
         match crate::github::board::changed(reconciler.github(), &project_id).await {
             Ok((updated_at, total)) if updated_at == previous.updated_at && total == previous.total => {

@@ -194,17 +194,24 @@ impl Queue {
     /// Records the Status change time seen once the end's write was done.
     pub fn set_seen(&self, issue: u64, seen: Option<String>) {
         let mut stored = self.lock();
-        if let Some(ended) = stored.ended.get_mut(&issue) {
+        // Only a change is written: a full board read says the same of most items every time.
+        if let Some(ended) = stored.ended.get_mut(&issue)
+            && ended.seen != seen
+        {
             ended.seen = seen;
-            let _ = self.persist(&stored);
+            if let Err(e) = self.persist(&stored) {
+                tracing::error!("cannot write {}: {e}", self.path.display());
+            }
         }
     }
 
     /// A person moved the issue back: it may be taken again.
     pub fn forget_ended(&self, issue: u64) {
         let mut stored = self.lock();
-        if stored.ended.remove(&issue).is_some() {
-            let _ = self.persist(&stored);
+        if stored.ended.remove(&issue).is_some()
+            && let Err(e) = self.persist(&stored)
+        {
+            tracing::error!("cannot write {}: {e}", self.path.display());
         }
     }
 }
