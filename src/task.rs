@@ -841,7 +841,7 @@ impl SlotLock {
                 vec![WriteLock, SignalStop]
             }
             (Phase::Abandoned { .. } | Phase::Waiting { .. } | Phase::Starting, Event::ClaimLost { why }) => {
-                self.lose_claim(why)
+                self.end(Verdict::new(EndCause::ClaimLost, why))
             }
             (Phase::Abandoned { .. } | Phase::Waiting { .. } | Phase::Starting, Event::GiveUp { reason }) => {
                 let cause = match &self.phase {
@@ -862,13 +862,22 @@ impl SlotLock {
     fn after_run(&mut self, v: Verdict, policy: &Policy, now: SystemTime) -> Vec<Effect> {
         use Effect::*;
         let stop = self.phase.stop().cloned();
+        // The issue is another machine's now (the run was stopped for it, or its push was refused for it): whatever
+        // this run did or said stays here, unpublished.
+        let lost = match &stop {
+            Some(StopBy::ClaimLost { why }) => Some(why.clone()),
+            _ if v.cause == EndCause::ClaimLost => Some(v.reason.clone().unwrap_or_else(|| "claim lost".into())),
+            _ => None,
+        };
+        if let Some(why) = lost {
+            self.signal = None;
+            return self.end(Verdict::new(EndCause::ClaimLost, why));
+        }
         // What the agent said of its end wins over how the run ended, unless a person or a shutdown stopped it.
-        let said = self.signal.take().filter(|_| {
-            !matches!(
-                stop,
-                Some(StopBy::User | StopBy::Shutdown { .. } | StopBy::Budget { .. } | StopBy::ClaimLost { .. })
-            )
-        });
+        let said = self
+            .signal
+            .take()
+            .filter(|_| !matches!(stop, Some(StopBy::User | StopBy::Shutdown { .. } | StopBy::Budget { .. })));
         match said {
             Some(AgentSignal::NeedsInfo { question }) => {
                 self.phase = Phase::Waiting {
@@ -888,10 +897,6 @@ impl SlotLock {
                 return self.end(Verdict { cause: EndCause::Blocked, reason, ..v });
             }
             _ => {}
-        }
-        if let Some(StopBy::ClaimLost { why }) = &stop {
-            // Another machine has the issue now: whatever this run did stays here, unpublished.
-            return self.lose_claim(why.clone());
         }
         if v.cause == EndCause::Succeeded {
             // A run that finished its work just as a stop arrived is done: running it again would cost twice.
@@ -928,7 +933,8 @@ impl SlotLock {
             Some(StopBy::Budget { why }) => {
                 return self.end(Verdict { cause: EndCause::Budget, reason: Some(why), ..v });
             }
-            Some(StopBy::ClaimLost { why }) => return self.lose_claim(why),
+            // Ended above already; named for the match.
+            Some(StopBy::ClaimLost { why }) => return self.end(Verdict::new(EndCause::ClaimLost, why)),
             None if v.cause == EndCause::UsageLimit => {
                 let until = v.resets_at.filter(|t| *t > now).unwrap_or(now + USAGE_LIMIT_GUESS);
                 wait(
@@ -953,13 +959,6 @@ impl SlotLock {
             _ => now,
         };
         vec![RecordRun, WriteLock, WakeAt(until), Comment]
-    }
-
-    /// The claim is another machine's now: the task ends `claim_lost` and frees its slot, with no board, comment or
-    /// pull-request effect (the issue is no longer ours to write to) and its worktree left as it is.
-    fn lose_claim(&mut self, why: String) -> Vec<Effect> {
-        self.phase = Phase::Ended { cause: EndCause::ClaimLost, reason: Some(why), exit_code: None };
-        vec![Effect::RecordRun, Effect::FreeSlot]
     }
 
     /// Ends the task with its run's verdict.

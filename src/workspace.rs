@@ -203,19 +203,24 @@ fn issue_branch(root: &Path, prefix: &str, issue: u64) -> Option<String> {
 }
 
 /// The issue's branch on `origin`, fetched as `origin/<name>`, if there is one (bounded by the fetch timeout).
-fn origin_issue_branch(root: &Path, prefix: &str, issue: u64) -> Option<String> {
+/// Without an `origin` there is none; one that does not answer is an error, said in the task's notes.
+fn origin_issue_branch(root: &Path, prefix: &str, issue: u64) -> Result<Option<String>, String> {
+    if git(root, &["remote", "get-url", "origin"]).is_err() {
+        return Ok(None);
+    }
     let exact = format!("{prefix}{issue}");
     let patterns = [format!("refs/heads/{exact}"), format!("refs/heads/{exact}-*")];
     let listed =
-        git_with_timeout(root, &["ls-remote", "--heads", "origin", &patterns[0], &patterns[1]], FETCH_TIMEOUT).ok()?;
+        git_with_timeout(root, &["ls-remote", "--heads", "origin", &patterns[0], &patterns[1]], FETCH_TIMEOUT)?;
     let name = listed
         .lines()
         .filter_map(|l| l.split_whitespace().nth(1)?.strip_prefix("refs/heads/"))
-        .find(|b| *b == exact || b.starts_with(&format!("{exact}-")))?
-        .to_string();
+        .find(|b| *b == exact || b.starts_with(&format!("{exact}-")))
+        .map(str::to_string);
+    let Some(name) = name else { return Ok(None) };
     let spec = format!("+refs/heads/{name}:refs/remotes/origin/{name}");
-    git_with_timeout(root, &["fetch", "--quiet", "origin", &spec], FETCH_TIMEOUT).ok()?;
-    Some(name)
+    git_with_timeout(root, &["fetch", "--quiet", "origin", &spec], FETCH_TIMEOUT)?;
+    Ok(Some(name))
 }
 
 /// Whether `path` is a worktree of `root` (listed by git, not merely a directory).
@@ -480,13 +485,17 @@ pub fn prepare(
     let base = base_dir(root, config);
     std::fs::create_dir_all(&base)
         .map_err(|e| format!("cannot create the worktree directory {}: {e}", base.display()))?;
-    if from_origin
-        && issue_branch(root, &config.branch_prefix, issue).is_none()
-        && let Some(name) = origin_issue_branch(root, &config.branch_prefix, issue)
-    {
-        match git(root, &["branch", "--no-track", &name, &format!("refs/remotes/origin/{name}")]) {
-            Ok(_) => notes.push(format!("continuing branch {name} from origin (the issue's work so far)")),
-            Err(e) => notes.push(format!("cannot take branch {name} from origin ({e}); starting afresh")),
+    if from_origin && issue_branch(root, &config.branch_prefix, issue).is_none() {
+        match origin_issue_branch(root, &config.branch_prefix, issue) {
+            Ok(None) => {}
+            Ok(Some(name)) => match git(root, &["branch", "--no-track", &name, &format!("refs/remotes/origin/{name}")])
+            {
+                Ok(_) => notes.push(format!("continuing branch {name} from origin (the issue's work so far)")),
+                Err(e) => notes.push(format!("cannot take branch {name} from origin ({e}); starting afresh")),
+            },
+            Err(e) => {
+                notes.push(format!("origin could not say whether the issue has a branch there ({e}); starting afresh"))
+            }
         }
     }
     let existing = issue_branch(root, &config.branch_prefix, issue);

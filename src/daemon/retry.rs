@@ -104,8 +104,13 @@ async fn move_to_fallback(shared: &Arc<Shared>, slot: &str) -> Result<(), String
             let starting =
                 shared.lock_table().get(&target).is_some_and(|s| s.state() == crate::protocol::SlotState::Starting);
             if starting {
-                let _ =
-                    drive(shared, &target, Event::SpawnFailed(Verdict::new(EndCause::SpawnFailed, e.message.clone())));
+                // Another machine holds the issue: ended as a lost claim (nothing written for it), not a failure.
+                let event = if e.kind == crate::protocol::ErrorKind::Conflict && shared.fleet.is_some() {
+                    Event::ClaimLost { why: e.message.clone() }
+                } else {
+                    Event::SpawnFailed(Verdict::new(EndCause::SpawnFailed, e.message.clone()))
+                };
+                let _ = drive(shared, &target, event);
             }
             tracing::warn!(slot = %target, "{}", e.message);
             Ok(())

@@ -250,6 +250,7 @@ pub async fn read_items(gh: &GitHub, project_id: &str, config: &ProjectConfig) -
         }
         read.updated_at = project["updatedAt"].as_str().unwrap_or_default().to_string();
         read.total = project["items"]["totalCount"].as_u64().unwrap_or_default();
+        let before = read.items.len();
         for node in project["items"]["nodes"].as_array().into_iter().flatten() {
             let content = &node["content"];
             let text = |v: &Value, key: &str| v[key].as_str().map(str::to_string);
@@ -274,7 +275,13 @@ pub async fn read_items(gh: &GitHub, project_id: &str, config: &ProjectConfig) -
             });
         }
         let page = &project["items"]["pageInfo"];
+        // A reply that says "more" but brings nothing new (an empty page, the same cursor) ends the read.
+        let stuck = read.items.len() == before || page["endCursor"].as_str() == after.as_deref();
         match (page["hasNextPage"].as_bool(), page["endCursor"].as_str()) {
+            (Some(true), _) if stuck => {
+                tracing::warn!("GitHub said the board goes on but sent no further items: read as it is");
+                return Ok(read);
+            }
             (Some(true), Some(cursor)) if read.items.len() < MAX_BOARD_ITEMS => after = Some(cursor.to_string()),
             (Some(true), _) => {
                 tracing::warn!("the board has over {MAX_BOARD_ITEMS} items: the autopilot reads the first ones only");

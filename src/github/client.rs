@@ -206,6 +206,13 @@ impl GitHub {
         let _ = self.guard.set(guard);
     }
 
+    /// Waits for the token's next write slot, then asks the write guard: what every write for an issue does first,
+    /// so the claim is checked right before the request.
+    pub async fn before_write(&self, issue: u64) -> Result<(), GhError> {
+        self.pace_write().await;
+        self.guard(issue).await
+    }
+
     /// Whether a write for `issue` may go (always, without a fleet).
     pub async fn guard(&self, issue: u64) -> Result<(), GhError> {
         match self.guard.get() {

@@ -15,8 +15,6 @@ use tokio::sync::Notify;
 use super::client::{GhError, GitHub};
 use crate::protocol::SlotStatus;
 
-/// GitHub counts comment writes against content-creation limits: at least this long between two writes.
-const WRITE_SPACING: Duration = Duration::from_secs(1);
 /// Preview lines (and characters of each) a comment carries, whatever the preview keeps.
 const COMMENT_PREVIEW_LINES: usize = 20;
 const COMMENT_LINE_CHARS: usize = 500;
@@ -169,7 +167,6 @@ impl Comments {
                         entries.remove(&task_id);
                     }
                 }
-                tokio::time::sleep(WRITE_SPACING).await;
             }
             let _ = tokio::time::timeout(Duration::from_secs(1), self.wake.notified()).await;
         }
@@ -182,7 +179,8 @@ impl Comments {
             Some(id) => Some(id),
             None => self.find(snapshot.issue, task_id).await?,
         };
-        self.gh.guard(snapshot.issue).await?;
+        // The token's one write pace (shared with the board and pull requests), then the fleet's claim check.
+        self.gh.before_write(snapshot.issue).await?;
         let id = match id {
             Some(id) => {
                 let reply = self

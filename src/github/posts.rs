@@ -379,9 +379,7 @@ impl Posts {
 
     /// Waits until a mutation may be sent (secondary limits, shared with every writer of the token).
     async fn mutation_slot(&self, issue: u64) -> Result<(), GhError> {
-        self.gh.pace_write().await;
-        // After the pace: the claim is checked right before the write.
-        self.gh.guard(issue).await
+        self.gh.before_write(issue).await
     }
 
     async fn default_branch(&self) -> Result<String, GhError> {

@@ -358,9 +358,7 @@ impl Reconciler {
     /// Waits until a mutation may be sent (secondary limits), and counts it.
     async fn mutation_slot(&self, issue: u64) -> Result<(), GhError> {
         self.lock().requests += 1;
-        self.gh.pace_write().await;
-        // After the pace: the claim is checked right before the write.
-        self.gh.guard(issue).await
+        self.gh.before_write(issue).await
     }
 
     /// Brings the board in line with one wish. `Ok(Some(note))`: done, but something was left alone on purpose.
