@@ -523,14 +523,8 @@ fn health_sampling(report: &mut Vec<String>) {
 fn autopilot_requests(report: &mut Vec<String>) {
     use common::fake_github::FakeGitHub;
     let config = |fake: &FakeGitHub| {
-        let mut c = common::fake_config(1);
-        c["github"] = json!({ "owner": "octo", "repo": "widgets", "apiUrl": fake.url, "timeoutSecs": 5 });
-        c["statusComments"] = json!({ "enabled": false });
+        let mut c = fake.board_config(1);
         c["push"] = json!({ "enabled": false });
-        c["project"] = json!({ "enabled": true, "projectNumber": 5, "organizationProject": true,
-            "fields": { "status": { "fieldName": "Status", "readyValues": ["Ready"], "inProgressValue": "In Progress",
-                                    "doneValue": "Done", "blockedValue": "Blocked" },
-                        "assignedInstance": { "fieldName": "Assigned Instance" } } });
         c["autopilot"] = json!({ "enabled": true, "pollSecs": 0.2 });
         c
     };
@@ -595,15 +589,10 @@ fn fleet_requests(report: &mut Vec<String>) {
         fake.add_issue(n, &format!("Issue {n}"), true);
         fake.set_value(n, "Status", "Done");
     }
-    let mut c = common::fake_config(1);
-    c["github"] = json!({ "owner": "octo", "repo": "widgets", "apiUrl": fake.url, "timeoutSecs": 5,
-                          "writeSpacingSecs": 0 });
+    let mut c = fake.board_config(1);
+    c["github"]["writeSpacingSecs"] = json!(0);
     c["statusComments"] = json!({ "enabled": true, "intervalSecs": 60 });
     c["push"] = json!({ "enabled": false });
-    c["project"] = json!({ "enabled": true, "projectNumber": 5, "organizationProject": true,
-        "fields": { "status": { "fieldName": "Status", "readyValues": ["Ready"], "inProgressValue": "In Progress",
-                                "doneValue": "Done", "blockedValue": "Blocked" },
-                    "assignedInstance": { "fieldName": "Assigned Instance" } } });
     c["autopilot"] = json!({ "enabled": true, "pollSecs": 0.2 });
     let beat = 0.2;
     c["fleet"] = json!({ "enabled": true, "machine": "bench", "heartbeatSecs": beat, "staleAfterSecs": 4 });
